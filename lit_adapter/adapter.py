@@ -1,0 +1,95 @@
+"""LLaMA-Adapter (Zhang et al. 2023, arXiv 2303.16199) on top of the base model.
+
+Every layer from ``adapter_start_layer`` up learns ``adapter_prompt_length`` prompt vectors. The layer's own
+frozen key/value projection turns them into keys and values; the queries attend to them with a softmax of
+their own, and the result is added to the attention output through a gate per head that starts at zero,
+so training starts from exactly the base model. Only prompts and gates train.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.config import Config
+from lit_adapter.model import GPT, CausalSelfAttention
+
+ADAPTER_PARAM_PREFIX = "adapter_"
+
+
+class AdapterAttention(CausalSelfAttention):
+    """Causal self-attention plus gated attention over learnable prompts."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        # the official code keeps the prompts in an nn.Embedding, hence the unit-normal initialisation
+        self.adapter_prompt = nn.Parameter(torch.randn(config.adapter_prompt_length, config.n_embd))
+        self.adapter_gate = nn.Parameter(torch.zeros(config.n_head))
+        self.cached_prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def reset_adapter(self) -> None:
+        nn.init.normal_(self.adapter_prompt)
+        nn.init.zeros_(self.adapter_gate)
+
+    def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the prompts, gate folded into the values: each (1, H, prompt_length, D)."""
+        weight = self.qkv.weight[self.q_size:]  # the frozen key and value projections
+        k, v = F.linear(self.adapter_prompt.to(weight.dtype), weight).split(self.kv_size, dim=-1)
+        heads = self.config.n_head
+        k = k.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
+        v = v.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
+        k = k.repeat_interleave(heads // self.config.n_kv_head, dim=1)
+        v = v.repeat_interleave(heads // self.config.n_kv_head, dim=1)
+        # gate_h * softmax(q k^T) v == softmax(q k^T) (gate_h * v)
+        return k, v * self.adapter_gate.to(v.dtype).view(1, heads, 1, 1)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        y = super().attend(q, k, v, mask)
+        prompt_k, prompt_v = self.cached_prompt_kv or self.prompt_kv()
+        B = q.size(0)
+        return y + F.scaled_dot_product_attention(q, prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1))
+
+    def set_kv_cache(self, *args, **kwargs) -> None:
+        """Besides the KV cache, compute the prompt keys/values once for the whole generation."""
+        super().set_kv_cache(*args, **kwargs)
+        with torch.no_grad():
+            self.cached_prompt_kv = self.prompt_kv()
+
+    def clear_kv_cache(self) -> None:
+        super().clear_kv_cache()
+        self.cached_prompt_kv = None
+
+
+class AdapterGPT(GPT):
+    """The base model with ``AdapterAttention`` in the layers from ``adapter_start_layer`` up."""
+
+    def make_attention(self, layer: int) -> CausalSelfAttention:
+        if layer >= self.config.adapter_start_layer:
+            return AdapterAttention(self.config)
+        return CausalSelfAttention(self.config)
+
+    def reset_adapter(self) -> None:
+        """Fresh prompts and zero gates in every adapted layer."""
+        for module in self.modules():
+            if isinstance(module, AdapterAttention):
+                module.reset_adapter()
+
+
+def is_adapter_param(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith(ADAPTER_PARAM_PREFIX)
+
+
+def mark_only_adapter_trainable(model: nn.Module) -> None:
+    """Freeze the base model; leave only prompts and gates trainable."""
+    for name, param in model.named_parameters():
+        param.requires_grad = is_adapter_param(name)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's parameters only (prompts and gates), keyed as in the full model's state dict."""
+    return {name: tensor for name, tensor in model.state_dict().items() if is_adapter_param(name)}
+
+
+def num_trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,206 @@
+"""Checkpoint files: the converted base model directory, adapter-only files, training states, atomic writes.
+
+A checkpoint directory holds ``model.safetensors`` (base weights), ``model_config.yaml`` and ``tokenizer.model``.
+Everything we read is safetensors or ``torch.load(weights_only=True)``: a file that carries code is refused.
+"""
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional, Type
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
+from lit_adapter.config import CONFIG_FILE, Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+from lit_adapter.tokenizer import TOKENIZER_FILE
+
+WEIGHTS_FILE = "model.safetensors"
+ADAPTER_FORMAT = "lit_adapter.adapter/1"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one step, else it is removed.
+
+    A reader therefore sees the old file or the complete new one, never a partial write.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; pickles that would run code are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
+        raise UserError(f"{path} was refused: it holds more than tensors ({first_line})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise UserError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, memory-mapped on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tokenizer_path: Optional[Path],
+                        output_dir: Path) -> None:
+    """Write a converted base model: weights, config and (if given) the tokenizer."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_state_dict(GPT, config, state_dict, source="converted weights")
+    with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
+    config.save(output_dir)
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, output_dir / TOKENIZER_FILE)
+
+
+def check_state_dict(model_class: Type[GPT], config: Config, state_dict: dict[str, torch.Tensor], source: str,
+                     only_adapter: bool = False) -> None:
+    """Raise a one-line ``UserError`` unless ``state_dict`` has exactly the model's keys and shapes."""
+    with torch.device("meta"):
+        reference = model_class(config).state_dict()
+    reference = {k: v for k, v in reference.items() if is_adapter_param(k) == only_adapter}
+    missing = sorted(set(reference) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(reference))
+    if missing or unexpected:
+        raise UserError(f"{source} does not fit the model {config.name or ''}: "
+                        f"missing keys {_preview(missing)}, unexpected keys {_preview(unexpected)}")
+    for key, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(reference[key].shape):
+            raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(reference[key].shape)}")
+
+
+def _preview(keys: list[str], n: int = 3) -> str:
+    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") + "]"
+
+
+def load_config(checkpoint_dir: Path) -> Config:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {checkpoint_dir} not found (create it with scripts/convert_checkpoint.py)")
+    try:
+        return Config.from_file(checkpoint_dir / CONFIG_FILE)
+    except (TypeError, AttributeError, ValueError) as err:
+        if isinstance(err, UserError):
+            raise
+        raise UserError(f"{checkpoint_dir / CONFIG_FILE} is not a valid model config: {err}") from None
+
+
+def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Config] = None,
+               device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> GPT:
+    """The base model of a checkpoint directory (an ``AdapterGPT`` with fresh adapter if ``adapter``).
+
+    The model is created on the meta device and filled from the memory-mapped weights, so nothing is
+    initialised twice. Adapter parameters stay float32 whatever ``dtype`` the base gets.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = config or load_config(checkpoint_dir)
+    model_class = AdapterGPT if adapter else GPT
+    weights_path = checkpoint_dir / WEIGHTS_FILE
+    state_dict = read_safetensors(weights_path)
+    check_state_dict(model_class, config, state_dict, source=str(weights_path))
+    with torch.device("meta"):
+        model = model_class(config)
+    if dtype is not None:
+        model.to(dtype)
+    model.to_empty(device=device or "cpu")
+    model.load_state_dict(state_dict, strict=False)
+    model.reset_buffers()
+    if adapter:
+        with torch.device(model.embed.weight.device):
+            model.reset_adapter()
+        keep_adapter_float32(model)
+    return model
+
+
+def keep_adapter_float32(model: nn.Module) -> None:
+    """Store the adapter's parameters in float32 (the frozen base may be bf16)."""
+    for name, param in model.named_parameters():
+        if is_adapter_param(name):
+            param.data = param.data.float()
+
+
+def save_adapter(path: Path, model: nn.Module, config: Config, extra_metadata: Optional[dict[str, str]] = None,
+                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Write the adapter weights (only) as safetensors, with the adapter shape and base identity as metadata."""
+    state_dict = adapter_state_dict(model) if state_dict is None else state_dict
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "base": json.dumps({"name": config.name, **config.base_shape()}),
+        "adapter": json.dumps(config.adapter_shape()),
+        **(extra_metadata or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
+
+
+def adapter_config(path: Path, base: Config) -> Config:
+    """``base`` with the adapter shape recorded in the adapter file at ``path``; a file made for another base is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"adapter file {path} not found")
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise UserError(f"{path} is not a lit_adapter adapter file (no '{ADAPTER_FORMAT}' metadata); "
+                        "for a training checkpoint, run scripts/extract_adapter.py first")
+    saved_base = json.loads(metadata["base"])
+    saved_name = saved_base.pop("name", "")
+    if saved_base != base.base_shape():
+        diff = {k: (v, base.base_shape().get(k)) for k, v in saved_base.items() if base.base_shape().get(k) != v}
+        raise UserError(f"{path} was trained for base {saved_name or '?'} but the checkpoint is {base.name or '?'}: "
+                        + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
+    return Config(**{**base.__dict__, **json.loads(metadata["adapter"])})
+
+
+def load_adapter(model: GPT, path: Path) -> None:
+    """Load an adapter file into ``model`` strictly: every adapter key present, no other key, same shapes."""
+    state_dict = read_safetensors(path)
+    check_state_dict(type(model), model.config, state_dict, source=str(path), only_adapter=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in state_dict:
+                param.copy_(state_dict[name])

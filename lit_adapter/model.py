@@ -1,0 +1,200 @@
+"""A LLaMA in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, a static KV cache.
+
+Shapes: B batch, T sequence, C = n_embd, H query heads, G key/value heads, D = head_dim.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.config import Config
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 as the reference implementation does."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """cos and sin of every position's rotation angles: shape (seq_len, head_dim // 2, 2)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of each head of x (B, T, heads, D) by ``rope`` (T, D/2, 2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
+    real = pairs[..., 0] * cos - pairs[..., 1] * sin
+    imag = pairs[..., 1] * cos + pairs[..., 0] * sin
+    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of past positions, so every decoding step has the same shapes."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, n_kv_head: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, G, T, D) at ``input_pos`` and return the whole cache."""
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.q_size = config.n_head * config.head_dim
+        self.kv_size = config.n_kv_head * config.head_dim
+        self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=False)
+        self.proj = nn.Linear(self.q_size, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        D = self.config.head_dim
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, -1, D), rope).transpose(1, 2)  # (B, H, T, D)
+        k = apply_rope(k.view(B, T, -1, D), rope).transpose(1, 2)  # (B, G, T, D)
+        v = v.view(B, T, -1, D).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Causal attention of the queries over the keys/values (a boolean ``mask`` replaces causality when cached)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=q.size(1) != k.size(1))
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_kv_head, self.config.head_dim, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        self.kv_cache = None
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up fused into one matmul."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.n_embd, 2 * config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, attn: CausalSelfAttention) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, input_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """The LLaMA decoder: token embedding, ``n_layer`` blocks, final norm, output head."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, self.make_attention(i)) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.register_buffer("rope_cache", self.build_rope(), persistent=False)
+        self.mask_cache: Optional[torch.Tensor] = None
+
+    def make_attention(self, layer: int) -> CausalSelfAttention:
+        """The attention module of ``layer``; subclasses (the adapter) override it."""
+        return CausalSelfAttention(self.config)
+
+    def build_rope(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        c = self.config
+        return build_rope_cache(c.block_size, c.head_dim, c.rope_base, device)
+
+    def reset_buffers(self) -> None:
+        """Recompute the rotary cache (after the model was created on the meta device)."""
+        self.rope_cache = self.build_rope(self.embed.weight.device)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with a KV cache, ``input_pos`` gives their positions.
+
+        ``return_hidden`` returns the final-norm hidden states instead, for a loss that computes logits in chunks.
+        """
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's block_size {self.config.block_size}")
+        if input_pos is None:
+            rope, mask = self.rope_cache[:T], None
+        else:
+            if self.mask_cache is None:
+                raise RuntimeError("input_pos needs a KV cache: call set_kv_cache() first")
+            rope, mask = self.rope_cache[input_pos], self.mask_cache[None, None, input_pos]
+        x = self.embed(idx)
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, input_pos)
+        x = self.norm(x)
+        return x if return_hidden else self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Project hidden states onto the vocabulary."""
+        return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
+                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate a static KV cache in every layer for decoding up to ``max_seq_length`` positions."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's block_size {self.config.block_size}")
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        for block in self.blocks:
+            block.attn.set_kv_cache(batch_size, max_seq_length, device, dtype)
+        self.mask_cache = torch.ones(max_seq_length, max_seq_length, device=device, dtype=torch.bool).tril()
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.clear_kv_cache()
+        self.mask_cache = None
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """Random initialisation for a model trained or benchmarked from scratch (normal weights, unit norms)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)

@@ -1,0 +1,24 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lit_adapter",
+    version="0.1.0",
+    description="Fine-tune LLaMA models with LLaMA-Adapter on Lightning",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lit_adapter", "lit_adapter.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",
+        "lightning>=2.4",
+        "jsonargparse[signatures]>=4.27",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40"]},
+)
