@@ -46,15 +46,20 @@ class AdapterAttention(CausalSelfAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         y = super().attend(q, k, v, mask)
-        prompt_k, prompt_v = self.cached_prompt_kv or self.prompt_kv()
+        prompt_k, prompt_v = self.prompt_kv() if self.kv_cache is None else self.generation_prompt_kv()
         B = q.size(0)
         return y + F.scaled_dot_product_attention(q, prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1))
 
-    def set_kv_cache(self, *args, **kwargs) -> None:
-        """Besides the KV cache, compute the prompt keys/values once for the whole generation."""
-        super().set_kv_cache(*args, **kwargs)
-        with torch.no_grad():
-            self.cached_prompt_kv = self.prompt_kv()
+    def generation_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt keys/values, computed once per generation (at the first forward after ``set_kv_cache``).
+
+        Computing them inside the forward pass, not in ``set_kv_cache``, lets sharded (FSDP) weights be gathered.
+        Training never comes here (it has no KV cache), so the prompts keep learning.
+        """
+        if self.cached_prompt_kv is None:
+            with torch.no_grad():
+                self.cached_prompt_kv = self.prompt_kv()
+        return self.cached_prompt_kv
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Type
 
@@ -187,13 +188,19 @@ def adapter_config(path: Path, base: Config) -> Config:
     if metadata.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{path} is not a lit_adapter adapter file (no '{ADAPTER_FORMAT}' metadata); "
                         "for a training checkpoint, run scripts/extract_adapter.py first")
-    saved_base = json.loads(metadata["base"])
-    saved_name = saved_base.pop("name", "")
-    if saved_base != base.base_shape():
-        diff = {k: (v, base.base_shape().get(k)) for k, v in saved_base.items() if base.base_shape().get(k) != v}
+    try:
+        saved_base, saved_adapter = json.loads(metadata["base"]), json.loads(metadata["adapter"])
+        saved_name = saved_base.pop("name", "")
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"{path} has damaged lit_adapter metadata (no readable 'base' and 'adapter' entries)") from None
+    current = base.base_shape()
+    diff = {k: (v, current.get(k)) for k, v in saved_base.items() if current.get(k) != v}
+    if diff:
         raise UserError(f"{path} was trained for base {saved_name or '?'} but the checkpoint is {base.name or '?'}: "
                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
-    return Config(**{**base.__dict__, **json.loads(metadata["adapter"])})
+    if set(saved_adapter) != set(base.adapter_shape()):
+        raise UserError(f"{path}: unexpected adapter metadata {saved_adapter}")
+    return replace(base, **saved_adapter)
 
 
 def load_adapter(model: GPT, path: Path) -> None:

@@ -3,9 +3,12 @@
 import sys
 from typing import Any, Callable, Optional
 
-from jsonargparse import CLI
+from jsonargparse import CLI, set_parsing_settings
 
 from lit_adapter.errors import UserError
+
+# the strings under dataclass fields become their --help
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -80,8 +80,9 @@ class Config:
         (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
     def base_shape(self) -> dict:
-        """The fields that identify the base model's weights (used to match adapters to bases)."""
-        keys = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "tie_embeddings")
+        """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
+        keys = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "tie_embeddings",
+                "norm_eps", "rope_base")
         return {k: getattr(self, k) for k in keys}
 
     def adapter_shape(self) -> dict:

@@ -1,0 +1,13 @@
+"""Generate text with a converted base model: python generate/base.py --prompt "Once upon a time"."""
+
+from lit_adapter.cli import run_cli
+from lit_adapter.generation import main
+
+
+def base(**kwargs) -> None:
+    """Generate text with a base model, streaming it to stdout; load time, speed and memory go to stderr."""
+    main(adapter_path=None, **kwargs)
+
+
+if __name__ == "__main__":
+    run_cli(base)

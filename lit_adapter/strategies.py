@@ -1,0 +1,87 @@
+"""Precision and distribution choices, one place for both Fabric and the Lightning Trainer.
+
+Precision names what the frozen base is stored and computed in; the adapter's parameters (and so the
+optimizer state) always stay float32. ``fsdp`` shards every block and the rest with FSDP2 (``fully_shard``)
+through Lightning's ``ModelParallelStrategy``, which runs on GPUs and on CPUs alike.
+"""
+
+from typing import Literal, Union
+
+import torch
+import torch.nn as nn
+from lightning.fabric.plugins.precision import HalfPrecision as FabricHalfPrecision
+from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+from lightning.pytorch.plugins.precision import HalfPrecision as TrainerHalfPrecision
+from lightning.pytorch.strategies import ModelParallelStrategy as TrainerModelParallel
+from torch.distributed.device_mesh import DeviceMesh
+
+Precision = Literal["bf16-true", "bf16-mixed", "32-true"]
+StrategyName = Literal["auto", "ddp", "fsdp"]
+
+
+def convert_frozen_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the frozen parameters to ``dtype``; trainable ones stay as they are (float32)."""
+    for param in module.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)
+    return module
+
+
+class FabricFrozenHalfPrecision(FabricHalfPrecision):
+    """Fabric's "bf16-true", except that trainable parameters keep float32."""
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return convert_frozen_params(module, self._desired_input_dtype)
+
+
+class TrainerFrozenHalfPrecision(TrainerHalfPrecision):
+    """The Trainer's "bf16-true", except that trainable parameters keep float32."""
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return convert_frozen_params(module, self._desired_input_dtype)
+
+
+def base_dtype(precision: Precision) -> torch.dtype:
+    """The dtype the frozen base model is loaded in."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
+def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    """FSDP2: shard each transformer block, then the embedding, final norm and head together."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtypes = {p.dtype for p in model.parameters()}
+    # parameters of mixed dtypes (bf16 base, float32 adapter) are gathered and computed in the lowest precision
+    compute_dtype = torch.bfloat16 if torch.bfloat16 in dtypes else None
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    mesh = device_mesh["data_parallel"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def fabric_strategy(name: StrategyName) -> Union[str, FabricModelParallel]:
+    if name == "fsdp":
+        return FabricModelParallel(parallelize_fn=shard_model, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return name
+
+
+def fabric_precision(precision: Precision) -> dict:
+    """Keyword arguments for ``Fabric`` that implement ``precision``."""
+    if precision == "bf16-true":
+        return {"plugins": FabricFrozenHalfPrecision("bf16-true")}
+    return {"precision": precision}
+
+
+def trainer_strategy(name: StrategyName) -> Union[str, TrainerModelParallel]:
+    if name == "fsdp":
+        return TrainerModelParallel(tensor_parallel_size=1, save_distributed_checkpoint=False)
+    return name
+
+
+def trainer_precision(precision: Precision) -> dict:
+    """Keyword arguments for ``Trainer`` that implement ``precision``."""
+    if precision == "bf16-true":
+        return {"plugins": [TrainerFrozenHalfPrecision("bf16-true")]}
+    return {"precision": precision}

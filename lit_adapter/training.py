@@ -1,0 +1,430 @@
+"""Fine-tuning the adapter: hyperparameters, loss, optimizer and schedule, training states, the Fabric loop.
+
+``finetune/adapter.py`` runs ``main`` below; the LightningModule in ``lightning.py`` reuses the same loss,
+optimizer, schedule and adapter files, so no training logic exists twice.
+"""
+
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lit_adapter.adapter import mark_only_adapter_trainable, num_trainable_params
+from lit_adapter.checkpoint import atomic_path, load_config, load_model, save_adapter, torch_load
+from lit_adapter.config import Config
+from lit_adapter.data import AlpacaDataModule, padding_fraction
+from lit_adapter.errors import UserError
+from lit_adapter.generation import generate
+from lit_adapter.model import GPT
+from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.strategies import Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy
+from lit_adapter.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "training_state.pt"
+HPARAMS_FILE = "hyperparameters.yaml"
+STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation hyperparameters."""
+
+    learning_rate: float = 9e-3
+    """Peak learning rate of AdamW."""
+    global_batch_size: int = 64
+    """Samples per optimizer step, over all devices (micro batches are accumulated to reach it)."""
+    micro_batch_size: int = 4
+    """Samples per forward/backward pass on one device."""
+    epochs: int = 5
+    """Passes over the training set."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run; overrides epochs."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warm-up before the cosine decay."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.02
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the adapter's gradient norm to this (None: no clipping)."""
+    log_interval: int = 1
+    """Log training metrics every this many optimizer steps."""
+
+
+@dataclass
+class EvalArgs:
+    """Validation during training."""
+
+    interval: int = 100
+    """Validate every this many optimizer steps (and at the end)."""
+    max_batches: int = 100
+    """Most validation micro batches per evaluation."""
+    max_new_tokens: int = 100
+    """Length of the sample response generated at each evaluation."""
+    instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
+    """The fixed instruction whose greedy response is shown at each evaluation."""
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over the positions whose target is not ``IGNORE_INDEX``."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW over the trainable (adapter) parameters, fused on GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.device.type == "cuda" for p in params)
+    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                             betas=(0.9, 0.95), fused=fused)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Linear warm-up to 1 over ``warmup_steps`` optimizer steps, then half a cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    min_ratio = args.min_lr / args.learning_rate if args.learning_rate else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, args.warmup_steps, total_steps, min_ratio))
+
+
+def accumulation_steps(args: TrainArgs, devices: int) -> int:
+    """Micro batches per optimizer step on each device: global batch / (micro batch x devices)."""
+    per_step = args.micro_batch_size * devices
+    if args.micro_batch_size < 1 or args.global_batch_size < 1:
+        raise UserError("train.micro_batch_size and train.global_batch_size must be at least 1")
+    if args.global_batch_size % per_step:
+        raise UserError(f"train.global_batch_size ({args.global_batch_size}) must be a multiple of "
+                        f"train.micro_batch_size x devices ({args.micro_batch_size} x {devices} = {per_step})")
+    return args.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------- training states
+
+
+def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) adapter weights and optimizer state, whatever the strategy."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, progress: dict, config: Config, hparams: dict, is_rank_zero: bool) -> None:
+    """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically)."""
+    adapter, optimizer_state = adapter_and_optimizer_state(model, optimizer)
+    if not is_rank_zero:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_adapter(directory / ADAPTER_FILE, model, config, state_dict=adapter)
+    save_hparams(directory, hparams)
+    state = {
+        "adapter": adapter,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "model_config": asdict(config),
+    }
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def save_hparams(directory: Path, hparams: dict) -> None:
+    with atomic_path(directory / HPARAMS_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(hparams, sort_keys=False))
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG from a training state file; return its progress."""
+    state = torch_load(path)
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    try:
+        set_model_state_dict(model, state["adapter"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path} does not fit this model and optimizer: {str(err).splitlines()[0]}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["progress"]
+
+
+def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
+    """The training state to resume from: a file or step directory, or with "auto" the latest in ``out_dir``."""
+    if resume in (None, False):
+        return None
+    if resume in ("auto", True):
+        steps = sorted((int(m.group(1)), p) for p in out_dir.glob("step-*")
+                       if (m := STEP_DIR.search(p.name)) and (p / STATE_FILE).is_file())
+        return steps[-1][1] / STATE_FILE if steps else None
+    path = Path(resume)
+    path = path / STATE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no training state found at {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- the Fabric loop
+
+
+class StopRequest:
+    """Turns SIGTERM and Ctrl-C into a flag that the loop checks after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_tokens: int) -> str:
+    """The model's greedy answer to ``instruction`` in the Alpaca template (the KV cache is freed after)."""
+    prompt = tokenizer.encode(alpaca_prompt(instruction), bos=True)
+    max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.numel())
+    if max_new_tokens < 1:
+        return ""
+    model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + max_new_tokens)
+    try:
+        ids = list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eos_id))
+    finally:
+        model.clear_kv_cache()
+    return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+
+
+def micro_batch_stream(data: AlpacaDataModule, epoch: int, skip: int) -> Iterator[tuple[int, int, tuple]]:
+    """(epoch, index in epoch, batch) of this rank's training micro-batches, epoch after epoch, from a position."""
+    data.resume_at(epoch, skip)
+    loader = data.train_dataloader()
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        for index, batch in enumerate(loader, start=skip):
+            yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+@torch.no_grad()
+def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> float:
+    """Mean validation loss over at most ``max_batches`` micro-batches (and over all ranks)."""
+    model.eval()
+    losses = []
+    for i, (input_ids, targets) in enumerate(loader):
+        if i >= max_batches:
+            break
+        input_ids, targets = fabric.to_device((input_ids, targets))
+        losses.append(loss_fn(model(input_ids), targets))
+    model.train()
+    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
+    return fabric.all_reduce(mean, reduce_op="mean").item()
+
+
+def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any,
+        data: AlpacaDataModule, tokenizer: Tokenizer, train: TrainArgs, eval: EvalArgs, out_dir: Path,
+        save_interval: int, hparams: dict, progress: dict) -> None:
+    """Run optimizer steps until ``train.max_steps`` (or the epochs) are done, a stop is requested, or the loss diverges."""
+    accumulate = accumulation_steps(train, fabric.world_size)
+    steps_per_epoch = math.ceil(len(data.train_dataloader()) / accumulate)
+    total_steps = train.max_steps or train.epochs * steps_per_epoch
+    val_loader = data.val_dataloader()
+    stop = StopRequest()
+    stream = micro_batch_stream(data, progress["epoch"], progress["batch_index"])
+    bar = tqdm(total=total_steps, initial=progress["step"], desc="fine-tuning", unit="step",
+               disable=not fabric.is_global_zero, dynamic_ncols=True)
+
+    def save(directory: Path) -> None:
+        save_training_state(directory, raw_model, optimizer, scheduler, progress, raw_model.config, hparams,
+                            fabric.is_global_zero)
+        fabric.barrier()
+
+    tokens, started = 0, time.perf_counter()
+    try:
+        while progress["step"] < total_steps:
+            loss_sum = torch.zeros((), device=fabric.device)
+            for micro in range(accumulate):
+                epoch, index, batch = next(stream)
+                input_ids, targets = fabric.to_device(batch)
+                with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
+                    loss = loss_fn(model(input_ids), targets)
+                    fabric.backward(loss / accumulate)
+                loss_sum += loss.detach()
+                tokens += input_ids.numel()
+            if train.max_grad_norm is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            progress.update(step=progress["step"] + 1, epoch=epoch, batch_index=index + 1)
+            step = progress["step"]
+
+            train_loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
+            if not math.isfinite(train_loss):
+                raise UserError(f"the training loss is {train_loss} at step {step}; stopping. The last good "
+                                f"checkpoint is kept in {out_dir} (try a lower --train.learning_rate)")
+            if step % train.log_interval == 0 or step == total_steps:
+                elapsed = time.perf_counter() - started
+                metrics = {"train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens * fabric.world_size / elapsed,
+                           "padding_fraction": padding_fraction(batch), "epoch": epoch}
+                fabric.log_dict(metrics, step=step)
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", epoch=epoch)
+                tokens, started = 0, time.perf_counter()
+            bar.update(1)
+            if step % eval.interval == 0 or step == total_steps:
+                evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, step)
+            if step % save_interval == 0 and step < total_steps:
+                save(out_dir / f"step-{step:06d}")
+            if fabric.strategy.reduce_boolean_decision(stop.requested, all=False):
+                save(out_dir / f"step-{step:06d}")
+                fabric.print(f"\nStopped at step {step}; resume with --resume auto (state in {out_dir}/step-{step:06d})")
+                return
+        final_dir = out_dir / f"step-{progress['step']:06d}"
+        save(final_dir)
+        if fabric.is_global_zero:
+            for name in (ADAPTER_FILE, HPARAMS_FILE):
+                with atomic_path(out_dir / name) as tmp:
+                    shutil.copyfile(final_dir / name, tmp)
+        fabric.print(f"\nSaved the adapter to {out_dir / ADAPTER_FILE}")
+    finally:
+        bar.close()
+        stop.restore()
+
+
+def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tokenizer: Tokenizer,
+             eval: EvalArgs, step: int) -> None:
+    """Log the validation loss and print the greedy response to the fixed instruction."""
+    val_loss = validate(fabric, model, val_loader, eval.max_batches)
+    fabric.log_dict({"val_loss": val_loss}, step=step)
+    raw_model.eval()
+    response = sample_response(raw_model, tokenizer, eval.instruction, eval.max_new_tokens)
+    raw_model.train()
+    fabric.print(f"\nstep {step}: val loss {val_loss:.4f}\n{eval.instruction}\n> {response}")
+
+
+def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path = Path("data/alpaca"),
+         out_dir: Path = Path("out/adapter/alpaca"), accelerator: str = "auto", devices: int = 1,
+         strategy: StrategyName = "auto", precision: Optional[Precision] = None,
+         resume: Union[bool, Literal["auto"], Path] = False, save_interval: int = 1000, seed: int = 1337,
+         compile: Optional[bool] = None, activation_checkpointing: bool = False,
+         train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs()) -> None:
+    """Fine-tune a LLaMA-Adapter on prepared Alpaca data with Lightning Fabric.
+
+    Args:
+        checkpoint_dir: Converted base model (scripts/convert_checkpoint.py).
+        data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
+        out_dir: Where adapters, training states (step-NNNNNN/) and TensorBoard logs (logs/) go.
+        accelerator: "cpu", "cuda" or "auto".
+        devices: Devices (processes) to train on.
+        strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered to save).
+        precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed" or "32-true".
+            Default: bf16-true on GPUs that support it, else 32-true.
+        resume: Continue from a training state: a step-NNNNNN directory or its training_state.pt, or "auto" for the
+            latest one in out_dir (starts fresh if there is none).
+        save_interval: Save the adapter and a resumable training state every this many optimizer steps (and at the end).
+        seed: Random seed (data order and adapter initialisation).
+        compile: Compile each transformer block with torch.compile (default: on GPU).
+        activation_checkpointing: Recompute each block's activations in the backward pass (less memory, slower).
+        train: Optimisation hyperparameters.
+        eval: Validation settings.
+    """
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    if save_interval < 1 or eval.interval < 1 or eval.max_batches < 1:
+        raise UserError("save_interval, eval.interval and eval.max_batches must be at least 1")
+    if train.max_steps is not None and train.max_steps < 1:
+        raise UserError("train.max_steps must be at least 1")
+    accumulation_steps(train, devices)
+    check_writable(out_dir)
+    precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
+    hparams = {k: (asdict(v) if isinstance(v, (TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
+               for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
+
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy),
+                    loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
+    fabric.launch()
+    fabric.seed_everything(seed)
+    compile = fabric.device.type == "cuda" if compile is None else compile
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed)
+    data.setup()
+    check_data_fits(data, tokenizer, load_config(checkpoint_dir))
+
+    device = torch.device("cpu") if strategy == "fsdp" else fabric.device
+    model = load_model(checkpoint_dir, adapter=True, device=device, dtype=base_dtype(precision))
+    with torch.device(device):
+        model.reset_adapter()  # seeded: the same prompts on every rank
+    mark_only_adapter_trainable(model)
+    model.activation_checkpointing = activation_checkpointing
+    fabric.print(f"{num_trainable_params(model):,} trainable adapter parameters "
+                 f"({model.config.n_adapter_layers} layers x {model.config.adapter_prompt_length} prompts + gates)")
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    raw_model = model
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(build_optimizer(model, train))
+    steps_per_epoch = math.ceil(len(data.train_dataloader()) / accumulation_steps(train, fabric.world_size))
+    scheduler = build_scheduler(optimizer, train, train.max_steps or train.epochs * steps_per_epoch)
+
+    progress = {"step": 0, "epoch": 0, "batch_index": 0}
+    state_path = find_resume_state(resume, out_dir)
+    if state_path is not None:
+        progress = load_training_state(state_path, raw_model, optimizer, scheduler)
+        fabric.print(f"Resumed from {state_path} at step {progress['step']}")
+    if fabric.is_global_zero:
+        save_hparams(out_dir, hparams)
+    fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
+        hparams, progress)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail now, not after hours of training, if ``out_dir`` cannot be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out_dir {out_dir}: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out_dir {out_dir} is not writable")
+
+
+def check_data_fits(data: AlpacaDataModule, tokenizer: Tokenizer, config: Config) -> None:
+    """The prepared data must come from this tokenizer and fit the model's context."""
+    prepared = data.prep_config.get("tokenizer", {})
+    if prepared.get("vocab_size") not in (None, tokenizer.vocab_size):
+        raise UserError(f"{data.data_dir} was prepared with a tokenizer of {prepared['vocab_size']} tokens, but the "
+                        f"model's has {tokenizer.vocab_size}: run scripts/prepare_alpaca.py with this --checkpoint_dir")
+    longest = max(len(s["input_ids"]) for split in data.splits.values() for s in split) - 1
+    if longest > config.block_size:
+        raise UserError(f"{data.data_dir} holds sequences of {longest} tokens, longer than the model's block_size "
+                        f"{config.block_size}: prepare it with --max_seq_length {config.block_size}")
