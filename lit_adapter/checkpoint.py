@@ -17,8 +17,8 @@ from typing import Any, Iterator, Optional, Type
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.config import CONFIG_FILE, Config
@@ -44,10 +44,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
@@ -65,54 +72,64 @@ def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file, memory-mapped on the CPU."""
+    """All tensors of a safetensors file, read into CPU memory."""
+    with open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """A lazy reader of a safetensors file (``keys()``, ``get_slice(k).get_shape()``, ``get_tensor(k)``, ``metadata()``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found")
     try:
-        return load_file(path)
+        with safe_open(str(path), framework="pt") as f:
+            yield f
     except (SafetensorError, OSError) as err:
         raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a safetensors header."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    with open_safetensors(path) as f:
+        return f.metadata() or {}
 
 
 def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tokenizer_path: Optional[Path],
                         output_dir: Path) -> None:
     """Write a converted base model: weights, config and (if given) the tokenizer."""
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output directory {output_dir} is an existing file")
     output_dir.mkdir(parents=True, exist_ok=True)
-    check_state_dict(GPT, config, state_dict, source="converted weights")
+    check_state_dict(GPT, config, shapes_of(state_dict), source="converted weights")
     with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
     config.save(output_dir)
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, output_dir / TOKENIZER_FILE)
+    destination = output_dir / TOKENIZER_FILE
+    if tokenizer_path is not None and not (destination.exists() and destination.samefile(tokenizer_path)):
+        shutil.copyfile(tokenizer_path, destination)
 
 
-def check_state_dict(model_class: Type[GPT], config: Config, state_dict: dict[str, torch.Tensor], source: str,
+def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def check_state_dict(model_class: Type[GPT], config: Config, shapes: dict[str, tuple[int, ...]], source: str,
                      only_adapter: bool = False) -> None:
-    """Raise a one-line ``UserError`` unless ``state_dict`` has exactly the model's keys and shapes."""
+    """Raise a one-line ``UserError`` unless ``shapes`` (name -> shape) has exactly the model's keys and shapes."""
     with torch.device("meta"):
         reference = model_class(config).state_dict()
     reference = {k: v for k, v in reference.items() if is_adapter_param(k) == only_adapter}
-    missing = sorted(set(reference) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(reference))
+    missing = sorted(set(reference) - set(shapes))
+    unexpected = sorted(set(shapes) - set(reference))
     if missing or unexpected:
         raise UserError(f"{source} does not fit the model {config.name or ''}: "
                         f"missing keys {_preview(missing)}, unexpected keys {_preview(unexpected)}")
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(reference[key].shape):
-            raise UserError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(reference[key].shape)}")
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(reference[key].shape):
+            raise UserError(f"{source}: {key} has shape {tuple(shape)}, the model expects {tuple(reference[key].shape)}")
 
 
 def _preview(keys: list[str], n: int = 3) -> str:
@@ -135,21 +152,25 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
                device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> GPT:
     """The base model of a checkpoint directory (an ``AdapterGPT`` with fresh adapter if ``adapter``).
 
-    The model is created on the meta device and filled from the memory-mapped weights, so nothing is
-    initialised twice. Adapter parameters stay float32 whatever ``dtype`` the base gets.
+    The model is created on the meta device, allocated on ``device`` and filled one tensor at a time from
+    the safetensors file, so nothing is initialised twice and no second copy of the weights is held. Adapter parameters stay float32 whatever ``dtype`` the base gets.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
     model_class = AdapterGPT if adapter else GPT
     weights_path = checkpoint_dir / WEIGHTS_FILE
-    state_dict = read_safetensors(weights_path)
-    check_state_dict(model_class, config, state_dict, source=str(weights_path))
     with torch.device("meta"):
         model = model_class(config)
     if dtype is not None:
         model.to(dtype)
     model.to_empty(device=device or "cpu")
-    model.load_state_dict(state_dict, strict=False)
+    with open_safetensors(weights_path) as f:
+        check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
+                         source=str(weights_path))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key in f.keys():  # one tensor at a time: memory stays at the model's size
+                params[key].copy_(f.get_tensor(key))
     model.reset_buffers()
     if adapter:
         with torch.device(model.embed.weight.device):
@@ -206,7 +227,7 @@ def adapter_config(path: Path, base: Config) -> Config:
 def load_adapter(model: GPT, path: Path) -> None:
     """Load an adapter file into ``model`` strictly: every adapter key present, no other key, same shapes."""
     state_dict = read_safetensors(path)
-    check_state_dict(type(model), model.config, state_dict, source=str(path), only_adapter=True)
+    check_state_dict(type(model), model.config, shapes_of(state_dict), source=str(path), only_adapter=True)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state_dict:

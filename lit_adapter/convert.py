@@ -60,16 +60,8 @@ def convert(format: Format, checkpoint_path: Path, tokenizer_path: Optional[Path
     if not checkpoint_path.exists():
         raise UserError(f"{checkpoint_path} not found")
     tokenizer_path = Path(tokenizer_path) if tokenizer_path else find_tokenizer(format, checkpoint_path)
-    vocab_size = Tokenizer(tokenizer_path).vocab_size
-    if format == "meta":
-        state_dict, config = convert_meta(checkpoint_path, vocab_size, dtype)
-    elif format == "hf":
-        state_dict, config = convert_hf(checkpoint_path, dtype)
-    else:
-        state_dict, config = convert_llama2c(checkpoint_path, dtype)
-    if config.vocab_size != vocab_size:
-        raise UserError(f"{tokenizer_path} has {vocab_size} tokens but {checkpoint_path} has {config.vocab_size}: "
-                        "pass the tokenizer the model was trained with")
+    converter = {"meta": convert_meta, "hf": convert_hf, "llama2c": convert_llama2c}[format]
+    state_dict, config = converter(checkpoint_path, Tokenizer(tokenizer_path).vocab_size, dtype)
     return state_dict, config, tokenizer_path
 
 
@@ -96,6 +88,7 @@ def convert_meta(checkpoint_dir: Path, vocab_size: Optional[int] = None,
     checkpoint_dir = Path(checkpoint_dir)
     params_path = checkpoint_dir / "params.json"
     config = meta_config(_read_json(params_path), vocab_size, source=str(params_path))
+    check_vocab_size(config, vocab_size, str(params_path))
     shard_paths = sorted(checkpoint_dir.glob("consolidated.*.pth"))
     if not shard_paths:
         raise UserError(f"{checkpoint_dir} holds no consolidated.*.pth shard")
@@ -140,11 +133,16 @@ def merge_meta_shards(shards: list[StateDict], paths: list[Path]) -> StateDict:
 # ---- Hugging Face: config.json + safetensors or pytorch_model*.bin
 
 
-def convert_hf(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config]:
-    """A Hugging Face Llama directory: ``config.json`` and safetensors or ``pytorch_model*.bin`` files."""
+def convert_hf(checkpoint_dir: Path, vocab_size: Optional[int] = None,
+               dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config]:
+    """A Hugging Face Llama directory: ``config.json`` and safetensors or ``pytorch_model*.bin`` files.
+
+    A ``vocab_size`` (the tokenizer's) other than the model's is refused before any weight is read.
+    """
     checkpoint_dir = Path(checkpoint_dir)
     config_path = checkpoint_dir / "config.json"
     config = hf_config(_read_json(config_path), source=str(config_path))
+    check_vocab_size(config, vocab_size, str(config_path))
     weights = {}
     for path in tqdm(hf_weight_files(checkpoint_dir), desc="files"):
         file_weights = read_safetensors(path) if path.suffix == ".safetensors" else torch_load(path, mmap=True)
@@ -218,21 +216,28 @@ def hf_to_interleaved_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ---- llama2.c: version-0 .bin export or .pt training checkpoint
 
 
-def convert_llama2c(path: Path, dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config]:
-    """A llama2.c model: the legacy version-0 ``.bin`` export or a ``.pt`` training checkpoint."""
+def convert_llama2c(path: Path, vocab_size: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config]:
+    """A llama2.c model: the legacy version-0 ``.bin`` export or a ``.pt`` training checkpoint.
+
+    A ``vocab_size`` (the tokenizer's) other than the model's is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found (llama2.c checkpoints are a .bin or .pt file)")
+    # both readers map the file without reading the weights yet
     weights, config = _read_llama2c_pt(path) if zipfile.is_zipfile(path) else _read_llama2c_bin(path)
+    check_vocab_size(config, vocab_size, str(path))
     return meta_to_lit(weights, config, str(path), dtype), config
 
 
 def _read_llama2c_pt(path: Path) -> tuple[StateDict, Config]:
     """Weights (Meta names) and config of a ``.pt`` written by llama2.c's train.py."""
     checkpoint = torch_load(path, mmap=True)
-    if not isinstance(checkpoint, dict) or not {"model", "model_args"} <= checkpoint.keys():
+    args = checkpoint.get("model_args") if isinstance(checkpoint, dict) else None
+    if not isinstance(args, dict) or "model" not in checkpoint:
         raise UserError(f"{path} is not a llama2.c training checkpoint: it needs the keys 'model' and 'model_args'")
-    args, source = checkpoint["model_args"], str(path)
+    source = str(path)
     need = partial(_require, args, source=f"{path} model_args")
     # a model trained under torch.compile is saved with the wrapper's prefix
     model = _tensor_dict(checkpoint["model"], path)
@@ -318,6 +323,13 @@ def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> 
         if _identity(preset) == _identity(config):
             return replace(preset, block_size=block_size or preset.block_size)
     return config
+
+
+def check_vocab_size(config: Config, vocab_size: Optional[int], source: str) -> None:
+    """Refuse a tokenizer whose vocabulary size (if given) is not the model's."""
+    if vocab_size is not None and vocab_size != config.vocab_size:
+        raise UserError(f"{source} describes a model of {config.vocab_size} tokens but the tokenizer has {vocab_size}: "
+                        "pass the tokenizer the model was trained with")
 
 
 def _identity(config: Config) -> tuple:

@@ -58,7 +58,8 @@ def load_alpaca_records(path: Path, skip_bad_records: bool = False) -> tuple[lis
             records.append(_check_record(record, index))
         except UserError as err:
             if not skip_bad_records:
-                raise UserError(f"{path}: {err} (fix it, or pass --skip_bad_records to leave bad records out)") from None
+                hint = "fix it, or pass --skip_bad_records to leave bad records out"
+                raise UserError(f"{path}: {err} ({hint})") from None
             problems.append(str(err))
     if not records:
         raise UserError(f"{path} has no usable records ({len(problems)} bad ones skipped)")
@@ -138,17 +139,22 @@ def tokenize_sample(record: dict[str, str], tokenizer: Tokenizer, max_seq_length
                     mask_prompt: bool = True) -> tuple[Sample, bool]:
     """``{"input_ids", "labels"}`` (int64) for one record, and whether it had to be truncated.
 
-    ``input_ids`` is BOS + prompt + response + EOS, prompt and response tokenized separately so the prompt tokens
-    are exactly those the model gets at generation time. ``labels`` equals ``input_ids`` except that BOS and
-    the prompt are ``IGNORE_INDEX`` when ``mask_prompt``. A sample longer than ``max_seq_length`` loses the end
-    of its response, and if the prompt alone does not fit, the start of its prompt (BOS and the
-    "### Response:" marker at the prompt's end stay) so that at least one response token is learned.
-    It always ends with EOS.
+    ``input_ids`` is BOS, the tokens of prompt + response, and EOS. Its prompt part is the prompt tokenized on its
+    own, as the model gets it at generation time (where a token would span the prompt's end, the response is
+    tokenized separately). ``labels`` equals ``input_ids`` except that BOS and the prompt are ``IGNORE_INDEX``
+    when ``mask_prompt``. A sample longer than ``max_seq_length`` loses the end of its response and, where the
+    prompt alone does not fit, the start of its prompt (BOS and the "### Response:" marker at the prompt's end
+    stay) so that at least one response token is learned. It always ends with EOS.
     """
     if max_seq_length < MIN_SEQ_LENGTH:
-        raise UserError(f"max_seq_length must be at least {MIN_SEQ_LENGTH} (BOS, a response token, EOS), got {max_seq_length}")
-    prompt = tokenizer.encode(alpaca_prompt(record["instruction"], record.get("input", "")), bos=False).tolist()
-    response = tokenizer.encode(record["output"], bos=False).tolist()
+        raise UserError(f"max_seq_length must be at least {MIN_SEQ_LENGTH} (BOS, a response token, EOS), "
+                        f"got {max_seq_length}")
+    prompt_text = alpaca_prompt(record["instruction"], record.get("input", ""))
+    prompt = tokenizer.encode(prompt_text, bos=False).tolist()
+    full = tokenizer.encode(prompt_text + record["output"], bos=False).tolist()
+    if full[:len(prompt)] != prompt:
+        full = prompt + tokenizer.encode(record["output"], bos=False).tolist()
+    response = full[len(prompt):]
     budget = max_seq_length - 2  # room left beside BOS and EOS
     truncated = len(prompt) + len(response) > budget
     if truncated:
@@ -349,7 +355,7 @@ class AlpacaDataModule(L.LightningDataModule):
         self.prep_config = yaml.safe_load((self.data_dir / PREP_CONFIG_FILE).read_text())
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` micro-batches."""
+        """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` batches."""
         self._resume_at = (epoch, batches_done)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,0 +1,71 @@
+"""Helpers shared by the benchmarks: random-weight models on the GPU and the machine's two ceilings."""
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from lit_adapter.adapter import AdapterGPT, mark_only_adapter_trainable
+from lit_adapter.checkpoint import keep_adapter_float32
+from lit_adapter.config import Config
+from lit_adapter.model import GPT, init_weights
+
+
+def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> GPT:
+    """A model with random weights in ``dtype`` (adapter in float32, with small random gates), built on ``device``."""
+    with torch.device("meta"):
+        model = (AdapterGPT if adapter else GPT)(config)
+    model.to(dtype).to_empty(device=device)
+    with torch.device(device), torch.no_grad():
+        init_weights(model)
+        model.reset_buffers()
+        if adapter:
+            model.reset_adapter()
+            keep_adapter_float32(model)
+            for name, param in model.named_parameters():
+                if name.endswith("adapter_gate"):
+                    param.normal_(std=0.1)  # non-zero, so the adapter path is really exercised
+    if adapter:
+        mark_only_adapter_trainable(model)
+    return model
+
+
+def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls, each timed with CUDA events after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    """Measured bf16 matrix-multiply rate (TFLOP/s) on random data: the compute ceiling."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / median(cuda_time(lambda: a @ b, repeats=10, warmup=3)) / 1e12
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second): the memory ceiling."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
+
+
+def wall_time(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start

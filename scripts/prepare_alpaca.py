@@ -1,0 +1,55 @@
+"""Tokenize the Alpaca instruction data into the train/val files that fine-tuning reads."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lit_adapter.cli import run_cli
+from lit_adapter.config import CONFIG_FILE, Config
+from lit_adapter.data import download_alpaca, load_alpaca_records, prepare_alpaca
+from lit_adapter.errors import UserError
+from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
+
+DEFAULT_MAX_SEQ_LENGTH = 512
+
+
+def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[Path] = None,
+         tokenizer_path: Optional[Path] = None, data_file: Optional[Path] = None, val_size: int = 2000,
+         seed: int = 42, max_seq_length: Optional[int] = None, mask_prompt: bool = True,
+         skip_bad_records: bool = False) -> None:
+    """Tokenize the Alpaca instruction data into train.pt, val.pt and prep_config.yaml.
+
+    Args:
+        destination_dir: Where the files are written (and the downloaded alpaca_data.json kept).
+        checkpoint_dir: A converted checkpoint directory; its tokenizer.model and block_size are used.
+        tokenizer_path: A SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
+        data_file: An Alpaca-format JSON list of {instruction, input, output} records. Default: download
+            the Stanford Alpaca data to destination_dir/alpaca_data.json, or reuse it if already there.
+        val_size: How many random samples go to the validation split.
+        seed: Seed of the train/val split.
+        max_seq_length: Longest tokenized sample; longer ones are truncated, always keeping their EOS.
+            Default: the block_size of checkpoint_dir's model, else 512.
+        mask_prompt: Leave the prompt out of the loss, so only the response (and EOS) is learned.
+        skip_bad_records: Skip malformed records (with a count) instead of stopping at the first one.
+    """
+    if tokenizer_path is None and checkpoint_dir is None:
+        raise UserError("pass --checkpoint_dir (holding tokenizer.model) or --tokenizer_path")
+    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir / TOKENIZER_FILE)
+    if max_seq_length is None:
+        has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()
+        max_seq_length = Config.from_file(checkpoint_dir).block_size if has_config else DEFAULT_MAX_SEQ_LENGTH
+    if data_file is None:
+        data_file = destination_dir / "alpaca_data.json"
+        if data_file.is_file():
+            print(f"using the previously downloaded {data_file}")
+        else:
+            download_alpaca(data_file)
+    records, problems = load_alpaca_records(data_file, skip_bad_records)
+    if problems:
+        print(f"skipped {len(problems)} bad records of {data_file}; the first: {problems[0]}", file=sys.stderr)
+    prepare_alpaca(records, tokenizer, destination_dir, val_size=val_size, seed=seed,
+                   max_seq_length=max_seq_length, mask_prompt=mask_prompt, source=data_file)
+
+
+if __name__ == "__main__":
+    run_cli(main)
