@@ -24,12 +24,15 @@ def main(variant: str, preset="llama-7b", B=4, T=512, repeats=8):
             block.compile()
     if "whole" in variant:
         fwd = torch.compile(model)
+    lf = torch.compile(loss_fn) if "loss" in variant else loss_fn
+    if "budget" in variant:
+        torch._functorch.config.activation_memory_budget = 0.8
     opt = build_optimizer(model, TrainArgs())
     x = torch.randint(0, config.vocab_size, (B, T), device="cuda")
     y = torch.randint(0, config.vocab_size, (B, T), device="cuda")
 
     def step():
-        loss = loss_fn(fwd(x), y)
+        loss = lf(fwd(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

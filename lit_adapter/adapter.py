@@ -46,9 +46,11 @@ class AdapterAttention(CausalSelfAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         y = super().attend(q, k, v, mask)
-        prompt_k, prompt_v = self.prompt_kv() if self.kv_cache is None else self.generation_prompt_kv()
-        B = q.size(0)
-        return y + F.scaled_dot_product_attention(q, prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1))
+        if self.kv_cache is None:
+            prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in self.prompt_kv())
+        else:
+            prompt_k, prompt_v = self.generation_prompt_kv()
+        return y + F.scaled_dot_product_attention(q, prompt_k, prompt_v)
 
     def generation_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt keys/values, computed once per generation (at the first forward after ``set_kv_cache``).
@@ -57,8 +59,9 @@ class AdapterAttention(CausalSelfAttention):
         Training never comes here (it has no KV cache), so the prompts keep learning.
         """
         if self.cached_prompt_kv is None:
+            batch_size = self.kv_cache.k.size(0)
             with torch.no_grad():
-                self.cached_prompt_kv = self.prompt_kv()
+                self.cached_prompt_kv = tuple(t.expand(batch_size, -1, -1, -1).contiguous() for t in self.prompt_kv())
         return self.cached_prompt_kv
 
     def clear_kv_cache(self) -> None:

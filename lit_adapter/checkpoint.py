@@ -186,9 +186,12 @@ def keep_adapter_float32(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def save_adapter(path: Path, model: nn.Module, config: Config, extra_metadata: Optional[dict[str, str]] = None,
+def save_adapter(path: Path, model: Optional[nn.Module], config: Config, extra_metadata: Optional[dict[str, str]] = None,
                  state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write the adapter weights (only) as safetensors, with the adapter shape and base identity as metadata."""
+    """Write the adapter weights (only) as safetensors, with the adapter shape and base identity as metadata.
+
+    The weights are ``state_dict`` if given, else taken from ``model``.
+    """
     state_dict = adapter_state_dict(model) if state_dict is None else state_dict
     metadata = {
         "format": ADAPTER_FORMAT,

@@ -13,7 +13,7 @@ from lit_adapter.config import Config
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 as the reference implementation does."""
+    """Root-mean-square layer norm (PyTorch computes it in float32 for half-precision inputs)."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
 def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -34,10 +34,10 @@ def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of each head of x (B, T, heads, D) by ``rope`` (T, D/2, 2)."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope[:, None, :, 0], rope[:, None, :, 1]
-    real = pairs[..., 0] * cos - pairs[..., 1] * sin
-    imag = pairs[..., 1] * cos + pairs[..., 0] * sin
-    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+    cos, sin = rope[:, None, :, :1], rope[:, None, :, 1:]
+    # (a, b) -> (a cos - b sin, b cos + a sin)
+    swapped = torch.cat([-pairs[..., 1:], pairs[..., :1]], dim=-1)
+    return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -71,9 +71,9 @@ class CausalSelfAttention(nn.Module):
                 input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         D = self.config.head_dim
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(B, T, -1, D), rope).transpose(1, 2)  # (B, H, T, D)
-        k = apply_rope(k.view(B, T, -1, D), rope).transpose(1, 2)  # (B, G, T, D)
+        qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        q, k = apply_rope(qk.view(B, T, -1, D), rope).split([self.config.n_head, self.config.n_kv_head], dim=2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, G, T, D)
         v = v.view(B, T, -1, D).transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)

@@ -61,9 +61,11 @@ def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     return model
 
 
-def fabric_strategy(name: StrategyName) -> Union[str, FabricModelParallel]:
+def fabric_strategy(name: StrategyName, devices: int = 1) -> Union[str, FabricModelParallel]:
+    # Lightning's "auto" data-parallel size is the node count, so the device count is given explicitly
     if name == "fsdp":
-        return FabricModelParallel(parallelize_fn=shard_model, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return FabricModelParallel(parallelize_fn=shard_model, data_parallel_size=devices, tensor_parallel_size=1,
+                                   save_distributed_checkpoint=False)
     return name
 
 
@@ -74,9 +76,9 @@ def fabric_precision(precision: Precision) -> dict:
     return {"precision": precision}
 
 
-def trainer_strategy(name: StrategyName) -> Union[str, TrainerModelParallel]:
+def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, TrainerModelParallel]:
     if name == "fsdp":
-        return TrainerModelParallel(tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return TrainerModelParallel(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return name
 
 

@@ -28,10 +28,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lit_adapter.adapter import mark_only_adapter_trainable, num_trainable_params
+from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable, num_trainable_params
 from lit_adapter.checkpoint import atomic_path, load_config, load_model, save_adapter, torch_load
 from lit_adapter.config import Config
-from lit_adapter.data import AlpacaDataModule, padding_fraction
+from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT
@@ -39,7 +39,6 @@ from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.strategies import Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy
 from lit_adapter.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "training_state.pt"
 HPARAMS_FILE = "hyperparameters.yaml"
@@ -115,12 +114,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
 def accumulation_steps(args: TrainArgs, devices: int) -> int:
     """Micro batches per optimizer step on each device: global batch / (micro batch x devices)."""
     per_step = args.micro_batch_size * devices
-    if args.micro_batch_size < 1 or args.global_batch_size < 1:
-        raise UserError("train.micro_batch_size and train.global_batch_size must be at least 1")
+    if args.micro_batch_size < 1 or args.global_batch_size < 1 or devices < 1:
+        raise UserError("train.micro_batch_size, train.global_batch_size and devices must be at least 1")
     if args.global_batch_size % per_step:
         raise UserError(f"train.global_batch_size ({args.global_batch_size}) must be a multiple of "
                         f"train.micro_batch_size x devices ({args.micro_batch_size} x {devices} = {per_step})")
     return args.global_batch_size // per_step
+
+
+def planned_steps(args: TrainArgs, micro_batches_per_epoch: int, accumulate: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else as many as ``epochs`` passes over the data take."""
+    return args.max_steps or math.ceil(args.epochs * micro_batches_per_epoch / accumulate)
 
 
 # ---------------------------------------------------------------------------------------------- training states
@@ -159,15 +163,28 @@ def save_hparams(directory: Path, hparams: dict) -> None:
         tmp.write_text(yaml.safe_dump(hparams, sort_keys=False))
 
 
-def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
-    """Restore adapter, optimizer, scheduler and RNG from a training state file; return its progress."""
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        data_layout: dict) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG from a training state file; return its progress.
+
+    The state's data position counts micro-batches per rank, so it only means the same with the same
+    ``data_layout`` (world size, micro batch size, seed); another one is refused.
+    """
     state = torch_load(path)
-    options = StateDictOptions(full_state_dict=True, strict=False)
+    saved_layout = {key: state["progress"].get(key) for key in data_layout}
+    if saved_layout != data_layout:
+        raise UserError(f"{path} was written with {saved_layout}, but this run has {data_layout}: resume with "
+                        "the same --devices, --train.micro_batch_size and --seed")
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in the state
     try:
-        set_model_state_dict(model, state["adapter"], options=options)
+        keys = set_model_state_dict(model, state["adapter"], options=options)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     except (KeyError, RuntimeError, ValueError) as err:
         raise UserError(f"{path} does not fit this model and optimizer: {str(err).splitlines()[0]}") from None
+    missing = [key for key in keys.missing_keys if is_adapter_param(key)]
+    if missing or keys.unexpected_keys:
+        raise UserError(f"{path} does not fit this model's adapter: missing {missing[:3]}, "
+                        f"unexpected {keys.unexpected_keys[:3]}")
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["cpu"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
@@ -194,13 +211,15 @@ def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Op
 
 
 class StopRequest:
-    """Turns SIGTERM and Ctrl-C into a flag that the loop checks after each optimizer step."""
+    """Turns SIGTERM and Ctrl-C into a flag that the loop checks after each optimizer step (a second one aborts)."""
 
     def __init__(self) -> None:
         self.requested = False
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
         self.requested = True
 
     def restore(self) -> None:
@@ -250,11 +269,9 @@ def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> fl
 
 def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any,
         data: AlpacaDataModule, tokenizer: Tokenizer, train: TrainArgs, eval: EvalArgs, out_dir: Path,
-        save_interval: int, hparams: dict, progress: dict) -> None:
-    """Run optimizer steps until ``train.max_steps`` (or the epochs) are done, a stop is requested, or the loss diverges."""
+        save_interval: int, hparams: dict, progress: dict, total_steps: int) -> None:
+    """Run optimizer steps until ``total_steps`` are done, a stop is requested, or the loss diverges."""
     accumulate = accumulation_steps(train, fabric.world_size)
-    steps_per_epoch = math.ceil(len(data.train_dataloader()) / accumulate)
-    total_steps = train.max_steps or train.epochs * steps_per_epoch
     val_loader = data.val_dataloader()
     stop = StopRequest()
     stream = micro_batch_stream(data, progress["epoch"], progress["batch_index"])
@@ -278,18 +295,16 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                     fabric.backward(loss / accumulate)
                 loss_sum += loss.detach()
                 tokens += input_ids.numel()
+            step = progress["step"] + 1
+            train_loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
+            if not math.isfinite(train_loss):  # before the step, so the weights stay those of the last good step
+                raise UserError(diverged_message(train_loss, step, out_dir))
             if train.max_grad_norm is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            progress.update(step=progress["step"] + 1, epoch=epoch, batch_index=index + 1)
-            step = progress["step"]
-
-            train_loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
-            if not math.isfinite(train_loss):
-                raise UserError(f"the training loss is {train_loss} at step {step}; stopping. The last good "
-                                f"checkpoint is kept in {out_dir} (try a lower --train.learning_rate)")
+            progress.update(step=step, epoch=epoch, batch_index=index + 1)
             if step % train.log_interval == 0 or step == total_steps:
                 elapsed = time.perf_counter() - started
                 metrics = {"train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
@@ -301,12 +316,13 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
             bar.update(1)
             if step % eval.interval == 0 or step == total_steps:
                 evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, step)
-            if step % save_interval == 0 and step < total_steps:
-                save(out_dir / f"step-{step:06d}")
-            if fabric.strategy.reduce_boolean_decision(stop.requested, all=False):
-                save(out_dir / f"step-{step:06d}")
-                fabric.print(f"\nStopped at step {step}; resume with --resume auto (state in {out_dir}/step-{step:06d})")
-                return
+            if step < total_steps:
+                stopping = fabric.strategy.reduce_boolean_decision(stop.requested, all=False)
+                if stopping or step % save_interval == 0:
+                    save(out_dir / f"step-{step:06d}")
+                if stopping:
+                    fabric.print(f"\nStopped at step {step}; resume with --resume auto (state in {out_dir}/step-{step:06d})")
+                    return
         final_dir = out_dir / f"step-{progress['step']:06d}"
         save(final_dir)
         if fabric.is_global_zero:
@@ -317,6 +333,16 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
     finally:
         bar.close()
         stop.restore()
+        for logger in fabric.loggers:  # Fabric does not close them: flush the logged metrics to disk now
+            logger.finalize("finished")
+
+
+def diverged_message(loss: float, step: int, out_dir: Path) -> str:
+    """What went wrong at ``step``, and from which saved state to go on."""
+    last = find_resume_state("auto", out_dir)
+    kept = f"the last saved state is kept in {last.parent}" if last else f"no state was saved in {out_dir} yet"
+    return (f"the training loss is {loss} at step {step}; stopped before applying it ({kept}). "
+            "Try a lower --train.learning_rate or --train.max_grad_norm")
 
 
 def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tokenizer: Tokenizer,
@@ -369,7 +395,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     hparams = {k: (asdict(v) if isinstance(v, (TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy),
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
                     loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
     fabric.launch()
     fabric.seed_everything(seed)
@@ -394,18 +420,19 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     raw_model = model
     model = fabric.setup_module(model)
     optimizer = fabric.setup_optimizers(build_optimizer(model, train))
-    steps_per_epoch = math.ceil(len(data.train_dataloader()) / accumulation_steps(train, fabric.world_size))
-    scheduler = build_scheduler(optimizer, train, train.max_steps or train.epochs * steps_per_epoch)
+    total_steps = planned_steps(train, len(data.train_dataloader()), accumulation_steps(train, fabric.world_size))
+    scheduler = build_scheduler(optimizer, train, total_steps)
 
-    progress = {"step": 0, "epoch": 0, "batch_index": 0}
+    data_layout = {"world_size": fabric.world_size, "micro_batch_size": train.micro_batch_size, "seed": seed}
+    progress = {"step": 0, "epoch": 0, "batch_index": 0, **data_layout}
     state_path = find_resume_state(resume, out_dir)
     if state_path is not None:
-        progress = load_training_state(state_path, raw_model, optimizer, scheduler)
+        progress = load_training_state(state_path, raw_model, optimizer, scheduler, data_layout)
         fabric.print(f"Resumed from {state_path} at step {progress['step']}")
     if fabric.is_global_zero:
         save_hparams(out_dir, hparams)
     fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
-        hparams, progress)
+        hparams, progress, total_steps)
 
 
 def check_writable(out_dir: Path) -> None:

@@ -1,0 +1,335 @@
+"""The Fabric fine-tuning loop on the real 260K TinyStories model and the first 335 Alpaca records: the first loss
+is the base model's, training lowers the validation loss and changes the answers, interrupting and resuming gives
+the same weights and optimizer state as one run, DDP and FSDP on two CPU processes follow the one-process loss
+curve, a diverging loss and bad options stop with one error line, and extract_adapter.py writes the saved adapter.
+
+Runs are in-process (``run_cli(main, args)``: the real command-line parsing, without a new interpreter) except
+where several processes or a real signal are the point. Every run uses one CPU thread per process.
+"""
+
+import glob
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, shared_file
+from lit_adapter import generation, training
+from lit_adapter.adapter import is_adapter_param
+from lit_adapter.checkpoint import (adapter_config, load_adapter, load_config, load_model, read_safetensors,
+                                    read_safetensors_metadata, save_adapter, torch_load)
+from lit_adapter.cli import run_cli
+from lit_adapter.data import AlpacaDataModule
+from lit_adapter.errors import UserError
+from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.training import ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, loss_fn
+
+SEED = 1337  # main's default seed, so the data order below is the one training sees
+MICRO_BATCH = 4
+# a small run shared by several tests: 36 training samples = 9 micro-batches an epoch, 2 per step
+SMALL_RUN = {"train.max_steps": 4, "train.global_batch_size": 8, "train.micro_batch_size": MICRO_BATCH,
+             "train.learning_rate": 0.05, "train.warmup_steps": 2, "eval.interval": 4, "eval.max_batches": 2,
+             "eval.max_new_tokens": 4, "accelerator": "cpu", "save_interval": 2}
+SUBPROCESS_TIMEOUT = 180
+
+
+def script(name: str) -> dict:
+    """The globals of the script at ``name`` (relative to the repository), without running its command line."""
+    return runpy.run_path(str(ROOT / name))
+
+
+def cli_args(options: dict) -> list[str]:
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def train(assets: dict, data: str, out_dir: Path, **options) -> Path:
+    """Fine-tune in this process through the command line of finetune/adapter.py; return ``out_dir``."""
+    options = {"checkpoint_dir": assets["checkpoint"], "data_dir": assets[data], "out_dir": out_dir, **options}
+    run_cli(training.main, cli_args(options))
+    return out_dir
+
+
+def train_in_subprocess(assets: dict, data: str, out_dir: Path, **options) -> subprocess.CompletedProcess:
+    options = {"checkpoint_dir": assets["checkpoint"], "data_dir": assets[data], "out_dir": out_dir, **options}
+    return subprocess.run([sys.executable, "finetune/adapter.py", *cli_args(options)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def logged(out_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of a metric in the TensorBoard logs of every run in ``out_dir``."""
+    values = {}
+    for path in sorted(glob.glob(str(out_dir / "logs" / "*" / "events.out.tfevents.*"))):
+        events = EventAccumulator(path)
+        events.Reload()
+        if tag in events.Tags()["scalars"]:
+            values.update({event.step: event.value for event in events.Scalars(tag)})
+    return dict(sorted(values.items()))
+
+
+def base_losses(assets: dict, data: str, split: str, batches: int) -> list[float]:
+    """The base model's loss on the first ``batches`` micro-batches of ``split``, in training's order."""
+    model = load_model(assets["checkpoint"])
+    loader_data = AlpacaDataModule(assets[data], micro_batch_size=MICRO_BATCH, seed=SEED)
+    loader = loader_data.train_dataloader() if split == "train" else loader_data.val_dataloader()
+    losses = []
+    with torch.no_grad():
+        for i, (input_ids, targets) in enumerate(loader):
+            if i == batches:
+                break
+            losses.append(loss_fn(model(input_ids), targets).item())
+    return losses
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the model is tiny, and threads fighting over a loaded machine cost more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    """The converted 260K checkpoint; "full": 299 train / 35 val samples; "small": 36 train / 4 val samples."""
+    source = shared_file("stories260K/stories260K.bin")
+    alpaca = shared_file("alpaca/alpaca_data_first335.json")
+    root = tmp_path_factory.mktemp("assets")
+    checkpoint = root / "stories260K"
+    script("scripts/convert_checkpoint.py")["convert_checkpoint"]("llama2c", source, checkpoint)
+    prepare = script("scripts/prepare_alpaca.py")["main"]
+    prepare(destination_dir=root / "full", checkpoint_dir=checkpoint, data_file=alpaca, val_size=35,
+            skip_bad_records=True)
+    small_json = root / "small.json"
+    small_json.write_text(json.dumps(json.loads(alpaca.read_text())[:40]))
+    prepare(destination_dir=root / "small", checkpoint_dir=checkpoint, data_file=small_json, val_size=4,
+            max_seq_length=256)
+    return {"checkpoint": checkpoint, "full": root / "full", "small": root / "small"}
+
+
+@pytest.fixture(scope="module")
+def small_run(assets, tmp_path_factory) -> Path:
+    """One process, SMALL_RUN: the reference for DDP, FSDP, the first loss and extract_adapter.py."""
+    return train(assets, "small", tmp_path_factory.mktemp("small_run"), **SMALL_RUN)
+
+
+@pytest.fixture(scope="module")
+def long_run(assets, tmp_path_factory) -> Path:
+    """40 steps of 8 samples on the 299 training samples (one epoch and a bit)."""
+    return train(assets, "full", tmp_path_factory.mktemp("long_run"), **{
+        **SMALL_RUN, "train.max_steps": 40, "train.warmup_steps": 4, "eval.interval": 40, "eval.max_batches": 100,
+        "save_interval": 1000})
+
+
+# ---------------------------------------------------------------------------------------------- behaviour
+
+
+def test_first_step_loss_is_the_base_models_loss(assets, small_run):
+    """Zero gates: before the first update the adapter model computes exactly the base model."""
+    first_step = logged(small_run, "train_loss")[1]
+    accumulate = SMALL_RUN["train.global_batch_size"] // MICRO_BATCH
+    base = sum(base_losses(assets, "small", "train", accumulate)) / accumulate
+    assert first_step == pytest.approx(base, rel=1e-6)
+    assert list(logged(small_run, "train_loss")) == [1, 2, 3, 4]
+
+
+def test_training_lowers_val_loss_and_changes_greedy_answers(assets, long_run, tmp_path):
+    base_val = sum(losses := base_losses(assets, "full", "val", 100)) / len(losses)
+    trained_val = logged(long_run, "val_loss")[40]
+    print(f"val loss: base {base_val:.4f}, after 40 steps {trained_val:.4f}")
+    assert trained_val < base_val - 0.3
+
+    adapter_path = long_run / ADAPTER_FILE
+    config = adapter_config(adapter_path, load_config(assets["checkpoint"]))
+    zero_gates = {k: (torch.zeros_like(v) if k.endswith("adapter_gate") else v)
+                  for k, v in read_safetensors(adapter_path).items()}
+    save_adapter(tmp_path / "zero_gates.safetensors", None, config, state_dict=zero_gates)
+    instruction = "Give three tips for staying healthy."
+
+    def greedy(adapter_path: Optional[Path]) -> str:
+        """What generate/adapter.py (generate/base.py without an adapter) answers with --temperature 0."""
+        prompt = instruction if adapter_path else alpaca_prompt(instruction)
+        return generation.main(checkpoint_dir=assets["checkpoint"], adapter_path=adapter_path, prompt=prompt,
+                               temperature=0, max_new_tokens=40)[0]
+
+    trained, untrained, base = greedy(adapter_path), greedy(tmp_path / "zero_gates.safetensors"), greedy(None)
+    print(f"trained: {trained!r}\nzero gates: {untrained!r}")
+    assert untrained == base  # zero gates answer as the base model does
+    assert trained != untrained and trained.strip()
+
+
+def test_interrupt_and_resume_give_the_same_weights_and_optimizer_state(assets, tmp_path, monkeypatch):
+    """8 steps in one run == 5 steps, SIGTERM, --resume auto, 3 steps; step 5 straddles the epoch boundary."""
+    options = {**SMALL_RUN, "train.max_steps": 8, "eval.interval": 5, "save_interval": 1000}
+    whole = train(assets, "small", tmp_path / "whole", **options)
+
+    evaluate = training.evaluate
+
+    def evaluate_then_interrupt(*args):
+        evaluate(*args)
+        if args[-1] == 5:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(training, "evaluate", evaluate_then_interrupt)
+    pieces = train(assets, "small", tmp_path / "pieces", **options)
+    monkeypatch.setattr(training, "evaluate", evaluate)
+    assert sorted(p.name for p in pieces.glob("step-*")) == ["step-000005"]
+    assert not (pieces / ADAPTER_FILE).exists()
+    interrupted = torch_load(pieces / "step-000005" / STATE_FILE)
+    assert {k: interrupted["progress"][k] for k in ("step", "epoch", "batch_index")} == \
+        {"step": 5, "epoch": 1, "batch_index": 1}
+
+    train(assets, "small", pieces, resume="auto", **options)
+    one, two = torch_load(whole / "step-000008" / STATE_FILE), torch_load(pieces / "step-000008" / STATE_FILE)
+    torch.testing.assert_close(two["adapter"], one["adapter"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(two["optimizer"]["state"], one["optimizer"]["state"], atol=1e-6, rtol=0)
+    groups = [[{**group, "betas": tuple(group["betas"])} for group in state["optimizer"]["param_groups"]]
+              for state in (one, two)]  # a resumed optimizer holds its betas as a list
+    assert groups[1] == groups[0]
+    assert two["scheduler"] == one["scheduler"] and two["progress"] == one["progress"]
+    torch.testing.assert_close(read_safetensors(pieces / ADAPTER_FILE), read_safetensors(whole / ADAPTER_FILE),
+                               atol=1e-6, rtol=0)
+    assert logged(pieces, "train_loss") == pytest.approx(logged(whole, "train_loss"), rel=1e-6)
+
+
+def test_resume_refuses_another_data_layout(assets, small_run, tmp_path):
+    with pytest.raises(UserError, match="micro_batch_size"):
+        training.main(checkpoint_dir=assets["checkpoint"], data_dir=assets["small"], out_dir=tmp_path,
+                      accelerator="cpu", resume=small_run / "step-000002",
+                      train=training.TrainArgs(global_batch_size=8, micro_batch_size=2, max_steps=4))
+
+
+def test_sigterm_saves_a_resumable_state_and_exits(assets, tmp_path):
+    out_dir = tmp_path / "out"
+    options = {"checkpoint_dir": assets["checkpoint"], "data_dir": assets["small"], "out_dir": out_dir,
+               **SMALL_RUN, "train.max_steps": 1000, "save_interval": 2, "eval.interval": 1000}
+    with open(tmp_path / "log", "w") as log:
+        process = subprocess.Popen([sys.executable, "finetune/adapter.py", *cli_args(options)], cwd=ROOT,
+                                   env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+            while not (out_dir / "step-000002" / STATE_FILE).exists() and process.poll() is None:
+                assert time.monotonic() < deadline, "no training state after 3 minutes"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = (tmp_path / "log").read_text()
+    stopped = re.search(r"Stopped at step (\d+); resume with --resume auto", output)
+    assert stopped, output[-2000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < 1000
+    state = torch_load(out_dir / f"step-{step:06d}" / STATE_FILE)
+    assert state["progress"]["step"] == step
+    assert (out_dir / f"step-{step:06d}" / ADAPTER_FILE).is_file()
+
+    train(assets, "small", out_dir, resume="auto", **{**SMALL_RUN, "train.max_steps": step + 1})
+    assert torch_load(out_dir / f"step-{step + 1:06d}" / STATE_FILE)["progress"]["step"] == step + 1
+    assert list(logged(out_dir, "train_loss"))[-2:] == [step, step + 1]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_loss_curve(assets, small_run, tmp_path, strategy):
+    """Same global batch: 2 ranks x 1 micro-batch see the samples that 1 process accumulates in 2 micro-batches."""
+    result = train_in_subprocess(assets, "small", tmp_path, **SMALL_RUN, devices=2, strategy=strategy)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve, reference = logged(tmp_path, "train_loss"), logged(small_run, "train_loss")
+    assert list(curve) == [1, 2, 3, 4]
+    assert curve == pytest.approx(reference, rel=1e-5)
+    model = load_model(assets["checkpoint"], adapter=True)
+    load_adapter(model, tmp_path / ADAPTER_FILE)  # strict: every adapter key, right shapes
+    torch.testing.assert_close(read_safetensors(tmp_path / ADAPTER_FILE), read_safetensors(small_run / ADAPTER_FILE),
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_state(assets, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        train(assets, "small", out_dir, **{**SMALL_RUN, "train.learning_rate": 1e30, "save_interval": 1})
+    assert exit.value.code == 1
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1
+    assert re.match(r"error: the training loss is (nan|inf) at step 2; .*step-000001", errors[0]), errors[0]
+    assert sorted(p.name for p in out_dir.glob("step-*")) == ["step-000001"]
+    state = torch_load(out_dir / "step-000001" / STATE_FILE)
+    assert state["progress"]["step"] == 1
+    assert all(tensor.isfinite().all() for tensor in state["adapter"].values())
+
+
+@pytest.mark.parametrize("options", [
+    {"train.micro_batch_size": 16},  # larger than the global batch of 8
+    {"train.micro_batch_size": 3},  # does not divide it
+    {"devices": 3},  # 3 x 4 does not divide 8
+    {"devices": 0},
+    {"out_dir": "FILE"},  # an existing file
+    {"out_dir": "FILE/sub"},  # below a file
+    {"out_dir": "READ_ONLY/sub"},
+], ids=["micro-larger", "micro-not-dividing", "devices-not-dividing", "no-devices", "out-is-file",
+        "out-below-file", "out-read-only"])
+def test_bad_options_exit_1_with_one_error_line(assets, tmp_path, capsys, options):
+    (tmp_path / "FILE").write_text("")
+    (tmp_path / "READ_ONLY").mkdir(mode=0o555)
+    options = dict(options)
+    if "READ_ONLY" in options.get("out_dir", "") and os.geteuid() == 0:
+        pytest.skip("root may write into read-only directories")
+    out_dir = tmp_path / options.pop("out_dir", "out")
+    with pytest.raises(SystemExit) as exit:
+        train(assets, "small", out_dir, **{**SMALL_RUN, **options})
+    assert exit.value.code == 1
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
+
+
+def test_extract_adapter_writes_the_adapter_saved_beside_the_state(small_run, tmp_path, capsys):
+    extract = script("scripts/extract_adapter.py")["extract_adapter"]
+    saved = small_run / "step-000002" / ADAPTER_FILE
+    run_cli(extract, ["--state_path", str(small_run / "step-000002"), "--output_path", str(tmp_path / "a.safetensors")])
+    run_cli(extract, ["--state_path", str(small_run / "step-000002" / STATE_FILE), "--output_path",
+                      str(tmp_path / "b.safetensors")])
+    for path in (tmp_path / "a.safetensors", tmp_path / "b.safetensors"):
+        torch.testing.assert_close(read_safetensors(path), read_safetensors(saved), atol=0, rtol=0)
+        assert read_safetensors_metadata(path) == read_safetensors_metadata(saved)
+    assert all(is_adapter_param(key) for key in read_safetensors(saved))
+    copy = tmp_path / "step-000002"
+    copy.mkdir()
+    shutil.copyfile(small_run / "step-000002" / STATE_FILE, copy / STATE_FILE)
+    run_cli(extract, ["--state_path", str(copy)])  # default: adapter.safetensors beside the state
+    torch.testing.assert_close(read_safetensors(copy / ADAPTER_FILE), read_safetensors(saved), atol=0, rtol=0)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        run_cli(extract, ["--state_path", str(small_run / HPARAMS_FILE)])
+    assert exit.value.code == 1
+    assert len(error_lines(capsys.readouterr().err)) == 1
+
+
+def test_last_adapter_and_hyperparameters_are_also_in_out_dir(small_run):
+    torch.testing.assert_close(read_safetensors(small_run / ADAPTER_FILE),
+                               read_safetensors(small_run / "step-000004" / ADAPTER_FILE), atol=0, rtol=0)
+    hparams = (small_run / HPARAMS_FILE).read_text()
+    assert "learning_rate: 0.05" in hparams and "global_batch_size: 8" in hparams
+    assert sorted(p.name for p in small_run.glob("step-*")) == ["step-000002", "step-000004"]
