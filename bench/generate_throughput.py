@@ -54,6 +54,8 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         warmup = run_generation(model, prompt, max_new_tokens, decode_fn)
         times = [run_generation(model, prompt, max_new_tokens, decode_fn) for _ in range(repeats)]
         tokens_per_s = max_new_tokens / median(times)
+        if how == "compiled":
+            print(f"{mode} compile phases (s):", torch._dynamo.utils.compile_times(repr="str", aggregate=True))
         rows.append((mode, tokens_per_s, weight_bytes * tokens_per_s / bandwidth, warmup,
                      torch.cuda.max_memory_allocated() / 2**30, min(times), max(times)))
         del model, decode_fn

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.config import Config
-from lit_adapter.model import GPT, CausalSelfAttention
+from lit_adapter.model import GPT, CausalSelfAttention, KVCache
 
 ADAPTER_PARAM_PREFIX = "adapter_"
 
@@ -26,7 +26,8 @@ class AdapterAttention(CausalSelfAttention):
         # the official code keeps the prompts in an nn.Embedding, hence the unit-normal initialisation
         self.adapter_prompt = nn.Parameter(torch.randn(config.adapter_prompt_length, config.n_embd))
         self.adapter_gate = nn.Parameter(torch.zeros(config.n_head))
-        self.cached_prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.prompt_cache: Optional[KVCache] = None
+        self.prompt_cache_filled = False
 
     def reset_adapter(self) -> None:
         nn.init.normal_(self.adapter_prompt)
@@ -55,18 +56,28 @@ class AdapterAttention(CausalSelfAttention):
     def generation_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt keys/values, computed once per generation (at the first forward after ``set_kv_cache``).
 
-        Computing them inside the forward pass, not in ``set_kv_cache``, lets sharded (FSDP) weights be gathered.
+        Computing them inside the forward pass, not in ``set_kv_cache``, lets sharded (FSDP) weights be gathered;
+        keeping them in preallocated buffers gives a compiled decoding step fixed addresses (no copies per step).
         Training never comes here (it has no KV cache), so the prompts keep learning.
         """
-        if self.cached_prompt_kv is None:
-            batch_size = self.kv_cache.k.size(0)
+        if not self.prompt_cache_filled:
             with torch.no_grad():
-                self.cached_prompt_kv = tuple(t.expand(batch_size, -1, -1, -1).contiguous() for t in self.prompt_kv())
-        return self.cached_prompt_kv
+                k, v = self.prompt_kv()
+                self.prompt_cache.k.copy_(k.expand_as(self.prompt_cache.k))
+                self.prompt_cache.v.copy_(v.expand_as(self.prompt_cache.v))
+            self.prompt_cache_filled = True
+        return self.prompt_cache.k, self.prompt_cache.v
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().set_kv_cache(batch_size, max_seq_length, device, dtype)
+        c = self.config
+        self.prompt_cache = KVCache(batch_size, c.adapter_prompt_length, c.n_head, c.head_dim, device, dtype)
+        self.prompt_cache_filled = False
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
-        self.cached_prompt_kv = None
+        self.prompt_cache = None
+        self.prompt_cache_filled = False
 
 
 class AdapterGPT(GPT):

@@ -333,6 +333,14 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: Path = Path("data/alpaca"), micro_batch_size: int = 4, seed: int = 42,
                  num_workers: int = 0, pad_to_multiple_of: int = 1) -> None:
+        """
+        Args:
+            data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
+            micro_batch_size: Samples per micro-batch on one device.
+            seed: Seed of the per-epoch shuffling of the micro-batches.
+            num_workers: DataLoader worker processes (0: load in the training process).
+            pad_to_multiple_of: Pad each micro-batch's length up to a multiple of this (8 suits GPU kernels).
+        """
         super().__init__()
         self.data_dir = Path(data_dir)
         self.micro_batch_size = micro_batch_size

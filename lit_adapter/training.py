@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -64,6 +64,7 @@ class TrainArgs:
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.02
+    """AdamW's decoupled weight decay of the adapter's prompts and gates."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the adapter's gradient norm to this (None: no clipping)."""
     log_interval: int = 1
@@ -267,9 +268,51 @@ def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> fl
     return fabric.all_reduce(mean, reduce_op="mean").item()
 
 
+def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         train_loss_fn: Callable = loss_fn) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimizer step; their mean loss (not synchronised)."""
+    loss_sum = torch.zeros((), device=fabric.device)
+    for i, (input_ids, targets) in enumerate(micro_batches):
+        with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
+            loss = train_loss_fn(model(input_ids), targets)
+            fabric.backward(loss / len(micro_batches))
+        loss_sum += loss.detach()
+    return loss_sum / len(micro_batches)
+
+
+def apply_gradients(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: Optional[float]) -> None:
+    """Clip the accumulated gradients, take the optimizer step and clear them."""
+    if max_grad_norm is not None:  # no finiteness check here: it would wait for the device (the loss is checked)
+        fabric.clip_gradients(model, optimizer, max_norm=max_grad_norm, error_if_nonfinite=False)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def compile_for_training(model: GPT) -> Callable:
+    """Compile every block and the loss; return the compiled loss function.
+
+    The compiled loss reads the bf16 logits and upcasts inside its kernel, so no float32 copy of the logits
+    is ever stored.
+    """
+    for block in model.blocks:
+        block.compile()
+    return torch.compile(loss_fn)
+
+
+def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
+                   activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
+    """Freeze all but the adapter, compile if asked, and hand model and optimizer to Fabric; also return the loss."""
+    mark_only_adapter_trainable(model)
+    model.activation_checkpointing = activation_checkpointing
+    train_loss_fn = compile_for_training(model) if compile else loss_fn
+    wrapped = fabric.setup_module(model)
+    return wrapped, fabric.setup_optimizers(build_optimizer(wrapped, train)), train_loss_fn
+
+
 def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any,
         data: AlpacaDataModule, tokenizer: Tokenizer, train: TrainArgs, eval: EvalArgs, out_dir: Path,
-        save_interval: int, hparams: dict, progress: dict, total_steps: int) -> None:
+        save_interval: int, hparams: dict, progress: dict, total_steps: int,
+        train_loss_fn: Callable = loss_fn) -> None:
     """Run optimizer steps until ``total_steps`` are done, a stop is requested, or the loss diverges."""
     accumulate = accumulation_steps(train, fabric.world_size)
     val_loader = data.val_dataloader()
@@ -286,23 +329,16 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
     tokens, started = 0, time.perf_counter()
     try:
         while progress["step"] < total_steps:
-            loss_sum = torch.zeros((), device=fabric.device)
-            for micro in range(accumulate):
-                epoch, index, batch = next(stream)
-                input_ids, targets = fabric.to_device(batch)
-                with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
-                    loss = loss_fn(model(input_ids), targets)
-                    fabric.backward(loss / accumulate)
-                loss_sum += loss.detach()
-                tokens += input_ids.numel()
+            positions = [next(stream) for _ in range(accumulate)]
+            epoch, index, batch = positions[-1]
+            micro_batches = [fabric.to_device(b) for _, _, b in positions]
+            loss = accumulate_gradients(fabric, model, micro_batches, train_loss_fn)
+            tokens += sum(input_ids.numel() for input_ids, _ in micro_batches)
             step = progress["step"] + 1
-            train_loss = fabric.all_reduce(loss_sum / accumulate, reduce_op="mean").item()
+            train_loss = fabric.all_reduce(loss, reduce_op="mean").item()
             if not math.isfinite(train_loss):  # before the step, so the weights stay those of the last good step
                 raise UserError(diverged_message(train_loss, step, out_dir))
-            if train.max_grad_norm is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(fabric, model, optimizer, train.max_grad_norm)
             scheduler.step()
             progress.update(step=step, epoch=epoch, batch_index=index + 1)
             if step % train.log_interval == 0 or step == total_steps:
@@ -402,7 +438,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     compile = fabric.device.type == "cuda" if compile is None else compile
 
     tokenizer = Tokenizer(checkpoint_dir)
-    data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed)
+    # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
+    data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed, pad_to_multiple_of=8)
     data.setup()
     check_data_fits(data, tokenizer, load_config(checkpoint_dir))
 
@@ -410,16 +447,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     model = load_model(checkpoint_dir, adapter=True, device=device, dtype=base_dtype(precision))
     with torch.device(device):
         model.reset_adapter()  # seeded: the same prompts on every rank
-    mark_only_adapter_trainable(model)
-    model.activation_checkpointing = activation_checkpointing
-    fabric.print(f"{num_trainable_params(model):,} trainable adapter parameters "
-                 f"({model.config.n_adapter_layers} layers x {model.config.adapter_prompt_length} prompts + gates)")
-    if compile:
-        for block in model.blocks:
-            block.compile()
     raw_model = model
-    model = fabric.setup_module(model)
-    optimizer = fabric.setup_optimizers(build_optimizer(model, train))
+    model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
+    fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters ({raw_model.config.n_adapter_layers}"
+                 f" layers x {raw_model.config.adapter_prompt_length} prompts + gates)")
     total_steps = planned_steps(train, len(data.train_dataloader()), accumulation_steps(train, fabric.world_size))
     scheduler = build_scheduler(optimizer, train, total_steps)
 
@@ -432,7 +463,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     if fabric.is_global_zero:
         save_hparams(out_dir, hparams)
     fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
-        hparams, progress, total_steps)
+        hparams, progress, total_steps, train_loss_fn)
 
 
 def check_writable(out_dir: Path) -> None:

@@ -166,21 +166,22 @@ def test_prompts_and_gates_learn_across_train_eval_generate_cycles():
         with torch.no_grad():
             model(idx)
             model.set_kv_cache(batch_size=1, max_seq_length=16)
-            assert all(attn.cached_prompt_kv is None for attn in adapted)  # filled by the first cached forward
+            assert not any(attn.prompt_cache_filled for attn in adapted)  # filled by the first cached forward
             out = model(idx[:1, :4], input_pos=torch.arange(4))
             for attn in adapted:  # the cache holds the prompts as they are after this update
-                k, v = attn.cached_prompt_kv
+                assert attn.prompt_cache_filled
+                k, v = attn.prompt_cache.k, attn.prompt_cache.v
                 exp_k, exp_v = expected_prompt_kv(attn)
                 torch.testing.assert_close(k, exp_k)
                 torch.testing.assert_close(v, exp_v)
-            cache = [attn.cached_prompt_kv[0].clone() for attn in adapted]
+            cache = [attn.prompt_cache.k.clone() for attn in adapted]
             if previous_cache is not None:
                 assert all(not torch.equal(a, b) for a, b in zip(cache, previous_cache)), "stale prompt cache"
             previous_cache = cache
             for t in range(4, 8):
                 out = model(out[:, -1:].argmax(-1), input_pos=torch.tensor([t]))
             model.clear_kv_cache()
-        assert all(attn.cached_prompt_kv is None and attn.kv_cache is None for attn in adapted)
+        assert all(attn.prompt_cache is None and not attn.prompt_cache_filled and attn.kv_cache is None for attn in adapted)
         assert model.mask_cache is None
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert all(attn.adapter_gate.abs().min() > 0 for attn in adapted)
