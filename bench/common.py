@@ -19,7 +19,7 @@ def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: tor
     model.to(dtype).to_empty(device=device)
     with torch.device(device), torch.no_grad():
         init_weights(model)
-        model.reset_buffers()
+        model.reset_parameters()
         if adapter:
             model.reset_adapter()
             keep_adapter_float32(model)

@@ -18,12 +18,14 @@ from bench.common import matmul_tflops, median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.data import LengthGroupedBatchSampler, collate, tokenize_sample  # noqa: E402
-from lit_adapter.strategies import fabric_precision  # noqa: E402
+from lit_adapter.adapter import AdapterGPT  # noqa: E402
+from lit_adapter.checkpoint import keep_adapter_float32  # noqa: E402
+from lit_adapter.strategies import StrategyName, fabric_precision, fabric_strategy  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
 from lit_adapter.training import TrainArgs, accumulate_gradients, apply_gradients, setup_training  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-H100_BF16_PEAK = 989e12
+DENSE_BF16_PEAK = 989e12  # H100 and H200 SXM
 ALPACA_SAMPLES, EPOCHS = 52_002, 5
 
 
@@ -57,11 +59,23 @@ def alpaca_batches(data_file: Path, tokenizer_path: Path, micro_batch_size: int,
     return batches(), mean_length
 
 
+def build_model(config: Config, strategy: str) -> torch.nn.Module:
+    """Random weights: built directly on the GPU, or for FSDP on the meta device, each rank filling its shard."""
+    if strategy != "fsdp":
+        return random_model(config, adapter=True)
+    with torch.device("meta"):
+        model = AdapterGPT(config)
+    model.to(torch.bfloat16)
+    keep_adapter_float32(model)
+    return model
+
+
 def main(preset: str = "llama-7b", micro_batch_size: int = 4, seq_length: int = 512, compile: bool = True,
          activation_checkpointing: bool = False, alpaca: bool = False,
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json",
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
-         warmup_steps: int = 10, steps: int = 10, runs: int = 5) -> None:
+         warmup_steps: int = 10, steps: int = 10, runs: int = 5, devices: int = 1,
+         strategy: StrategyName = "auto") -> None:
     """Measure adapter training tokens/s (bf16-true, AdamW, random weights) on one GPU.
 
     Args:
@@ -77,15 +91,19 @@ def main(preset: str = "llama-7b", micro_batch_size: int = 4, seq_length: int = 
         warmup_steps: Untimed steps first (compilation, allocator warm-up).
         steps: Steps per timed run.
         runs: Timed runs; the median is reported.
+        devices: GPUs (one process each); tokens/s is reported per GPU and in total.
+        strategy: "auto", "ddp" or "fsdp" (FSDP2, the model built on the meta device and sharded before it is filled).
     """
     from lightning.fabric import Fabric
 
     config = Config.from_name(preset)
     peak_rate = matmul_tflops() * 1e12
-    fabric = Fabric(accelerator="cuda", devices=1, **fabric_precision("bf16-true"))
+    fabric = Fabric(accelerator="cuda", devices=devices, strategy=fabric_strategy(strategy, devices),
+                    **fabric_precision("bf16-true"))
+    fabric.launch()
     torch.manual_seed(0)
-    model = random_model(config, adapter=True)
-    train = TrainArgs(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size)
+    model = build_model(config, strategy)
+    train = TrainArgs(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size * devices)
     model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
     if alpaca:
         batches, mean_length = alpaca_batches(data_file, tokenizer_path, micro_batch_size, seq_length, dataset_size)
@@ -116,15 +134,18 @@ def main(preset: str = "llama-7b", micro_batch_size: int = 4, seq_length: int = 
         real_rates.append(sum(c[1] for c in counts) / elapsed)
     tokens_per_s, real_per_s = median(rates), median(real_rates)
     flops_per_token = 4 * sum(p.numel() for n, p in model.named_parameters() if "adapter" not in n)
+    if not fabric.is_global_zero:
+        return
 
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, measured bf16 matmul {peak_rate / 1e12:.0f} TFLOP/s")
     shape = f"alpaca, micro-batch {micro_batch_size}" if alpaca else f"{micro_batch_size} x {seq_length}"
     print(f"{preset}, {shape}, compile={compile}, activation_checkpointing={activation_checkpointing}, "
           f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s)")
-    print(f"tokens/s          {tokens_per_s:10,.0f}   (runs {min(rates):,.0f} .. {max(rates):,.0f})")
-    print(f"MFU               {flops_per_token * tokens_per_s / H100_BF16_PEAK:10.1%} of 989 TFLOP/s, "
+    print(f"tokens/s per GPU  {tokens_per_s:10,.0f}   (runs {min(rates):,.0f} .. {max(rates):,.0f}), "
+          f"{devices} GPU(s) {strategy}: {tokens_per_s * devices:,.0f} in all")
+    print(f"MFU               {flops_per_token * tokens_per_s / DENSE_BF16_PEAK:10.1%} of 989 TFLOP/s, "
           f"{flops_per_token * tokens_per_s / peak_rate:.1%} of measured")
-    print(f"peak memory       {torch.cuda.max_memory_allocated() / 2**30:10.2f} GiB")
+    print(f"peak memory       {torch.cuda.max_memory_allocated() / 2**30:10.2f} GiB (rank 0)")
     if alpaca:
         minutes = EPOCHS * ALPACA_SAMPLES * mean_length / real_per_s / 60
         print(f"non-padding tok/s {real_per_s:10,.0f}   (padding {1 - real_per_s / tokens_per_s:.1%})")

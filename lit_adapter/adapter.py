@@ -29,7 +29,8 @@ class AdapterAttention(CausalSelfAttention):
         self.prompt_cache: Optional[KVCache] = None
         self.prompt_cache_filled = False
 
-    def reset_adapter(self) -> None:
+    def reset_parameters(self) -> None:
+        """Fresh prompts and zero gates (the projections are child modules with their own initialisation)."""
         nn.init.normal_(self.adapter_prompt)
         nn.init.zeros_(self.adapter_gate)
 
@@ -92,7 +93,7 @@ class AdapterGPT(GPT):
         """Fresh prompts and zero gates in every adapted layer."""
         for module in self.modules():
             if isinstance(module, AdapterAttention):
-                module.reset_adapter()
+                module.reset_parameters()
 
 
 def is_adapter_param(name: str) -> bool:

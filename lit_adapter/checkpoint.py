@@ -171,7 +171,7 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
         with torch.no_grad():
             for key in f.keys():  # one tensor at a time: memory stays at the model's size
                 params[key].copy_(f.get_tensor(key))
-    model.reset_buffers()
+    model.reset_parameters()
     if adapter:
         with torch.device(model.embed.weight.device):
             model.reset_adapter()

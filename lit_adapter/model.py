@@ -20,6 +20,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
@@ -141,8 +144,8 @@ class GPT(nn.Module):
         c = self.config
         return build_rope_cache(c.block_size, c.head_dim, c.rope_base, device)
 
-    def reset_buffers(self) -> None:
-        """Recompute the rotary cache (after the model was created on the meta device)."""
+    def reset_parameters(self) -> None:
+        """Recompute the rotary cache, the model's own state (after it was created on the meta device)."""
         self.rope_cache = self.build_rope(self.embed.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
@@ -197,4 +200,4 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
+            module.reset_parameters()

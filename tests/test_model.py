@@ -234,7 +234,7 @@ def test_rope_cache_rebuilt_after_meta_init():
         model = GPT(config)
     model.to_empty(device="cpu")
     model.load_state_dict(reference.state_dict())
-    model.reset_buffers()
+    model.reset_parameters()
     idx = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         assert torch.equal(model.eval()(idx), reference(idx))
