@@ -5,7 +5,8 @@ optimizer state) always stay float32. ``fsdp`` shards every block and the rest w
 through Lightning's ``ModelParallelStrategy``, which runs on GPUs and on CPUs alike.
 """
 
-from typing import Literal, Union
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal, Union
 
 import torch
 import torch.nn as nn
@@ -28,17 +29,30 @@ def convert_frozen_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 class FabricFrozenHalfPrecision(FabricHalfPrecision):
-    """Fabric's "bf16-true", except that trainable parameters keep float32."""
+    """Fabric's "bf16-true", except that trainable parameters keep float32 and nothing else is converted.
+
+    The bf16 weights set the compute dtype by themselves, so the forward pass runs under the usual default dtype
+    (a checkpointed block then recomputes exactly as it ran) and the bf16 logits reach the loss as they are.
+    """
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         return convert_frozen_params(module, self._desired_input_dtype)
+
+    def forward_context(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def convert_output(self, data: Any) -> Any:
+        return data
 
 
 class TrainerFrozenHalfPrecision(TrainerHalfPrecision):
-    """The Trainer's "bf16-true", except that trainable parameters keep float32."""
+    """The Trainer's "bf16-true", except that trainable parameters keep float32 (as ``FabricFrozenHalfPrecision``)."""
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         return convert_frozen_params(module, self._desired_input_dtype)
+
+    def forward_context(self) -> AbstractContextManager:
+        return nullcontext()
 
 
 def base_dtype(precision: Precision) -> torch.dtype:
