@@ -7,6 +7,7 @@ Everything we read is safetensors or ``torch.load(weights_only=True)``: a file t
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -37,8 +38,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A reader therefore sees the old file or the complete new one, never a partial write.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        reason = unwritable_reason(path.parent) or err.strerror
+        raise UserError(f"cannot write {path}: {reason}; choose another location") from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -49,6 +54,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_can_create(directory: Path, option: str) -> None:
+    """Fail before any long work if ``directory`` (given by ``option``) can neither be used nor created.
+
+    Nothing is created here.
+    """
+    reason = unwritable_reason(directory)
+    if reason:
+        raise UserError(f"cannot write to {option} {directory}: {reason}; choose another location")
+
+
+def unwritable_reason(directory: Path) -> Optional[str]:
+    """Why files cannot be created in ``directory`` (made if missing), or None where they can be."""
+    directory = Path(directory).absolute()
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def current_umask() -> int:
@@ -65,10 +91,23 @@ def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported content"
-        raise UserError(f"{path} was refused: it holds more than tensors ({first_line})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise UserError(f"{path} is not a readable torch checkpoint (truncated or corrupt?): {str(err).splitlines()[0]}") from None
+        code = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if code:  # the pickle names a function or class to call: never run it
+            raise UserError(f"{path} was refused: it holds more than tensors (loading it would call {code[1]}, "
+                            "which can run code); only tensors and plain containers are read") from None
+        raise UserError(f"{path} is not a readable torch checkpoint (truncated, corrupt or another format?): "
+                        f"{_torch_load_detail(err)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as err:
+        raise UserError(f"{path} is not a readable torch checkpoint (truncated, corrupt or another format?): "
+                        f"{_torch_load_detail(err)}") from None
+
+
+def _torch_load_detail(err: Exception) -> str:
+    """The informative first sentence of a ``torch.load`` error, without its generic advice about ``weights_only``."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    generic = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = next((line for line in lines if not line.startswith(generic)), "empty or unknown content")
+    return detail.split(". ")[0].rstrip(".")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -100,8 +139,7 @@ def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tok
                         output_dir: Path) -> None:
     """Write a converted base model: weights, config and (if given) the tokenizer."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"output directory {output_dir} is an existing file")
+    check_can_create(output_dir, "output directory")
     output_dir.mkdir(parents=True, exist_ok=True)
     check_state_dict(GPT, config, shapes_of(state_dict), source="converted weights")
     with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
@@ -208,6 +246,9 @@ def adapter_config(path: Path, base: Config) -> Config:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file {path} not found")
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a readable safetensors file but a PyTorch file: for a training state, run "
+                        f"scripts/extract_adapter.py --state_path {path} and pass the adapter.safetensors it writes")
     metadata = read_safetensors_metadata(path)
     if metadata.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{path} is not a lit_adapter adapter file (no '{ADAPTER_FORMAT}' metadata); "

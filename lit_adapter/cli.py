@@ -1,8 +1,10 @@
 """Running a typed function as a command-line tool (jsonargparse), with user errors reported in one line."""
 
 import sys
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
+import torch
 from jsonargparse import CLI, set_parsing_settings
 
 from lit_adapter.errors import UserError
@@ -12,15 +14,34 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+OUT_OF_MEMORY_HINT = ("lower --train.micro_batch_size (the global batch stays the same), or use "
+                      "--precision bf16-true, --activation_checkpointing true, or --strategy fsdp over more devices; "
+                      "for generation, use a shorter prompt or fewer --max_new_tokens")
 
 
-def run_cli(function: Callable, args: Optional[list[str]] = None) -> Any:
-    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``) and call it."""
+@contextmanager
+def exit_on_user_error(out_of_memory_hint: str = OUT_OF_MEMORY_HINT) -> Iterator[None]:
+    """End the program with one ``error: ...`` line (exit 1) on a user error or out-of-memory, 130 on Ctrl-C."""
     try:
-        return CLI(function, as_positional=False, args=args)
+        yield
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except torch.OutOfMemoryError as err:
+        print(f"error: {out_of_memory_message(err, out_of_memory_hint)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+
+
+def run_cli(function: Callable, args: Optional[list[str]] = None) -> Any:
+    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``) and call it."""
+    with exit_on_user_error():
+        return CLI(function, as_positional=False, args=args)
+
+
+def out_of_memory_message(err: BaseException, hint: str) -> str:
+    """One line for a device out-of-memory error: what ran out, and ``hint`` on what to change."""
+    detail = str(err).strip().splitlines()[0].split(". Of the allocated")[0] if str(err).strip() else ""
+    return f"out of GPU memory ({detail}): {hint}"

@@ -146,9 +146,7 @@ def tokenize_sample(record: dict[str, str], tokenizer: Tokenizer, max_seq_length
     prompt alone does not fit, the start of its prompt (BOS and the "### Response:" marker at the prompt's end
     stay) so that at least one response token is learned. It always ends with EOS.
     """
-    if max_seq_length < MIN_SEQ_LENGTH:
-        raise UserError(f"max_seq_length must be at least {MIN_SEQ_LENGTH} (BOS, a response token, EOS), "
-                        f"got {max_seq_length}")
+    check_max_seq_length(max_seq_length)
     prompt_text = alpaca_prompt(record["instruction"], record.get("input", ""))
     prompt = tokenizer.encode(prompt_text, bos=False).tolist()
     full = tokenizer.encode(prompt_text + record["output"], bos=False).tolist()
@@ -167,11 +165,19 @@ def tokenize_sample(record: dict[str, str], tokenizer: Tokenizer, max_seq_length
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}, truncated
 
 
+def check_max_seq_length(max_seq_length: int) -> None:
+    """Refuse a ``max_seq_length`` too short for BOS, one response token and EOS."""
+    if max_seq_length < MIN_SEQ_LENGTH:
+        raise UserError(f"max_seq_length must be at least {MIN_SEQ_LENGTH} (BOS, a response token, EOS), "
+                        f"got {max_seq_length}")
+
+
 def prepare_alpaca(records: Sequence[dict[str, str]], tokenizer: Tokenizer, destination_dir: Path,
                    val_size: int = 2000, seed: int = 42, max_seq_length: int = 512, mask_prompt: bool = True,
                    source: Optional[Path] = None) -> dict[str, Any]:
     """Tokenize ``records``, split them at random into ``train.pt`` and ``val.pt`` (``val_size`` samples) in
     ``destination_dir`` with a ``prep_config.yaml`` describing them; print length statistics and return that config."""
+    check_max_seq_length(max_seq_length)  # before tokenizing anything
     if not 0 <= val_size <= len(records) - 1:
         raise UserError(f"val_size={val_size} does not fit {source or 'the data'}: it has {len(records)} records, "
                         f"so val_size must lie in [0, {len(records) - 1}] (training needs at least one)")

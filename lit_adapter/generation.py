@@ -156,17 +156,16 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if adapter_path is not None:
         config = adapter_config(adapter_path, config)
     tokenizer = Tokenizer(checkpoint_dir)
-    model = load_model(checkpoint_dir, adapter=adapter_path is not None, config=config, device=device, dtype=dtype)
-    if adapter_path is not None:
-        load_adapter(model, adapter_path)
-        prompt = alpaca_prompt(prompt)
-    model.eval()
-    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
-
-    prompt_ids = tokenizer.encode(prompt, bos=True)
+    prompt_ids = tokenizer.encode(prompt if adapter_path is None else alpaca_prompt(prompt), bos=True)
     if prompt_ids.numel() + max_new_tokens > config.block_size:
         raise UserError(f"the prompt is {prompt_ids.numel()} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                         f"the model's context of {config.block_size} tokens")
+    model = load_model(checkpoint_dir, adapter=adapter_path is not None, config=config, device=device, dtype=dtype)
+    if adapter_path is not None:
+        load_adapter(model, adapter_path)
+    model.eval()
+    print(f"Loaded {checkpoint_dir} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+
     model.set_kv_cache(batch_size=1, max_seq_length=prompt_ids.numel() + max_new_tokens)
     decode_fn = compile_decode() if compile else decode_one_token
 

@@ -5,7 +5,6 @@ the schedule, the accumulation, the adapter files and the sample response are th
 """
 
 import math
-import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -14,13 +13,14 @@ from typing import Any, Optional, get_args
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, mark_only_adapter_trainable, num_trainable_params
-from lit_adapter.checkpoint import load_config, load_model, save_adapter
-from lit_adapter.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR
+from lit_adapter.checkpoint import load_config, load_model, save_adapter, torch_load
+from lit_adapter.cli import exit_on_user_error
 from lit_adapter.data import AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
@@ -28,6 +28,11 @@ from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training import (ADAPTER_FILE, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
                                   build_optimizer, build_scheduler, check_data_fits, check_writable, loss_fn,
                                   sample_response)
+
+
+OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
+                      "--trainer.precision bf16-true, --model.activation_checkpointing true, or --trainer.strategy "
+                      "fsdp over more devices")
 
 
 class AdapterModule(L.LightningModule):
@@ -109,7 +114,7 @@ class AdapterModule(L.LightningModule):
             datamodule.setup(stage)
             check_data_fits(datamodule, self.tokenizer, load_config(self.checkpoint_dir))
         if self.out_dir is not None:
-            check_writable(self.out_dir)
+            check_writable(self.out_dir, "--model.out_dir")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -310,6 +315,7 @@ class AdapterCLI(LightningCLI):
         if train.max_steps is not None and train.max_steps < 1:
             raise UserError("model.train.max_steps must be at least 1")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
+        check_writable(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
         overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
                                      "val_check_interval": eval.interval}
         if config.get("max_steps", -1) == -1 and config.get("max_epochs") is None:
@@ -339,7 +345,11 @@ class AdapterCLI(LightningCLI):
         if "plugins" in overrides and config.get("plugins"):
             plugins = config["plugins"]
             overrides["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + overrides["plugins"]
-        trainer = super().instantiate_trainer(**overrides)
+        try:
+            trainer = super().instantiate_trainer(**overrides)
+        except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than devices
+            detail = str(err).strip().splitlines()[0]
+            raise UserError(f"cannot build the Trainer from the --trainer options: {detail}") from None
         world_size = trainer.num_devices * trainer.num_nodes
         if fsdp_size not in (None, world_size):
             raise UserError(f"--trainer.devices {config.get('devices')} means {trainer.num_devices} devices here; "
@@ -364,6 +374,21 @@ def requested_devices(devices: Any, accelerator: Any) -> int:
     return int(text)
 
 
+def check_ckpt_path(ckpt_path: Optional[str]) -> None:
+    """Refuse a ``--ckpt_path`` file that is missing, unreadable or carries code before the model is built.
+
+    Lightning's own names ("last", "best", "hpc", "registry..."), URLs and (sharded) checkpoint directories are left
+    to Lightning.
+    """
+    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") \
+            or "://" in ckpt_path or Path(ckpt_path).is_dir():
+        return
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
+                        "directory of an earlier run)")
+    torch_load(ckpt_path)  # a one-line error for a truncated file or a pickle that would run code
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Fine-tune a LLaMA-Adapter on prepared Alpaca data with the Lightning Trainer (LightningCLI).
 
@@ -381,12 +406,8 @@ def main(args: Optional[list[str]] = None) -> None:
     directory, out/adapter_trainer/alpaca/logs/version_N); Lightning checkpoints (adapter and optimizer only) go to
     its checkpoints/, and --ckpt_path resumes from one.
     """
-    try:
+    with exit_on_user_error(OUT_OF_MEMORY_HINT):
         cli = AdapterCLI(args=args)
-        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=cli.config.get("ckpt_path"))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        ckpt_path = cli.config.get("ckpt_path")
+        check_ckpt_path(ckpt_path)
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)

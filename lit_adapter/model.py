@@ -61,6 +61,8 @@ class KVCache(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped-query keys/values (G <= H heads) and rotary positions."""
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config

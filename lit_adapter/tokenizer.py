@@ -17,7 +17,8 @@ class Tokenizer:
         if path.is_dir():
             path = path / TOKENIZER_FILE
         if not path.is_file():
-            raise UserError(f"tokenizer not found: {path} (a checkpoint directory holds {TOKENIZER_FILE})")
+            raise UserError(f"tokenizer not found: {path} (a checkpoint directory from scripts/convert_checkpoint.py "
+                            f"holds {TOKENIZER_FILE})")
         self.path = path
         self.processor = SentencePieceProcessor()
         try:

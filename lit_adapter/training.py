@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -430,9 +430,14 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
     hparams = {k: (asdict(v) if isinstance(v, (TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
+    state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
 
-    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
-                    loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
+    try:
+        fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
+                        loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
+    except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
+        raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
+                        f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
     fabric.launch()
     fabric.seed_everything(seed)
     compile = fabric.device.type == "cuda" if compile is None else compile
@@ -456,7 +461,6 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
 
     data_layout = {"world_size": fabric.world_size, "micro_batch_size": train.micro_batch_size, "seed": seed}
     progress = {"step": 0, "epoch": 0, "batch_index": 0, **data_layout}
-    state_path = find_resume_state(resume, out_dir)
     if state_path is not None:
         progress = load_training_state(state_path, raw_model, optimizer, scheduler, data_layout)
         fabric.print(f"Resumed from {state_path} at step {progress['step']}")
@@ -466,14 +470,14 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         hparams, progress, total_steps, train_loss_fn)
 
 
-def check_writable(out_dir: Path) -> None:
-    """Fail now, not after hours of training, if ``out_dir`` cannot be written."""
+def check_writable(out_dir: Path, option: str = "--out_dir") -> None:
+    """Fail now, not after hours of training, if ``out_dir`` (given by ``option``) cannot be written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create --out_dir {out_dir}: {err.strerror}") from None
+        raise UserError(f"cannot create {option} {out_dir}: {err.strerror}") from None
     if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out_dir {out_dir} is not writable")
+        raise UserError(f"{option} {out_dir} is not writable")
 
 
 def check_data_fits(data: AlpacaDataModule, tokenizer: Tokenizer, config: Config) -> None:

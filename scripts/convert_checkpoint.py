@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 import torch
 
-from lit_adapter.checkpoint import save_checkpoint_dir
+from lit_adapter.checkpoint import check_can_create, save_checkpoint_dir
 from lit_adapter.cli import run_cli
 from lit_adapter.convert import convert
 from lit_adapter.errors import UserError
@@ -28,6 +28,7 @@ def convert_checkpoint(format: Literal["meta", "hf", "llama2c"], checkpoint_path
     """
     if Path(output_dir).resolve() == Path(checkpoint_path).resolve():
         raise UserError(f"output_dir {output_dir} is the source checkpoint: choose another directory")
+    check_can_create(output_dir, "--output_dir")  # before a conversion that can take minutes
     state_dict, config, tokenizer_path = convert(format, checkpoint_path, tokenizer_path,
                                                  getattr(torch, dtype) if dtype else None)
     save_checkpoint_dir(state_dict, config, tokenizer_path, output_dir)

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from lit_adapter.checkpoint import check_can_create
 from lit_adapter.cli import run_cli
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.data import download_alpaca, load_alpaca_records, prepare_alpaca
@@ -34,10 +35,15 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
     """
     if tokenizer_path is None and checkpoint_dir is None:
         raise UserError("pass --checkpoint_dir (holding tokenizer.model) or --tokenizer_path")
+    check_can_create(destination_dir, "--destination_dir")
     tokenizer = Tokenizer(tokenizer_path or checkpoint_dir / TOKENIZER_FILE)
+    has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()
+    block_size = Config.from_file(checkpoint_dir).block_size if has_config else None
     if max_seq_length is None:
-        has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()
-        max_seq_length = Config.from_file(checkpoint_dir).block_size if has_config else DEFAULT_MAX_SEQ_LENGTH
+        max_seq_length = block_size or DEFAULT_MAX_SEQ_LENGTH
+    elif block_size is not None and max_seq_length > block_size:
+        raise UserError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size} "
+                        f"({checkpoint_dir / CONFIG_FILE}): pass --max_seq_length {block_size} or less")
     if data_file is None:
         data_file = destination_dir / "alpaca_data.json"
         if data_file.is_file():

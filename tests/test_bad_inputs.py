@@ -1,0 +1,322 @@
+"""Bad input to every command-line tool: each row runs a script in a subprocess and expects its exact exit status,
+its error line, and no traceback.
+
+A user error exits with 1 and prints one line, ``error: <what> ... <what to do>``, as the last line of stderr (before
+it may stand progress bars and Lightning's info lines, never another error). A command line that jsonargparse cannot
+parse exits with 2 and says why on its ``error:`` line. Files that carry code are refused without running it: the
+pickles below would create a marker file if they were ever unpickled unsafely.
+
+The real 260K TinyStories checkpoint and a few Alpaca records are prepared once; the rows then run in parallel.
+"""
+
+import json
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, shared_file
+from lit_adapter.adapter import AdapterGPT, adapter_state_dict
+from lit_adapter.checkpoint import load_model, save_adapter
+from lit_adapter.cli import run_cli
+from lit_adapter.config import CONFIG_FILE, Config
+from lit_adapter.lightning import AdapterCLI
+from lit_adapter.lightning import main as trainer_main
+
+TIMEOUT = 120
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    script: str
+    args: tuple[str, ...]
+    exit_code: int
+    message: str
+    """A regex matched at the start of the error line; ``{name}`` stands for the (escaped) path of asset ``name``."""
+    without_gpu: bool = False
+    """Only where no CUDA GPU is visible."""
+
+
+def convert(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "scripts/convert_checkpoint.py", ("--format", "llama2c", "--output_dir", "{out}", *args)
+
+
+def prepare(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "scripts/prepare_alpaca.py", ("--checkpoint_dir", "{ckpt}", "--destination_dir", "{out}",
+                                         "--data_file", "{records}", "--val_size", "2", *args)
+
+
+def finetune(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "finetune/adapter.py", ("--checkpoint_dir", "{ckpt}", "--data_dir", "{data}", "--out_dir", "{out}",
+                                   "--accelerator", "cpu", "--train.max_steps", "2", "--train.global_batch_size", "8",
+                                   "--train.micro_batch_size", "4", *args)
+
+
+def trainer(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "finetune/adapter_trainer.py", (
+        "--model.checkpoint_dir", "{ckpt}", "--data.data_dir", "{data}", "--trainer.default_root_dir", "{out}",
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false", "--model.train.max_steps", "2",
+        "--model.train.global_batch_size", "8", "--model.train.micro_batch_size", "4", *args)
+
+
+def generate(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "generate/base.py", ("--checkpoint_dir", "{ckpt}", "--max_new_tokens", "5", *args)
+
+
+def generate_adapter(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "generate/adapter.py", ("--checkpoint_dir", "{ckpt}", "--max_new_tokens", "5", *args)
+
+
+def extract(*args: str) -> tuple[str, tuple[str, ...]]:
+    return "scripts/extract_adapter.py", args
+
+
+def row(id: str, command: tuple[str, tuple[str, ...]], exit_code: int, message: str, **kwargs) -> Row:
+    return Row(id, *command, exit_code, message, **kwargs)
+
+
+QUICK_SCRIPTS = {"scripts/convert_checkpoint.py", "generate/base.py", "generate/adapter.py"}
+TRUNCATED = r"is not a readable safetensors file \(truncated or corrupt\?\)"
+REFUSED = r"was refused: it holds more than tensors \(loading it would call [\w.]+, which can run code\)"
+
+ROWS = [
+    # scripts/convert_checkpoint.py
+    row("convert-missing-source", convert("--checkpoint_path", "{tmp}/absent.bin"), 1,
+        r"error: {tmp}/absent\.bin not found$"),
+    row("convert-truncated-weights", convert("--checkpoint_path", "{truncated_bin}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {truncated_bin}: the header \([-\d, ]+\) needs \d+ bytes but the file has "
+        r"500000 \(truncated, or not a llama2.c version-0 export\)$"),
+    row("convert-wrong-tokenizer", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path", "{llama_tok}"), 1,
+        r"error: {stories_bin} describes a model of 512 tokens but the tokenizer has 32000: pass the tokenizer"),
+    row("convert-tokenizer-not-sentencepiece", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path",
+                                                       "{records}"), 1,
+        r"error: {records} is not a SentencePiece model"),
+    row("convert-pickle-with-code", convert("--checkpoint_path", "{evil_pt}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {evil_pt} " + REFUSED),
+    row("convert-output-below-a-file", convert("--checkpoint_path", "{stories_bin}", "--output_dir", "{afile}/out"), 1,
+        r"error: cannot write to --output_dir {afile}/out: {afile} is a file, not a directory; choose another"),
+    row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "gguf", "--checkpoint_path",
+                                                                     "{stories_bin}", "--output_dir", "{out}")), 2,
+        r'error: Parser key "format":'),
+    # scripts/prepare_alpaca.py
+    row("prepare-truncated-json", prepare("--data_file", "{truncated_json}"), 1,
+        r"error: {truncated_json} is not valid JSON \(Unterminated string .* in record 1\); is the file truncated\?$"),
+    row("prepare-record-not-an-object", prepare("--data_file", "{list_record_json}"), 1,
+        r"error: {list_record_json}: record 1 is a JSON list, expected an object with keys \('instruction', "
+        r"'input', 'output'\) \(fix it, or pass --skip_bad_records"),
+    row("prepare-empty-dataset", prepare("--data_file", "{empty_json}"), 1,
+        r"error: {empty_json} has no usable records \(0 bad ones skipped\)$"),
+    row("prepare-val-size-larger-than-data", prepare("--val_size", "50"), 1,
+        r"error: val_size=50 does not fit {records}: it has 12 records, so val_size must lie in \[0, 11\]"),
+    row("prepare-sequence-longer-than-model", prepare("--max_seq_length", "1024"), 1,
+        r"error: --max_seq_length 1024 exceeds the model's block_size 512 \({ckpt}/model_config\.yaml\): "
+        r"pass --max_seq_length 512 or less$"),
+    # finetune/adapter.py
+    row("finetune-micro-batch-larger-than-global", finetune("--train.micro_batch_size", "16"), 1,
+        r"error: train\.global_batch_size \(8\) must be a multiple of train\.micro_batch_size x devices "
+        r"\(16 x 1 = 16\)$"),
+    row("finetune-devices-not-dividing-the-batch", finetune("--devices", "3"), 1,
+        r"error: train\.global_batch_size \(8\) must be a multiple of train\.micro_batch_size x devices "
+        r"\(4 x 3 = 12\)$"),
+    row("finetune-data-not-prepared", finetune("--data_dir", "{tmp}/no_data"), 1,
+        r"error: {tmp}/no_data/train\.pt not found: run scripts/prepare_alpaca\.py first "
+        r"\(with --destination_dir {tmp}/no_data\)$"),
+    row("finetune-wrong-resume-path", finetune("--resume", "{tmp}/no_such_step"), 1,
+        r"error: --resume {tmp}/no_such_step: no training state found at {tmp}/no_such_step$"),
+    row("finetune-no-gpu", finetune("--accelerator", "cuda"), 1,
+        r"error: cannot run with --accelerator cuda --devices 1 --strategy auto --precision 32-true: `CUDAAccelerator` "
+        r"can not run on your system since the accelerator is not available", without_gpu=True),
+    # finetune/adapter_trainer.py
+    row("trainer-wrong-ckpt-path", trainer("--ckpt_path", "{tmp}/no.ckpt"), 1,
+        r"error: --ckpt_path {tmp}/no\.ckpt: no such checkpoint file \(pass a \.ckpt from the checkpoints/"),
+    # generate/base.py
+    row("generate-prompt-longer-than-context", generate("--prompt", "once upon a time " * 200), 1,
+        r"error: the prompt is \d+ tokens; with max_new_tokens=5 it exceeds the model's context of 512 tokens$"),
+    row("generate-checkpoint-without-config", generate("--checkpoint_dir", "{ckpt_without_config}"), 1,
+        r"error: {ckpt_without_config}/model_config\.yaml not found: a checkpoint directory must hold "
+        r"model_config\.yaml \(run scripts/convert_checkpoint\.py\)$"),
+    row("generate-missing-checkpoint-dir", generate("--checkpoint_dir", "{tmp}/no_checkpoint"), 1,
+        r"error: checkpoint directory {tmp}/no_checkpoint not found "
+        r"\(create it with scripts/convert_checkpoint\.py\)$"),
+    row("generate-truncated-weights", generate("--checkpoint_dir", "{ckpt_truncated}"), 1,
+        r"error: {ckpt_truncated}/model\.safetensors " + TRUNCATED),
+    row("generate-mismatched-shapes", generate("--checkpoint_dir", "{ckpt_wider}"), 1,
+        r"error: {ckpt_wider}/model\.safetensors: blocks\.0\.attn\.proj\.weight has shape \(64, 64\), "
+        r"the model expects \(128, 128\)$"),
+    row("generate-missing-tokenizer", generate("--checkpoint_dir", "{ckpt_without_tokenizer}"), 1,
+        r"error: tokenizer not found: {ckpt_without_tokenizer}/tokenizer\.model"),
+    row("generate-bad-sampling-options", generate("--top_p", "0"), 1,
+        r"error: need temperature >= 0, 0 < top_p <= 1 and top_k >= 1$"),
+    # generate/adapter.py
+    row("adapter-for-another-base", generate_adapter("--adapter_path", "{tiny_adapter}"), 1,
+        r"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5"),
+    row("adapter-random-file", generate_adapter("--adapter_path", "{random_file}"), 1,
+        r"error: {random_file} " + TRUNCATED),
+    row("adapter-truncated", generate_adapter("--adapter_path", "{truncated_adapter}"), 1,
+        r"error: {truncated_adapter} " + TRUNCATED),
+    row("adapter-missing", generate_adapter("--adapter_path", "{tmp}/none.safetensors"), 1,
+        r"error: adapter file {tmp}/none\.safetensors not found$"),
+    row("adapter-is-a-training-state", generate_adapter("--adapter_path", "{state}"), 1,
+        r"error: {state} is not a readable safetensors file but a PyTorch file: for a training state, run "
+        r"scripts/extract_adapter\.py --state_path {state}"),
+    # scripts/extract_adapter.py
+    row("extract-pickle-with-code", extract("--state_path", "{evil_state}"), 1, r"error: {evil_state} " + REFUSED),
+    row("extract-output-below-a-file", extract("--state_path", "{state}", "--output_path", "{afile}/a.safetensors"), 1,
+        r"error: cannot write {afile}/a\.safetensors: {afile} is a file, not a directory; choose another location$"),
+]
+
+
+class WritesAFile:
+    """Unpickled unsafely, this creates ``path``: proof that a loader ran code from a file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Every file the rows name: the real checkpoint and data, and broken copies of them."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    stories_bin, tok512 = shared_file("stories260K/stories260K.bin"), shared_file("stories260K/tok512.model")
+    llama_tok, alpaca = shared_file("llama_tokenizer/tokenizer.model"), shared_file("alpaca/alpaca_data_first335.json")
+    a = {"tmp": tmp, "stories_bin": stories_bin, "tok512": tok512, "llama_tok": llama_tok, "afile": tmp / "afile",
+         "marker": tmp / "code-was-run"}
+    a["afile"].write_text("a regular file, where a directory is expected\n")
+
+    ckpt = a["ckpt"] = tmp / "stories260K"
+    runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]("llama2c", stories_bin, ckpt)
+    records = json.loads(alpaca.read_text())
+    a["records"] = tmp / "records.json"
+    a["records"].write_text(json.dumps(records[:12]))
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_alpaca.py"))["main"]
+    a["data"] = tmp / "data"
+    prepare(destination_dir=a["data"], checkpoint_dir=ckpt, data_file=a["records"], val_size=2)
+
+    for name, drop in (("ckpt_without_config", CONFIG_FILE), ("ckpt_without_tokenizer", "tokenizer.model")):
+        shutil.copytree(ckpt, tmp / name)
+        (tmp / name / drop).unlink()
+        a[name] = tmp / name
+    a["ckpt_truncated"], a["ckpt_wider"] = tmp / "ckpt_truncated", tmp / "ckpt_wider"
+    shutil.copytree(ckpt, a["ckpt_truncated"])
+    weights = (ckpt / "model.safetensors").read_bytes()
+    (a["ckpt_truncated"] / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    shutil.copytree(ckpt, a["ckpt_wider"])
+    config = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
+    (a["ckpt_wider"] / CONFIG_FILE).write_text(yaml.safe_dump({**config, "n_embd": 128}))
+
+    a["truncated_bin"] = tmp / "stories260K.bin"
+    a["truncated_bin"].write_bytes(stories_bin.read_bytes()[:500_000])
+    a["evil_pt"], a["evil_state"] = tmp / "evil.pt", tmp / "evil_state.pt"
+    torch.save({"model": WritesAFile(a["marker"]), "model_args": {}}, a["evil_pt"])
+    torch.save({"adapter": WritesAFile(a["marker"]), "model_config": {}}, a["evil_state"])
+    files = {"truncated_json": '[{"instruction": "a", "input": "", "output": "b"},\n{"instruction": "c", "inp',
+             "list_record_json": '[{"instruction": "a", "output": "b"}, ["c", "d"]]', "empty_json": "[]"}
+    for name, text in files.items():
+        a[name] = tmp / f"{name}.json"
+        a[name].write_text(text)
+
+    model = load_model(ckpt, adapter=True)
+    a["state"] = tmp / "step-000001" / "training_state.pt"
+    a["state"].parent.mkdir()
+    torch.save({"adapter": adapter_state_dict(model), "model_config": asdict(model.config)}, a["state"])
+    tiny = Config.from_name("tiny")
+    a["tiny_adapter"] = tmp / "tiny_adapter.safetensors"
+    save_adapter(a["tiny_adapter"], AdapterGPT(tiny), tiny)
+    good_adapter = tmp / "adapter.safetensors"
+    save_adapter(good_adapter, model, model.config)
+    a["truncated_adapter"] = tmp / "truncated_adapter.safetensors"
+    a["truncated_adapter"].write_bytes(good_adapter.read_bytes()[:-100])
+    a["random_file"] = tmp / "random.safetensors"
+    a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                                               generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    return a
+
+
+def run_row(row: Row, assets: dict[str, Path]) -> subprocess.CompletedProcess:
+    paths = {name: str(path) for name, path in assets.items()}
+    paths["out"] = str(assets["tmp"] / "out" / row.id)
+    args = [arg.format(**paths) for arg in row.args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, row.script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, assets) -> dict[str, subprocess.CompletedProcess]:
+    """The result of every selected row, run in parallel (each is mostly interpreter start-up)."""
+    selected = [item.callspec.params["row"] for item in request.session.items
+                if item.module is request.module and "row" in getattr(getattr(item, "callspec", None), "params", {})]
+    selected = [r for r in selected if not (r.without_gpu and torch.cuda.is_available())]
+    selected.sort(key=lambda r: r.script in QUICK_SCRIPTS)  # the scripts that import Lightning (~5 s) first
+    with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
+        return dict(zip([r.id for r in selected], pool.map(lambda r: run_row(r, assets), selected)))
+
+
+def test_rows_cover_every_script_and_enough_cases():
+    scripts = {r.script for r in ROWS}
+    assert scripts == {"scripts/convert_checkpoint.py", "scripts/prepare_alpaca.py", "finetune/adapter.py",
+                       "finetune/adapter_trainer.py", "generate/base.py", "generate/adapter.py",
+                       "scripts/extract_adapter.py"}
+    assert len(ROWS) >= 25 and len({r.id for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
+def test_bad_input_exits_with_one_clear_line(row, outcomes, assets):
+    if row.without_gpu and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    result = outcomes[row.id]
+    output = f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
+    assert "Traceback" not in result.stderr + result.stdout, output
+    assert result.returncode == row.exit_code, output
+    lines = [line.strip() for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors, output
+    pattern = row.message.format(**{name: re.escape(str(path)) for name, path in assets.items()})
+    assert re.match(pattern, errors[0]), f"{errors[0]!r} does not match {pattern!r}\n{output}"
+    if row.exit_code == 1:  # a user error: one line, the last one
+        assert len(errors) == 1 and lines[-1] == errors[0], output
+    assert not assets["marker"].exists(), f"{row.id}: a pickle's code was run"
+
+
+def test_the_pickles_payload_is_live(tmp_path):
+    """The refused pickles would have run code: an unsafe load creates the marker."""
+    marker = tmp_path / "marker"
+    torch.save({"model": WritesAFile(marker)}, tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("entry_point", ["run_cli", "adapter_trainer"])
+def test_out_of_memory_is_one_line_that_says_what_to_change(entry_point, capsys):
+    message = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+               "1.06 GiB is free. Of the allocated memory 75.3 GiB is allocated by PyTorch")
+
+    def out_of_memory(**kwargs) -> None:
+        raise torch.OutOfMemoryError(message)
+
+    with pytest.raises(SystemExit) as exit_info:
+        if entry_point == "run_cli":
+            run_cli(out_of_memory, [])
+        else:
+            with mock.patch.object(AdapterCLI, "__init__", lambda self, **kwargs: out_of_memory()):
+                trainer_main([])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    option = "--train.micro_batch_size" if entry_point == "run_cli" else "--model.train.micro_batch_size"
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+        f"79.19 GiB of which 1.06 GiB is free): lower {option} (the global batch stays the same)"), lines
