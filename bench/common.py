@@ -1,7 +1,6 @@
 """Helpers shared by the benchmarks: random-weight models on the GPU and the machine's two ceilings."""
 
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -61,11 +60,3 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
-
-
-def wall_time(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
