@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["lit_adapter", "lit_adapter.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.6",
         "lightning>=2.4",
         "jsonargparse[signatures]>=4.27",
         "sentencepiece>=0.2",

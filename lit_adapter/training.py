@@ -229,14 +229,19 @@ class StopRequest:
 
 
 def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_tokens: int) -> str:
-    """The model's greedy answer to ``instruction`` in the Alpaca template (the KV cache is freed after)."""
+    """The model's greedy answer to ``instruction`` in the Alpaca template (the KV cache is freed after).
+
+    It runs eagerly even when the blocks are compiled for training: a short sample is not worth new graphs, and
+    they would use up the compiler's recompilation budget that varying training lengths need.
+    """
     prompt = tokenizer.encode(alpaca_prompt(instruction), bos=True)
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.numel())
     if max_new_tokens < 1:
         return ""
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + max_new_tokens)
     try:
-        ids = list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eos_id))
+        with torch.compiler.set_stance("force_eager"):
+            ids = list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eos_id))
     finally:
         model.clear_kv_cache()
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])

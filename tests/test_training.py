@@ -329,3 +329,24 @@ def test_last_adapter_and_hyperparameters_are_also_in_out_dir(small_run):
     hparams = (small_run / HPARAMS_FILE).read_text()
     assert "learning_rate: 0.05" in hparams and "global_batch_size: 8" in hparams
     assert sorted(p.name for p in small_run.glob("step-*")) == ["step-000002", "step-000004"]
+
+
+def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
+    """The evaluation sample runs eagerly: it must not spend the recompilation budget of the training graphs."""
+    from torch._dynamo.utils import counters
+
+    from lit_adapter.adapter import AdapterGPT
+    from lit_adapter.config import Config
+    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.training import compile_for_training, sample_response
+
+    torch._dynamo.reset()
+    model = AdapterGPT(Config.from_name("tiny"))
+    train_loss_fn = compile_for_training(model)
+    ids = torch.randint(0, 512, (2, 16))
+    train_loss_fn(model(ids), ids).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the training step did compile
+    response = sample_response(model.eval(), Tokenizer(tok512), "Tell me a story.", max_new_tokens=8)
+    assert isinstance(response, str) and response
+    assert counters["stats"]["unique_graphs"] == graphs
