@@ -90,14 +90,11 @@ def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any
         raise UserError(f"{path} not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        code = re.search(r"GLOBAL ([\w.]+)", str(err))
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as err:
+        code = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
         if code:  # the pickle names a function or class to call: never run it
             raise UserError(f"{path} was refused: it holds more than tensors (loading it would call {code[1]}, "
                             "which can run code); only tensors and plain containers are read") from None
-        raise UserError(f"{path} is not a readable torch checkpoint (truncated, corrupt or another format?): "
-                        f"{_torch_load_detail(err)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as err:
         raise UserError(f"{path} is not a readable torch checkpoint (truncated, corrupt or another format?): "
                         f"{_torch_load_detail(err)}") from None
 
@@ -164,14 +161,15 @@ def check_state_dict(model_class: Type[GPT], config: Config, shapes: dict[str, t
     unexpected = sorted(set(shapes) - set(reference))
     if missing or unexpected:
         raise UserError(f"{source} does not fit the model {config.name or ''}: "
-                        f"missing keys {_preview(missing)}, unexpected keys {_preview(unexpected)}")
+                        f"missing keys [{preview_keys(missing)}], unexpected keys [{preview_keys(unexpected)}]")
     for key, shape in shapes.items():
         if tuple(shape) != tuple(reference[key].shape):
             raise UserError(f"{source}: {key} has shape {tuple(shape)}, the model expects {tuple(reference[key].shape)}")
 
 
-def _preview(keys: list[str], n: int = 3) -> str:
-    return "[" + ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "") + "]"
+def preview_keys(keys: list[str], n: int = 3) -> str:
+    """The first ``n`` keys, comma-separated, and how many there are in all when more."""
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def load_config(checkpoint_dir: Path) -> Config:
@@ -180,9 +178,9 @@ def load_config(checkpoint_dir: Path) -> Config:
         raise UserError(f"checkpoint directory {checkpoint_dir} not found (create it with scripts/convert_checkpoint.py)")
     try:
         return Config.from_file(checkpoint_dir / CONFIG_FILE)
+    except UserError:
+        raise
     except (TypeError, AttributeError, ValueError) as err:
-        if isinstance(err, UserError):
-            raise
         raise UserError(f"{checkpoint_dir / CONFIG_FILE} is not a valid model config: {err}") from None
 
 
@@ -191,7 +189,8 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     """The base model of a checkpoint directory (an ``AdapterGPT`` with fresh adapter if ``adapter``).
 
     The model is created on the meta device, allocated on ``device`` and filled one tensor at a time from
-    the safetensors file, so nothing is initialised twice and no second copy of the weights is held. Adapter parameters stay float32 whatever ``dtype`` the base gets.
+    the safetensors file, so nothing is initialised twice and no second copy of the weights is held. Adapter
+    parameters stay float32 whatever ``dtype`` the base gets.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)

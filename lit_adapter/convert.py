@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import read_safetensors, torch_load
+from lit_adapter.checkpoint import preview_keys, read_safetensors, torch_load
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -320,7 +320,7 @@ def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> 
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     for preset in PRESETS.values():
-        if _identity(preset) == _identity(config):
+        if preset.base_shape() == config.base_shape():  # the same model, whatever its name, context or adapter
             return replace(preset, block_size=block_size or preset.block_size)
     return config
 
@@ -330,11 +330,6 @@ def check_vocab_size(config: Config, vocab_size: Optional[int], source: str) -> 
     if vocab_size is not None and vocab_size != config.vocab_size:
         raise UserError(f"{source} describes a model of {config.vocab_size} tokens but the tokenizer has {vocab_size}: "
                         "pass the tokenizer the model was trained with")
-
-
-def _identity(config: Config) -> tuple:
-    """What makes two configs the same model, whatever their name, context length or adapter."""
-    return config.base_shape(), config.norm_eps, config.rope_base
 
 
 def meta_shapes(config: Config) -> dict[str, tuple[int, ...]]:
@@ -357,7 +352,7 @@ def check_meta_weights(weights: StateDict, config: Config, source: str) -> None:
     expected = meta_shapes(config)
     missing, unknown = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     if missing or unknown:
-        problems = [f"{what} keys {_preview(keys)}"
+        problems = [f"{what} keys {preview_keys(keys)}"
                     for what, keys in (("missing", missing), ("unknown", unknown)) if keys]
         raise UserError(f"{source} does not fit {config.name}: {'; '.join(problems)}")
     for key, shape in expected.items():
@@ -415,5 +410,3 @@ def _tensor_dict(value: Any, path: Path) -> StateDict:
     return value
 
 
-def _preview(keys: list[str], n: int = 3) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")

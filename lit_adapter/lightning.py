@@ -18,16 +18,16 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_adapter.adapter import AdapterGPT, is_adapter_param, mark_only_adapter_trainable, num_trainable_params
-from lit_adapter.checkpoint import load_config, load_model, save_adapter, torch_load
+from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
+from lit_adapter.checkpoint import check_can_create, load_config, load_model, save_adapter, torch_load
 from lit_adapter.cli import exit_on_user_error
 from lit_adapter.data import AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training import (ADAPTER_FILE, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
-                                  build_optimizer, build_scheduler, check_data_fits, check_writable, loss_fn,
-                                  sample_response)
+                                  build_optimizer, build_scheduler, check_data_fits, loss_fn,
+                                  prepare_for_training, sample_response)
 
 
 OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
@@ -74,6 +74,7 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False
         self.model: Optional[AdapterGPT] = None
         self.tokenizer: Optional[Tokenizer] = None
+        self.train_loss_fn = loss_fn  # compiled in configure_model where asked
         self.total_steps: Optional[int] = None
         self._last_step = 0
         self._step_loss = torch.zeros(())
@@ -92,11 +93,8 @@ class AdapterModule(L.LightningModule):
         sharded = self.device_mesh is not None
         # FSDP: every rank loads the (memory-mapped) base on the CPU and keeps only its shard
         model = load_model(self.checkpoint_dir, adapter=True, device="cpu" if sharded else root_device, dtype=dtype)
-        mark_only_adapter_trainable(model)
-        model.activation_checkpointing = self.activation_checkpointing
-        if self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda":
-            for block in model.blocks:
-                block.compile()
+        compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
+        self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
         if sharded:
             from lit_adapter.strategies import shard_model
 
@@ -114,7 +112,7 @@ class AdapterModule(L.LightningModule):
             datamodule.setup(stage)
             check_data_fits(datamodule, self.tokenizer, load_config(self.checkpoint_dir))
         if self.out_dir is not None:
-            check_writable(self.out_dir, "--model.out_dir")
+            check_can_create(self.out_dir, "--model.out_dir")
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -153,7 +151,7 @@ class AdapterModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids, targets = batch
-        loss = loss_fn(self.model(input_ids), targets)
+        loss = self.train_loss_fn(self.model(input_ids), targets)
         self._loss_sum += loss.detach()
         self._micro_batches += 1
         self._tokens += input_ids.numel()
@@ -315,7 +313,7 @@ class AdapterCLI(LightningCLI):
         if train.max_steps is not None and train.max_steps < 1:
             raise UserError("model.train.max_steps must be at least 1")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
-        check_writable(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
+        check_can_create(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
         overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
                                      "val_check_interval": eval.interval}
         if config.get("max_steps", -1) == -1 and config.get("max_epochs") is None:

@@ -5,7 +5,6 @@ optimizer, schedule and adapter files, so no training logic exists twice.
 """
 
 import math
-import os
 import re
 import shutil
 import signal
@@ -29,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable, num_trainable_params
-from lit_adapter.checkpoint import atomic_path, load_config, load_model, save_adapter, torch_load
+from lit_adapter.checkpoint import atomic_path, check_can_create, load_config, load_model, save_adapter, torch_load
 from lit_adapter.config import Config
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
@@ -304,12 +303,17 @@ def compile_for_training(model: GPT) -> Callable:
     return torch.compile(loss_fn)
 
 
-def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
-                   activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
-    """Freeze all but the adapter, compile if asked, and hand model and optimizer to Fabric; also return the loss."""
+def prepare_for_training(model: GPT, compile: bool, activation_checkpointing: bool) -> Callable:
+    """Freeze all but the adapter, set activation checkpointing, compile if asked; return the loss to train with."""
     mark_only_adapter_trainable(model)
     model.activation_checkpointing = activation_checkpointing
-    train_loss_fn = compile_for_training(model) if compile else loss_fn
+    return compile_for_training(model) if compile else loss_fn
+
+
+def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
+                   activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
+    """``prepare_for_training``, then hand model and optimizer to Fabric; also return the loss."""
+    train_loss_fn = prepare_for_training(model, compile, activation_checkpointing)
     wrapped = fabric.setup_module(model)
     return wrapped, fabric.setup_optimizers(build_optimizer(wrapped, train)), train_loss_fn
 
@@ -431,7 +435,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     if train.max_steps is not None and train.max_steps < 1:
         raise UserError("train.max_steps must be at least 1")
     accumulation_steps(train, devices)
-    check_writable(out_dir)
+    check_can_create(out_dir, "--out_dir")
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
     hparams = {k: (asdict(v) if isinstance(v, (TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
@@ -451,12 +455,12 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
     data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed, pad_to_multiple_of=8)
     data.setup()
-    check_data_fits(data, tokenizer, load_config(checkpoint_dir))
+    config = load_config(checkpoint_dir)
+    check_data_fits(data, tokenizer, config)
 
     device = torch.device("cpu") if strategy == "fsdp" else fabric.device
-    model = load_model(checkpoint_dir, adapter=True, device=device, dtype=base_dtype(precision))
-    with torch.device(device):
-        model.reset_adapter()  # seeded: the same prompts on every rank
+    # its fresh adapter comes from the seeded generator: the same prompts on every rank
+    model = load_model(checkpoint_dir, adapter=True, config=config, device=device, dtype=base_dtype(precision))
     raw_model = model
     model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
     fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters ({raw_model.config.n_adapter_layers}"
@@ -473,16 +477,6 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         save_hparams(out_dir, hparams)
     fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
         hparams, progress, total_steps, train_loss_fn)
-
-
-def check_writable(out_dir: Path, option: str = "--out_dir") -> None:
-    """Fail now, not after hours of training, if ``out_dir`` (given by ``option``) cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {option} {out_dir}: {err.strerror}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"{option} {out_dir} is not writable")
 
 
 def check_data_fits(data: AlpacaDataModule, tokenizer: Tokenizer, config: Config) -> None:
