@@ -25,6 +25,7 @@ from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
+from lit_adapter.prompts import PromptStyle, check_prompt_style
 from lit_adapter.tokenizer import TOKENIZER_FILE
 
 WEIGHTS_FILE = "model.safetensors"
@@ -223,9 +224,10 @@ def keep_adapter_float32(model: nn.Module) -> None:
             param.data = param.data.float()
 
 
-def save_adapter(path: Path, model: Optional[nn.Module], config: Config, extra_metadata: Optional[dict[str, str]] = None,
+def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_style: PromptStyle = "alpaca",
                  state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write the adapter weights (only) as safetensors, with the adapter shape and base identity as metadata.
+    """Write the adapter weights (only) as safetensors, with the adapter shape, the base identity and the prompt
+    style it was trained with as metadata.
 
     The weights are ``state_dict`` if given, else taken from ``model``.
     """
@@ -234,7 +236,7 @@ def save_adapter(path: Path, model: Optional[nn.Module], config: Config, extra_m
         "format": ADAPTER_FORMAT,
         "base": json.dumps({"name": config.name, **config.base_shape()}),
         "adapter": json.dumps(config.adapter_shape()),
-        **(extra_metadata or {}),
+        "prompt_style": check_prompt_style(prompt_style),
     }
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
@@ -265,6 +267,15 @@ def adapter_config(path: Path, base: Config) -> Config:
     if set(saved_adapter) != set(base.adapter_shape()):
         raise UserError(f"{path}: unexpected adapter metadata {saved_adapter}")
     return replace(base, **saved_adapter)
+
+
+def adapter_prompt_style(path: Path) -> PromptStyle:
+    """The prompt style an adapter file was trained with (files from before styles existed: alpaca)."""
+    style = read_safetensors_metadata(path).get("prompt_style", "alpaca")
+    try:
+        return check_prompt_style(style)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 def load_adapter(model: GPT, path: Path) -> None:

@@ -31,13 +31,18 @@ class Config:
     tie_embeddings: bool = False
     """Whether the output head reuses the token embedding matrix."""
     adapter_prompt_length: int = 10
-    """Learnable prompt vectors per adapted layer."""
-    adapter_start_layer: int = 2
-    """First layer that gets adaption prompts (the top n_layer - adapter_start_layer layers do)."""
+    """Learnable prompt vectors per adapted layer (the paper's 10)."""
+    adapter_start_layer: Optional[int] = None
+    """First layer that gets adaption prompts (the top n_layer - adapter_start_layer layers do). None: the paper's
+    share, the top 30 of 32 layers, scaled to the depth."""
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
+        if self.adapter_start_layer is None:
+            object.__setattr__(self, "adapter_start_layer", paper_start_layer(self.n_layer))
+        if self.adapter_prompt_length < 1:
+            raise UserError(f"adapter_prompt_length ({self.adapter_prompt_length}) must be at least 1")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -76,7 +81,8 @@ class Config:
         return cls(**values)
 
     def save(self, directory: Path) -> None:
-        """Write this config as ``model_config.yaml`` into ``directory``."""
+        """Write this config as ``model_config.yaml`` into ``directory`` (its adapter shape is only the default
+        that fine-tuning's ``--adapter.*`` options override)."""
         (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
     def base_shape(self) -> dict:
@@ -88,6 +94,21 @@ class Config:
     def adapter_shape(self) -> dict:
         """The fields that define the adapter's parameters."""
         return {"adapter_prompt_length": self.adapter_prompt_length, "adapter_start_layer": self.adapter_start_layer}
+
+    def with_adapter(self, prompt_length: Optional[int] = None, start_layer: Optional[int] = None) -> "Config":
+        """This base with the adapter shape given (None keeps this config's)."""
+        keep = self.adapter_shape()
+        return replace(self, adapter_prompt_length=keep["adapter_prompt_length"] if prompt_length is None else prompt_length,
+                       adapter_start_layer=keep["adapter_start_layer"] if start_layer is None else start_layer)
+
+
+PAPER_ADAPTED_SHARE = 30 / 32
+"""The paper adapts the top 30 of LLaMA-7B's 32 layers."""
+
+
+def paper_start_layer(n_layer: int) -> int:
+    """The first adapted layer when the paper's share of the top layers is adapted (at least one layer)."""
+    return n_layer - max(1, round(PAPER_ADAPTED_SHARE * n_layer)) if n_layer else 0
 
 
 def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lit_adapter.checkpoint import atomic_path, torch_load
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.prompts import ROLES, PromptStyle, adds_bos, check_prompt_style, sample_segments
 from lit_adapter.tokenizer import Tokenizer
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
@@ -32,6 +32,7 @@ MIN_SEQ_LENGTH = 3
 """BOS, one response token and EOS."""
 FIELDS = ("instruction", "input", "output")
 PREP_CONFIG_FILE = "prep_config.yaml"
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 SPLITS = ("train", "val")
 
 _WHITESPACE = re.compile(r"\s*")
@@ -41,21 +42,21 @@ Sample = dict[str, torch.Tensor]
 
 # --- reading the JSON -------------------------------------------------------------------------------------------
 
-def load_alpaca_records(path: Path, skip_bad_records: bool = False) -> tuple[list[dict[str, str]], list[str]]:
-    """The records of an Alpaca JSON list as ``{"instruction", "input", "output"}`` strings, and the problems skipped.
+def load_records(path: Path, skip_bad_records: bool = False) -> tuple[list[dict], list[str]]:
+    """The training records of a JSON list or JSON Lines file, and the problems skipped.
 
-    A file that is not a JSON list, or a bad record (not an object, a field missing or not a string, an empty
-    output) raises a ``UserError`` naming the file and the record; with ``skip_bad_records`` bad records are left
-    out and described in the second return value instead. A missing ``input`` means no input.
+    A record is an Alpaca record (``instruction``, optional ``input``, ``output``: strings, a missing ``input``
+    meaning none) or a chat record (``messages``: a list of ``{"role", "content"}`` with roles system, user,
+    assistant, and at least one assistant answer). A file that holds neither, or a bad record, raises a
+    ``UserError`` naming the file and the record (or line); with ``skip_bad_records`` bad records are left out
+    and described in the second return value instead.
     """
     path = Path(path)
-    data = _read_json(path)
-    if not isinstance(data, list):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected a list of records with keys {FIELDS}")
+    entries = _read_records_file(path)
     records, problems = [], []
-    for index, record in enumerate(data):
+    for where, record in entries:
         try:
-            records.append(_check_record(record, index))
+            records.append(_check_record(record, where))
         except UserError as err:
             if not skip_bad_records:
                 hint = "fix it, or pass --skip_bad_records to leave bad records out"
@@ -66,20 +67,45 @@ def load_alpaca_records(path: Path, skip_bad_records: bool = False) -> tuple[lis
     return records, problems
 
 
-def _read_json(path: Path) -> Any:
+def _read_records_file(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) for every record of a JSON list or JSON Lines file (told apart by suffix or content)."""
+    text = _read_text(path)
+    if path.suffix in JSON_LINES_SUFFIXES:
+        return _parse_json_lines(path, text)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"data file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {path} as UTF-8 text: {err}") from None
-    try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and text.lstrip().startswith("{"):
+            return _parse_json_lines(path, text)
         index = _broken_record_index(text)
         where = f", in record {index}" if index is not None else ""
         raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}{where}); "
                         "is the file truncated?") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, expected a list of records with keys {FIELDS}")
+    return [(f"record {index}", record) for index, record in enumerate(data)]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"data file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read {path} as UTF-8 text: {err}") from None
+
+
+def _parse_json_lines(path: Path, text: str) -> list[tuple[str, Any]]:
+    """(where, record) for each non-blank line of a JSON Lines text."""
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                entries.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
+                                "JSON Lines hold one record per line") from None
+    return entries
 
 
 def _broken_record_index(text: str) -> Optional[int]:
@@ -106,19 +132,37 @@ def _broken_record_index(text: str) -> Optional[int]:
         pos += 1
 
 
-def _check_record(record: Any, index: int) -> dict[str, str]:
-    """The record's fields as strings, or a ``UserError`` saying what is wrong with record ``index``."""
+def _check_record(record: Any, where: str) -> dict:
+    """The record with its fields checked (an Alpaca record gets its ``input``), or a ``UserError`` about ``where``."""
     if not isinstance(record, dict):
-        raise UserError(f"record {index} is a JSON {type(record).__name__}, expected an object with keys {FIELDS}")
+        raise UserError(f"{where} is a JSON {type(record).__name__}, expected an object with keys {FIELDS}")
+    if "messages" in record:
+        return {"messages": _check_messages(record["messages"], where)}
     fields = {"input": "", **{key: record[key] for key in FIELDS if key in record}}
     for key in FIELDS:
         if key not in fields:
-            raise UserError(f"record {index} has no {key!r}")
+            raise UserError(f"{where} has no {key!r} (an Alpaca record needs {FIELDS}, a chat record 'messages')")
         if not isinstance(fields[key], str):
-            raise UserError(f"record {index}: {key!r} is a {type(fields[key]).__name__}, expected a string")
+            raise UserError(f"{where}: {key!r} is a {type(fields[key]).__name__}, expected a string")
     if not fields["output"].strip():
-        raise UserError(f"record {index} has an empty 'output' (nothing to learn)")
+        raise UserError(f"{where} has an empty 'output' (nothing to learn)")
     return fields
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """A chat record's turns as ``{"role", "content"}``; at least one assistant answer must have text."""
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+    turns = []
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: message {turn} needs a string 'content' (and a 'role')")
+        if message.get("role") not in ROLES:
+            raise UserError(f"{where}: message {turn} has role {message.get('role')!r}, expected one of {ROLES}")
+        turns.append({"role": message["role"], "content": message["content"]})
+    if not any(t["role"] == "assistant" and t["content"].strip() for t in turns):
+        raise UserError(f"{where} has no assistant answer (nothing to learn)")
+    return turns
 
 
 def download_alpaca(destination: Path, url: str = ALPACA_URL, timeout: float = 60.0) -> None:
@@ -135,34 +179,71 @@ def download_alpaca(destination: Path, url: str = ALPACA_URL, timeout: float = 6
 
 # --- tokenizing -----------------------------------------------------------------------------------------------
 
-def tokenize_sample(record: dict[str, str], tokenizer: Tokenizer, max_seq_length: int,
-                    mask_prompt: bool = True) -> tuple[Sample, bool]:
-    """``{"input_ids", "labels"}`` (int64) for one record, and whether it had to be truncated.
+def tokenize_sample(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_prompt: bool = True,
+                    style: PromptStyle = "alpaca") -> tuple[Sample, bool]:
+    """``{"input_ids", "labels"}`` (int64) for one record in prompt ``style``, and whether it had to be truncated.
 
-    ``input_ids`` is BOS, the tokens of prompt + response, and EOS. Its prompt part is the prompt tokenized on its
-    own, as the model gets it at generation time (where a token would span the prompt's end, the response is
-    tokenized separately). ``labels`` equals ``input_ids`` except that BOS and the prompt are ``IGNORE_INDEX``
-    when ``mask_prompt``. A sample longer than ``max_seq_length`` loses the end of its response and, where the
-    prompt alone does not fit, the start of its prompt (BOS and the "### Response:" marker at the prompt's end
-    stay) so that at least one response token is learned. It always ends with EOS.
+    Alpaca style: ``input_ids`` is BOS (where the tokenizer adds one), the tokens of prompt + response, and EOS.
+    Chat style: the conversation in the model's chat template, whose end-of-turn token closes each answer.
+    Each prompt is tokenized on its own, as the model gets it at generation time (where a token would span a
+    prompt's end, what follows is tokenized separately). ``labels`` equals ``input_ids`` except that everything
+    but the answers (and the closing EOS) is ``IGNORE_INDEX`` when ``mask_prompt``. A sample longer than
+    ``max_seq_length`` loses the end of its answers and, where the prompt alone does not fit, the start of its
+    prompt (BOS and the prompt's end stay) so that at least one answer token is learned. It always keeps its
+    closing EOS / end-of-turn.
     """
     check_max_seq_length(max_seq_length)
-    prompt_text = alpaca_prompt(record["instruction"], record.get("input", ""))
-    prompt = tokenizer.encode(prompt_text, bos=False).tolist()
-    full = tokenizer.encode(prompt_text + record["output"], bos=False).tolist()
-    if full[:len(prompt)] != prompt:
-        full = prompt + tokenizer.encode(record["output"], bos=False).tolist()
-    response = full[len(prompt):]
-    budget = max_seq_length - 2  # room left beside BOS and EOS
+    ids, learned = encode_segments(tokenizer, sample_segments(style, tokenizer, record))
+    if style == "chat":
+        ids, learned, closing = split_chat_closing(ids, learned, tokenizer)
+    else:
+        closing = [tokenizer.eos_id]
+    lead = [tokenizer.bos_id] if adds_bos(style, tokenizer) else []
+    first = learned.index(True) if True in learned else len(ids)
+    prompt, response, response_learned = ids[:first], ids[first:], learned[first:]
+    budget = max_seq_length - len(lead) - len(closing)  # room left for prompt and answers
+    if budget < 1:
+        raise UserError(f"max_seq_length {max_seq_length} leaves no room for an answer beside the "
+                        f"{len(lead) + len(closing)} tokens that open and close a sample")
     truncated = len(prompt) + len(response) > budget
     if truncated:
-        response = response[:max(budget - len(prompt), min(len(response), 1))]
-        prompt_room = budget - len(response)  # <= len(prompt) here
-        prompt = prompt[len(prompt) - prompt_room:]
-    prompt = [tokenizer.bos_id] + prompt
-    input_ids = prompt + response + [tokenizer.eos_id]
-    labels = [IGNORE_INDEX] * len(prompt) + input_ids[len(prompt):] if mask_prompt else input_ids
+        keep = max(budget - len(prompt), min(len(response), 1))
+        response, response_learned = response[:keep], response_learned[:keep]
+        prompt = prompt[len(prompt) - (budget - len(response)):]  # its start goes, its end stays
+    prompt = lead + prompt
+    input_ids = prompt + response + closing
+    if not mask_prompt:
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(input_ids)}, truncated
+    answers = [token if keep else IGNORE_INDEX for token, keep in zip(response, response_learned)]
+    labels = [IGNORE_INDEX] * len(prompt) + answers + closing
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}, truncated
+
+
+def encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Token ids of the joined ``segments`` and, per token, whether its segment is learned.
+
+    Each segment's tokens are those that tokenizing the text so far adds; where that would change the tokens
+    before it (a token spanning the boundary), the segment is tokenized on its own.
+    """
+    ids, learned, text = [], [], ""
+    for piece, learn in segments:
+        text += piece
+        so_far = tokenizer.encode(text, bos=False).tolist()
+        new = so_far[len(ids):] if so_far[:len(ids)] == ids else tokenizer.encode(piece, bos=False).tolist()
+        ids += new
+        learned += [learn] * len(new)
+    return ids, learned
+
+
+def split_chat_closing(ids: list[int], learned: list[bool],
+                       tokenizer: Tokenizer) -> tuple[list[int], list[bool], list[int]]:
+    """A chat sample without its trailing turns that hold no answer, cut before its closing: the last answer's
+    end-of-turn token and what the template writes after it (EOS where the answer has no stop token)."""
+    answers = [i for i, learn in enumerate(learned) if learn]
+    ids, learned = ids[:answers[-1] + 1], learned[:answers[-1] + 1]
+    stops = [i for i in answers if ids[i] in tokenizer.stop_ids]
+    end = stops[-1] if stops else len(ids)
+    return ids[:end], learned[:end], ids[end:] or [tokenizer.eos_id]
 
 
 def check_max_seq_length(max_seq_length: int) -> None:
@@ -172,19 +253,21 @@ def check_max_seq_length(max_seq_length: int) -> None:
                         f"got {max_seq_length}")
 
 
-def prepare_alpaca(records: Sequence[dict[str, str]], tokenizer: Tokenizer, destination_dir: Path,
+def prepare_alpaca(records: Sequence[dict], tokenizer: Tokenizer, destination_dir: Path,
                    val_size: int = 2000, seed: int = 42, max_seq_length: int = 512, mask_prompt: bool = True,
-                   source: Optional[Path] = None) -> dict[str, Any]:
-    """Tokenize ``records``, split them at random into ``train.pt`` and ``val.pt`` (``val_size`` samples) in
-    ``destination_dir`` with a ``prep_config.yaml`` describing them; print length statistics and return that config."""
+                   source: Optional[Path] = None, style: PromptStyle = "alpaca") -> dict[str, Any]:
+    """Tokenize ``records`` in prompt ``style``, split them at random into ``train.pt`` and ``val.pt`` (``val_size``
+    samples) in ``destination_dir`` with a ``prep_config.yaml`` describing them; print length statistics and return
+    that config."""
     check_max_seq_length(max_seq_length)  # before tokenizing anything
+    check_prompt_style(style)
     if not 0 <= val_size <= len(records) - 1:
         raise UserError(f"val_size={val_size} does not fit {source or 'the data'}: it has {len(records)} records, "
                         f"so val_size must lie in [0, {len(records) - 1}] (training needs at least one)")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     samples, truncated = [], 0
     for index in tqdm(order, desc="tokenizing", unit=" samples"):
-        sample, was_truncated = tokenize_sample(records[index], tokenizer, max_seq_length, mask_prompt)
+        sample, was_truncated = tokenize_sample(records[index], tokenizer, max_seq_length, mask_prompt, style)
         samples.append(sample)
         truncated += was_truncated
     destination_dir = Path(destination_dir)
@@ -199,6 +282,7 @@ def prepare_alpaca(records: Sequence[dict[str, str]], tokenizer: Tokenizer, dest
         "seed": seed,
         "max_seq_length": max_seq_length,
         "mask_prompt": mask_prompt,
+        "prompt_style": style,
         "ignore_index": IGNORE_INDEX,
         "tokenizer": _describe_tokenizer(tokenizer),
         "lengths": lengths,
@@ -367,6 +451,11 @@ class AlpacaDataModule(L.LightningDataModule):
                                 f"(with --destination_dir {self.data_dir})")
         self.splits = {name: torch_load(self.data_dir / f"{name}.pt") for name in SPLITS}
         self.prep_config = yaml.safe_load((self.data_dir / PREP_CONFIG_FILE).read_text())
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """The prompt style the data was prepared in (data from before styles existed: alpaca)."""
+        return check_prompt_style(self.prep_config.get("prompt_style", "alpaca"))
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` batches."""

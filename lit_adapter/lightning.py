@@ -23,9 +23,10 @@ from lit_adapter.checkpoint import check_can_create, load_config, load_model, sa
 from lit_adapter.cli import exit_on_user_error
 from lit_adapter.data import AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
+from lit_adapter.prompts import PromptStyle
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training import (ADAPTER_FILE, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
+from lit_adapter.training import (ADAPTER_FILE, AdapterArgs, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
                                   build_optimizer, build_scheduler, check_data_fits, loss_fn,
                                   prepare_for_training, sample_response)
 
@@ -45,7 +46,8 @@ class AdapterModule(L.LightningModule):
 
     def __init__(self, checkpoint_dir: Path = Path("checkpoints/stories260K"), out_dir: Optional[Path] = None,
                  compile: Optional[bool] = None, activation_checkpointing: bool = False,
-                 train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs()) -> None:
+                 adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(),
+                 eval: EvalArgs = EvalArgs()) -> None:
         """
         Args:
             checkpoint_dir: Converted base model (scripts/convert_checkpoint.py): model.safetensors,
@@ -54,6 +56,7 @@ class AdapterModule(L.LightningModule):
                 e.g. out/adapter_trainer/alpaca/logs/version_0).
             compile: Compile each transformer block with torch.compile (default: on GPU).
             activation_checkpointing: Recompute each block's activations in the backward pass (less memory, slower).
+            adapter: The adapter's shape: prompt vectors per layer and the first adapted layer.
             train: Optimisation hyperparameters. The trainer's gradient accumulation is
                 global_batch_size / (micro_batch_size x devices), its gradient clipping max_grad_norm.
             eval: Validation settings (every eval.interval optimizer steps and at the end).
@@ -63,13 +66,14 @@ class AdapterModule(L.LightningModule):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
+        self.adapter_args = adapter
         self.train_args = train
         self.eval_args = eval
         # plain types only, so that a checkpoint loads with torch.load(weights_only=True)
         self.save_hyperparameters({
             "checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if out_dir is None else str(out_dir),
             "compile": compile, "activation_checkpointing": activation_checkpointing,
-            "train": asdict(train), "eval": asdict(eval)})
+            "adapter": asdict(adapter), "train": asdict(train), "eval": asdict(eval)})
         # checkpoints hold the adapter only: the frozen base comes from checkpoint_dir (see on_load_checkpoint)
         self.strict_loading = False
         self.model: Optional[AdapterGPT] = None
@@ -92,7 +96,9 @@ class AdapterModule(L.LightningModule):
         root_device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         sharded = self.device_mesh is not None
         # FSDP: every rank loads the (memory-mapped) base on the CPU and keeps only its shard
-        model = load_model(self.checkpoint_dir, adapter=True, device="cpu" if sharded else root_device, dtype=dtype)
+        config = self.adapter_args.apply(load_config(self.checkpoint_dir))
+        model = load_model(self.checkpoint_dir, adapter=True, config=config, device="cpu" if sharded else root_device,
+                           dtype=dtype)
         compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
         self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
         if sharded:
@@ -113,6 +119,12 @@ class AdapterModule(L.LightningModule):
             check_data_fits(datamodule, self.tokenizer, load_config(self.checkpoint_dir))
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """The prompt style of the prepared data (alpaca without a data module)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        return datamodule.prompt_style if isinstance(datamodule, AlpacaDataModule) else "alpaca"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -211,7 +223,8 @@ class AdapterModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         instruction = self.eval_args.instruction
-        response = sample_response(self.model, self.tokenizer, instruction, self.eval_args.max_new_tokens)
+        response = sample_response(self.model, self.tokenizer, instruction, self.eval_args.max_new_tokens,
+                                   self.prompt_style)
         self.print(f"\nstep {self.global_step}: val loss {val_loss.item():.4f}\n{instruction}\n> {response}")
 
     # ------------------------------------------------------------------------------------------ files
@@ -221,7 +234,7 @@ class AdapterModule(L.LightningModule):
         adapter, _ = adapter_and_optimizer_state(self.model, self.trainer.optimizers[0])
         directory = self.out_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, state_dict=adapter)
+            save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter)
         self.trainer.strategy.barrier()
         self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
 

@@ -27,6 +27,8 @@ class Tokenizer:
             raise UserError(f"{path} is not a SentencePiece model: {err}") from None
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
+        self.add_bos = True
+        self.stop_ids = frozenset({self.eos_id})
 
     @property
     def vocab_size(self) -> int:

@@ -34,7 +34,7 @@ from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT
-from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.prompts import PromptStyle, adds_bos, format_prompt, user_message
 from lit_adapter.strategies import Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy
 from lit_adapter.tokenizer import Tokenizer
 
@@ -68,6 +68,26 @@ class TrainArgs:
     """Clip the adapter's gradient norm to this (None: no clipping)."""
     log_interval: int = 1
     """Log training metrics every this many optimizer steps."""
+
+
+@dataclass
+class AdapterArgs:
+    """The adapter's shape (recorded in the adapter file)."""
+
+    prompt_length: Optional[int] = None
+    """Learnable prompt vectors per adapted layer. Default: the base's model_config.yaml (conversion: the paper's 10)."""
+    start_layer: Optional[int] = None
+    """First adapted layer; the layers from it to the top get prompts. Default: the base's model_config.yaml, which
+    conversion sets to the paper's share (the top 30 of 32 layers) scaled to the model's depth."""
+
+    def apply(self, config: Config) -> Config:
+        """``config`` with this adapter shape; a shape that does not fit the model is refused."""
+        if self.prompt_length is not None and self.prompt_length < 1:
+            raise UserError(f"--adapter.prompt_length must be at least 1, got {self.prompt_length}")
+        if self.start_layer is not None and not 0 <= self.start_layer < config.n_layer:
+            raise UserError(f"--adapter.start_layer must lie in [0, {config.n_layer - 1}] for this "
+                            f"{config.n_layer}-layer model, got {self.start_layer}")
+        return config.with_adapter(self.prompt_length, self.start_layer)
 
 
 @dataclass
@@ -137,13 +157,14 @@ def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def save_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, progress: dict, config: Config, hparams: dict, is_rank_zero: bool) -> None:
+                        scheduler: Any, progress: dict, config: Config, hparams: dict, is_rank_zero: bool,
+                        prompt_style: PromptStyle) -> None:
     """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically)."""
     adapter, optimizer_state = adapter_and_optimizer_state(model, optimizer)
     if not is_rank_zero:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    save_adapter(directory / ADAPTER_FILE, model, config, state_dict=adapter)
+    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter)
     save_hparams(directory, hparams)
     state = {
         "adapter": adapter,
@@ -153,6 +174,7 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
         "rng": {"cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "model_config": asdict(config),
+        "prompt_style": prompt_style,
     }
     with atomic_path(directory / STATE_FILE) as tmp:
         torch.save(state, tmp)
@@ -227,13 +249,15 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_tokens: int) -> str:
-    """The model's greedy answer to ``instruction`` in the Alpaca template (the KV cache is freed after).
+def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_tokens: int,
+                    style: PromptStyle = "alpaca") -> str:
+    """The model's greedy answer to ``instruction`` in prompt ``style`` (the KV cache is freed after).
 
     It runs eagerly even when the blocks are compiled for training: a short sample is not worth new graphs, and
     they would use up the compiler's recompilation budget that varying training lengths need.
     """
-    prompt = tokenizer.encode(alpaca_prompt(instruction), bos=True)
+    text = format_prompt(style, tokenizer, [user_message(instruction)])
+    prompt = tokenizer.encode(text, bos=adds_bos(style, tokenizer))
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.numel())
     if max_new_tokens < 1:
         return ""
@@ -332,7 +356,7 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
 
     def save(directory: Path) -> None:
         save_training_state(directory, raw_model, optimizer, scheduler, progress, raw_model.config, hparams,
-                            fabric.is_global_zero)
+                            fabric.is_global_zero, data.prompt_style)
         fabric.barrier()
 
     tokens, started = 0, time.perf_counter()
@@ -360,7 +384,7 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                 tokens, started = 0, time.perf_counter()
             bar.update(1)
             if step % eval.interval == 0 or step == total_steps:
-                evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, step)
+                evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, step, data.prompt_style)
             if step < total_steps:
                 stopping = fabric.strategy.reduce_boolean_decision(stop.requested, all=False)
                 if stopping or step % save_interval == 0:
@@ -391,12 +415,12 @@ def diverged_message(loss: float, step: int, out_dir: Path) -> str:
 
 
 def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tokenizer: Tokenizer,
-             eval: EvalArgs, step: int) -> None:
+             eval: EvalArgs, step: int, style: PromptStyle) -> None:
     """Log the validation loss and print the greedy response to the fixed instruction."""
     val_loss = validate(fabric, model, val_loader, eval.max_batches)
     fabric.log_dict({"val_loss": val_loss}, step=step)
     raw_model.eval()
-    response = sample_response(raw_model, tokenizer, eval.instruction, eval.max_new_tokens)
+    response = sample_response(raw_model, tokenizer, eval.instruction, eval.max_new_tokens, style)
     raw_model.train()
     fabric.print(f"\nstep {step}: val loss {val_loss:.4f}\n{eval.instruction}\n> {response}")
 
@@ -406,7 +430,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
          strategy: StrategyName = "auto", precision: Optional[Precision] = None,
          resume: Union[bool, Literal["auto"], Path] = False, save_interval: int = 1000, seed: int = 1337,
          compile: Optional[bool] = None, activation_checkpointing: bool = False,
-         train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs()) -> None:
+         adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs()) -> None:
     """Fine-tune a LLaMA-Adapter on prepared Alpaca data with Lightning Fabric.
 
     Args:
@@ -424,6 +448,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         seed: Random seed (data order and adapter initialisation).
         compile: Compile each transformer block with torch.compile (default: on GPU).
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory, slower).
+        adapter: The adapter's shape: prompt vectors per layer and the first adapted layer.
         train: Optimisation hyperparameters.
         eval: Validation settings.
     """
@@ -437,8 +462,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     accumulation_steps(train, devices)
     check_can_create(out_dir, "--out_dir")
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
-    hparams = {k: (asdict(v) if isinstance(v, (TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
+    hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
+    config = adapter.apply(load_config(checkpoint_dir))  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
 
     try:
@@ -455,7 +481,6 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
     data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed, pad_to_multiple_of=8)
     data.setup()
-    config = load_config(checkpoint_dir)
     check_data_fits(data, tokenizer, config)
 
     device = torch.device("cpu") if strategy == "fsdp" else fabric.device

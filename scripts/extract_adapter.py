@@ -35,7 +35,7 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
         raise UserError(f"{state_path} holds an unreadable model config: {err}") from None
     check_state_dict(AdapterGPT, config, shapes_of(state["adapter"]), source=str(state_path), only_adapter=True)
     output_path = Path(output_path) if output_path is not None else state_path.parent / ADAPTER_FILE
-    save_adapter(output_path, None, config, state_dict=state["adapter"])
+    save_adapter(output_path, None, config, state.get("prompt_style", "alpaca"), state_dict=state["adapter"])
     print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in state['adapter'].values()):,} parameters) "
           f"to {output_path}")
 

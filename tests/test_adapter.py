@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from lit_adapter.adapter import (AdapterAttention, AdapterGPT, adapter_state_dict, mark_only_adapter_trainable,
                                  num_trainable_params)
-from lit_adapter.checkpoint import (ADAPTER_FORMAT, WEIGHTS_FILE, adapter_config, load_adapter, load_model,
+from lit_adapter.checkpoint import (ADAPTER_FORMAT, WEIGHTS_FILE, adapter_config, adapter_prompt_style, load_adapter, load_model,
                                     save_adapter, save_checkpoint_dir)
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.errors import UserError
@@ -115,7 +115,9 @@ def test_llama_2_70b_trainable_parameters():
     with torch.device("meta"):
         model = AdapterGPT(Config.from_name("llama-2-70b"))
     mark_only_adapter_trainable(model)
-    assert num_trainable_params(model) == 78 * (10 * 8192 + 64)
+    # the paper's share of adapted layers (30 of 32) scaled to 80 layers: the top 75
+    assert model.config.adapter_start_layer == 5
+    assert num_trainable_params(model) == 75 * (10 * 8192 + 64)
 
 
 # ---------------------------------------------------------------- gradients while alternating train / generate
@@ -227,8 +229,9 @@ def trained_adapter(config=TINY, seed=1):
 def test_adapter_file_round_trip_is_exact(tmp_path):
     model = trained_adapter()
     path = tmp_path / "adapter.safetensors"
-    save_adapter(path, model, TINY, extra_metadata={"step": "12"})
+    save_adapter(path, model, TINY, prompt_style="chat")
     assert set(load_file(path)) == adapter_names(TINY)
+    assert adapter_prompt_style(path) == "chat"
 
     assert adapter_config(path, Config.from_name("tiny", adapter_prompt_length=10, adapter_start_layer=0)) == TINY
     other = random_model(AdapterGPT, TINY, seed=2)

@@ -23,7 +23,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from lit_adapter.config import Config
 from lit_adapter.data import (IGNORE_INDEX, AlpacaDataModule, LengthGroupedBatchSampler, collate, download_alpaca,
-                              load_alpaca_records, padding_fraction, prepare_alpaca, tokenize_sample)
+                              load_records, padding_fraction, prepare_alpaca, tokenize_sample)
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.tokenizer import Tokenizer
@@ -41,7 +41,7 @@ def tokenizer(path: Path) -> Tokenizer:
 
 @cache
 def real_records(path: Path) -> list[dict[str, str]]:
-    records, problems = load_alpaca_records(path, skip_bad_records=True)
+    records, problems = load_records(path, skip_bad_records=True)
     assert len(records) == GOOD_RECORDS and len(problems) == 1
     return records
 
@@ -66,8 +66,8 @@ def split_sample(sample: dict[str, torch.Tensor]) -> tuple[list[int], list[int],
 
 def test_real_records_load_with_the_empty_output_reported(alpaca_json):
     with pytest.raises(UserError, match=rf"{alpaca_json}: record {EMPTY_OUTPUT_RECORD} has an empty 'output'"):
-        load_alpaca_records(alpaca_json)
-    records, problems = load_alpaca_records(alpaca_json, skip_bad_records=True)
+        load_records(alpaca_json)
+    records, problems = load_records(alpaca_json, skip_bad_records=True)
     assert len(records) == GOOD_RECORDS
     assert problems == [f"record {EMPTY_OUTPUT_RECORD} has an empty 'output' (nothing to learn)"]
     assert records[0]["instruction"] == "Give three tips for staying healthy."
@@ -94,7 +94,7 @@ def test_bad_files_name_the_file_and_record(tmp_path, content, fragments):
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(UserError) as err:
-        load_alpaca_records(path)
+        load_records(path)
     message = str(err.value)
     assert str(path) in message and "\n" not in message
     for fragment in fragments:
@@ -107,26 +107,26 @@ def test_truncated_real_file_names_the_broken_record(tmp_path, alpaca_json):
     path = tmp_path / "truncated.json"
     path.write_text(text[:record_starts[200] + 40])
     with pytest.raises(UserError, match=r"truncated\.json is not valid JSON .*, in record 200\)"):
-        load_alpaca_records(path)
+        load_records(path)
 
 
 def test_missing_file_and_missing_input(tmp_path):
     with pytest.raises(UserError, match="nothere.json not found"):
-        load_alpaca_records(tmp_path / "nothere.json")
+        load_records(tmp_path / "nothere.json")
     path = tmp_path / "no_input.json"
     path.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!", "extra": 1}]))
-    assert load_alpaca_records(path) == ([{"instruction": "Say hi.", "input": "", "output": "Hi!"}], [])
+    assert load_records(path) == ([{"instruction": "Say hi.", "input": "", "output": "Hi!"}], [])
 
 
 def test_skip_bad_records_counts_and_skips(tmp_path):
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps([GOOD, [1], {**GOOD, "output": ""}, GOOD, {"output": "x"}]))
-    records, problems = load_alpaca_records(path, skip_bad_records=True)
+    records, problems = load_records(path, skip_bad_records=True)
     assert records == [GOOD, GOOD]
     assert [p.split(" ")[1] for p in problems] == ["1", "2", "4"]
     path.write_text(json.dumps([[1], {"output": ""}]))
     with pytest.raises(UserError, match="no usable records \\(2 bad ones skipped\\)"):
-        load_alpaca_records(path, skip_bad_records=True)
+        load_records(path, skip_bad_records=True)
 
 
 # --- tokenization -------------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def test_first_real_record_reads_as_the_alpaca_template(alpaca_json, llama_token
 def test_response_is_tokenized_alone_where_a_token_would_span_the_prompt_end():
     class MergingTokenizer:
         """One token per character, except that a newline and the character after it make one token."""
-        bos_id, eos_id = 1, 2
+        bos_id, eos_id, add_bos = 1, 2, True
         vocab: dict[str, int] = {}
 
         def encode(self, text: str, bos: bool = False) -> torch.Tensor:
