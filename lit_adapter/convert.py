@@ -410,3 +410,28 @@ def _tensor_dict(value: Any, path: Path) -> StateDict:
     return value
 
 
+
+
+# ---- the Hugging Face Hub
+
+HF_DOWNLOAD_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+"""What conversion reads of a Hub repository (PyTorch .bin weights are left out where safetensors exist)."""
+
+
+def download_hf(repo_id: str, output_dir: Path, revision: Optional[str] = None, token: Optional[str] = None) -> None:
+    """Download what ``convert_hf`` needs of a Hub repository into ``output_dir`` (resumable; files appear whole)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        snapshot_download(repo_id, revision=revision, token=token, local_dir=output_dir,
+                          allow_patterns=list(HF_DOWNLOAD_PATTERNS))
+    except GatedRepoError:
+        raise UserError(f"{repo_id} is gated: accept its license on its Hub page, then pass --token or set HF_TOKEN") \
+            from None
+    except RepositoryNotFoundError:
+        raise UserError(f"no Hub repository {repo_id} (or it is private: pass --token)") from None
+    except (HfHubHTTPError, OSError) as err:
+        raise UserError(f"could not download {repo_id} ({str(err).splitlines()[0]}); without network, copy the "
+                        "model's folder here and pass it to scripts/convert_checkpoint.py") from None
