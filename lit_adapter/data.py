@@ -360,7 +360,7 @@ class EpochMicroBatchSampler(Sampler[Step]):
     def __iter__(self) -> Iterator[Step]:
         resume_epoch, skip = self._resume_at
         skip = skip if self.epoch == resume_epoch else 0
-        items = ((batch, tokens) for step in range(self.plan.first_step(self.epoch), self.plan.first_step(self.epoch + 1))
+        items = (([batch], tokens) for step in range(self.plan.first_step(self.epoch), self.plan.first_step(self.epoch + 1))
                  for batches, tokens in [self.plan.step(step)] for batch in batches)
         return itertools.islice(items, skip, None)
 
@@ -474,7 +474,7 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def train_steps(self, start_step: int = 0) -> DataLoader:
         """This rank's optimizer steps from ``start_step`` on, without end: ``([(input_ids, targets)...], tokens)``."""
-        return self._loader(self.splits["train"], StepSampler(self.plan(), start_step))
+        return self._loader(StepSampler(self.plan(), start_step))
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
         """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` micro-batches."""
@@ -483,7 +483,7 @@ class AlpacaDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The Trainer's epochs, a micro-batch at a time: ``([(input_ids, targets)], step_tokens)``."""
         epoch, skip = self._resume_at
-        return self._loader(self.splits["train"], EpochMicroBatchSampler(self.plan(), epoch, skip))
+        return self._loader(EpochMicroBatchSampler(self.plan(), epoch, skip))
 
     def val_dataloader(self) -> DataLoader:
         """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
@@ -496,8 +496,8 @@ class AlpacaDataModule(L.LightningDataModule):
                           collate_fn=partial(collate, pad_to_multiple_of=self.pad_to_multiple_of),
                           pin_memory=torch.cuda.is_available())
 
-    def _loader(self, samples: list[Sample], sampler: Sampler[Step]) -> DataLoader:
-        return DataLoader(StepData(samples, self.pad_to_multiple_of), sampler=sampler, batch_size=None,
+    def _loader(self, sampler: Sampler[Step]) -> DataLoader:
+        return DataLoader(StepData(self.splits["train"], self.pad_to_multiple_of), sampler=sampler, batch_size=None,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
