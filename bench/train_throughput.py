@@ -1,155 +1,198 @@
 """Adapter fine-tuning speed through the project's own training step (the code finetune/adapter.py runs).
 
-    python bench/train_throughput.py --preset llama-7b --micro_batch_size 4 --seq_length 512
-    python bench/train_throughput.py --alpaca true --micro_batch_size 16
+    python bench/train_throughput.py --preset llama-7b --micro_batch_size 4 --seq_length 512               # fixed
+    python bench/train_throughput.py --preset llama-7b --micro_batch_size 4 --seq_length 512 --precision fp8-base
+    python bench/train_throughput.py --alpaca true --global_batch_size 64 --micro_batch_tokens 8192          # recipe
+    python bench/train_throughput.py --quality true --preset stories15M                  # FP8 vs bf16 val loss
+    CPU smoke: add --accelerator cpu --preset tiny --compile false (and small --steps/--runs/--dataset_size).
+
+The Alpaca mode writes a prepared data set of ``dataset_size`` samples drawn from the real records (their length
+distribution) and trains on it through ``AlpacaDataModule.train_steps`` and ``training.accumulate_gradients``:
+optimizer steps of ``global_batch_size`` samples in token-budget micro-batches, as the recipe runs.
 """
 
-import itertools
-import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import matmul_tflops, median, random_model  # noqa: E402
+from bench.common import median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.data import LengthGroupedBatchSampler, collate, tokenize_sample  # noqa: E402
-from lit_adapter.adapter import AdapterGPT  # noqa: E402
-from lit_adapter.checkpoint import keep_adapter_float32  # noqa: E402
-from lit_adapter.strategies import StrategyName, fabric_precision, fabric_strategy  # noqa: E402
+from lit_adapter.data import PREP_CONFIG_FILE, AlpacaDataModule, load_records, tokenize_sample  # noqa: E402
+from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
+from lit_adapter.strategies import Precision, fabric_precision  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
-from lit_adapter.training import TrainArgs, accumulate_gradients, apply_gradients, setup_training  # noqa: E402
+from lit_adapter.training import (TrainArgs, accumulate_gradients, apply_gradients, setup_training,  # noqa: E402
+                                  validate)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DENSE_BF16_PEAK = 989e12  # H100 and H200 SXM
-ALPACA_SAMPLES, EPOCHS = 52_002, 5
+ALPACA_SAMPLES = 52_002
+Step = tuple[list[tuple[torch.Tensor, torch.Tensor]], int]
 
 
-def random_batches(vocab_size: int, micro_batch_size: int, seq_length: int):
-    """Endless (input_ids, targets) of random tokens, every position learned, in pinned memory like the loader's."""
+def random_steps(vocab_size: int, micro_batch_size: int, seq_length: int) -> Iterator[Step]:
+    """Endless one-micro-batch steps of random tokens, every position learned."""
     while True:
-        yield tuple(torch.randint(0, vocab_size, (micro_batch_size, seq_length)).pin_memory() for _ in range(2))
+        yield [tuple(torch.randint(0, vocab_size, (micro_batch_size, seq_length)) for _ in range(2))], \
+            micro_batch_size * seq_length
 
 
-def alpaca_batches(data_file: Path, tokenizer_path: Path, micro_batch_size: int, max_seq_length: int,
-                   dataset_size: int):
-    """Endless collated batches of real Alpaca records, grouped by length as training does; also the mean length.
-
-    The records are drawn (with a fixed seed) up to ``dataset_size`` samples, so the batching sees a data set of
-    the real one's size and length distribution.
-    """
+def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_length: int, dataset_size: int,
+                vocab_size: int) -> Path:
+    """A prepared data set in ``directory``: ``dataset_size`` samples drawn (fixed seed) from the real records,
+    token ids folded into the model's vocabulary; 2,000 (or 5%) of them for validation."""
     tokenizer = Tokenizer(tokenizer_path)
-    records = [r for r in json.loads(data_file.read_text()) if r["output"]]
+    records, _ = load_records(data_file, skip_bad_records=True)
     real = [tokenize_sample(r, tokenizer, max_seq_length)[0] for r in records]
+    real = [{k: torch.where(v >= 0, v % vocab_size, v) for k, v in s.items()} for s in real]
     draws = torch.randint(0, len(real), (dataset_size,), generator=torch.Generator().manual_seed(0)).tolist()
-    samples = [real[i] for i in draws]
-    sampler = LengthGroupedBatchSampler([len(s["input_ids"]) for s in samples], micro_batch_size)
-    mean_length = sum(len(s["input_ids"]) - 1 for s in samples) / len(samples)
-
-    def batches():
-        for epoch in itertools.count():
-            sampler.set_epoch(epoch)
-            for indices in sampler:
-                yield tuple(t.pin_memory() for t in collate([samples[i] for i in indices], pad_to_multiple_of=8))
-
-    return batches(), mean_length
+    samples, val_size = [real[i] for i in draws], min(2000, dataset_size // 20)
+    torch.save(samples[val_size:], directory / "train.pt")
+    torch.save(samples[:val_size], directory / "val.pt")
+    (directory / PREP_CONFIG_FILE).write_text(yaml.safe_dump({"tokenizer": {}}))
+    return directory
 
 
-def build_model(config: Config, strategy: str) -> torch.nn.Module:
-    """Random weights: built directly on the GPU, or for FSDP on the meta device, each rank filling its shard."""
-    if strategy != "fsdp":
-        return random_model(config, adapter=True)
-    with torch.device("meta"):
-        model = AdapterGPT(config)
-    model.to(torch.bfloat16)
-    keep_adapter_float32(model)
+def build(config: Config, precision: Precision, device: str, seed: int = 0) -> torch.nn.Module:
+    """A random-weight adapter model (the same weights for the same seed), FP8 base where asked."""
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if precision in ("bf16-true", "fp8-base") else torch.float32
+    model = random_model(config, adapter=True, device=device, dtype=dtype)
+    if precision == "fp8-base":
+        quantize_frozen_linears(model)
     return model
 
 
-def main(preset: str = "llama-7b", micro_batch_size: int = 4, seq_length: int = 512, compile: bool = True,
-         activation_checkpointing: bool = False, alpaca: bool = False,
+def timed(step: Callable[[], tuple[int, int]], warmup_steps: int, steps: int, runs: int,
+          sync: Callable[[], None]) -> tuple[list[float], list[float], float]:
+    """Padded and real tokens/s of each timed run, and the warm-up's seconds."""
+    started = time.perf_counter()
+    for _ in range(warmup_steps):
+        step()
+    sync()
+    warmup = time.perf_counter() - started
+    rates, real_rates = [], []
+    for _ in range(runs):
+        sync()
+        start = time.perf_counter()
+        counts = [step() for _ in range(steps)]
+        sync()
+        elapsed = time.perf_counter() - start
+        rates.append(sum(c[0] for c in counts) / elapsed)
+        real_rates.append(sum(c[1] for c in counts) / elapsed)
+    return rates, real_rates, warmup
+
+
+def main(preset: str = "llama-7b", precision: Precision = "bf16-true", micro_batch_size: Optional[int] = 4,
+         seq_length: int = 512, alpaca: bool = False, global_batch_size: int = 64,
+         micro_batch_tokens: Optional[int] = None, quality: bool = False, compile: bool = True,
+         activation_checkpointing: bool = False, accelerator: str = "cuda",
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json",
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
-         warmup_steps: int = 10, steps: int = 10, runs: int = 5, devices: int = 1,
-         strategy: StrategyName = "auto") -> None:
-    """Measure adapter training tokens/s (bf16-true, AdamW, random weights) on one GPU.
+         warmup_steps: int = 10, steps: int = 10, runs: int = 5, quality_steps: int = 200,
+         eval_interval: int = 25) -> None:
+    """Measure adapter training tokens/s on one device (random weights, AdamW), or FP8-vs-bf16 quality.
 
     Args:
         preset: Model preset (lit_adapter.config.PRESETS).
-        micro_batch_size: Samples per step.
-        seq_length: Tokens per sample (fixed-length mode).
+        precision: "bf16-true", or "fp8-base" (the blocks' linear weights in float8, FP8 matmuls).
+        micro_batch_size: Samples per micro-batch (fixed mode: the batch), or a cap with micro_batch_tokens.
+        seq_length: Tokens per sample (fixed mode); the longest sample (Alpaca mode).
+        alpaca: Alpaca-shaped data through the project's data pipeline and step instead of fixed shapes.
+        global_batch_size: Samples per optimizer step (Alpaca and quality modes).
+        micro_batch_tokens: Padded tokens per micro-batch (Alpaca and quality modes).
+        quality: Train the same random model on the same Alpaca-shaped data in bf16 and in FP8 and compare the
+            validation losses at every evaluation (and at step 0).
         compile: Compile blocks and loss, as finetune/adapter.py does by default on GPU.
-        activation_checkpointing: Recompute activations in the backward pass (the lean setting).
-        alpaca: Use real Alpaca records with the project's length-grouped batching instead of fixed lengths.
-        data_file: Alpaca JSON (alpaca mode).
-        tokenizer_path: LLaMA tokenizer (alpaca mode).
-        dataset_size: Samples drawn from the real records (alpaca mode): the full data set's size by default.
+        activation_checkpointing: Recompute activations in the backward pass.
+        accelerator: "cuda", or "cpu" for a smoke run.
+        data_file: Alpaca JSON whose records' lengths the synthesized data follow.
+        tokenizer_path: LLaMA tokenizer.
+        dataset_size: Samples of the synthesized data set (the full Alpaca's count by default).
         warmup_steps: Untimed steps first (compilation, allocator warm-up).
-        steps: Steps per timed run.
+        steps: Optimizer steps per timed run.
         runs: Timed runs; the median is reported.
-        devices: GPUs (one process each); tokens/s is reported per GPU and in total.
-        strategy: "auto", "ddp" or "fsdp" (FSDP2, the model built on the meta device and sharded before it is filled).
+        quality_steps: Optimizer steps of each quality run.
+        eval_interval: Steps between the quality runs' evaluations.
     """
     from lightning.fabric import Fabric
 
     config = Config.from_name(preset)
-    peak_rate = matmul_tflops() * 1e12
-    fabric = Fabric(accelerator="cuda", devices=devices, strategy=fabric_strategy(strategy, devices),
-                    **fabric_precision("bf16-true"))
-    fabric.launch()
-    torch.manual_seed(0)
-    model = build_model(config, strategy)
-    train = TrainArgs(micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size * devices)
-    model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
-    if alpaca:
-        batches, mean_length = alpaca_batches(data_file, tokenizer_path, micro_batch_size, seq_length, dataset_size)
-    else:
-        batches, mean_length = random_batches(config.vocab_size, micro_batch_size, seq_length), None
+    cuda = accelerator == "cuda"
+    fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision if cuda else "32-true"))
+    device = str(fabric.device)
+    train = TrainArgs(global_batch_size=global_batch_size if alpaca or quality else micro_batch_size,
+                      micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, learning_rate=2.25e-3,
+                      warmup_steps=1, max_grad_norm=None)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = None
+        if alpaca or quality:
+            alpaca_data(Path(tmp), data_file, tokenizer_path, seq_length, dataset_size, config.vocab_size)
+            data = AlpacaDataModule(Path(tmp), train.global_batch_size, micro_batch_size, micro_batch_tokens,
+                                    pad_to_multiple_of=8)
+        if quality:
+            return quality_run(fabric, config, data, train, compile, device, quality_steps, eval_interval)
+        model = build(config, precision, device)
+        model, optimizer, loss = setup_training(fabric, model, train, compile, activation_checkpointing)
+        steps_source = iter(data.train_steps()) if data else random_steps(config.vocab_size, micro_batch_size, seq_length)
 
-    def step() -> tuple[int, int]:
-        input_ids, targets = fabric.to_device(next(batches))
-        accumulate_gradients(fabric, model, [(input_ids, targets)], train_loss_fn)
-        apply_gradients(fabric, model, optimizer, train.max_grad_norm)
-        real = int((targets != -100).cumsum(1).argmax(1).add(1).sum()) if alpaca else input_ids.numel()
-        return input_ids.numel(), real
+        def step() -> tuple[int, int]:
+            batches, step_tokens = next(steps_source)
+            batches = fabric.to_device(batches)
+            accumulate_gradients(fabric, model, batches, step_tokens, loss)
+            apply_gradients(fabric, model, optimizer, train.max_grad_norm)
+            real = sum(int((t != -100).cumsum(1).argmax(1).add(1).sum()) for _, t in batches)
+            return sum(x.numel() for x, _ in batches), real
 
-    started = time.perf_counter()
-    for _ in range(warmup_steps):
-        step()
-    torch.cuda.synchronize()
-    warmup = time.perf_counter() - started
-    torch.cuda.reset_peak_memory_stats()
-    rates, real_rates = [], []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        counts = [step() for _ in range(steps)]
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        rates.append(sum(c[0] for c in counts) / elapsed)
-        real_rates.append(sum(c[1] for c in counts) / elapsed)
-    tokens_per_s, real_per_s = median(rates), median(real_rates)
-    flops_per_token = 4 * sum(p.numel() for n, p in model.named_parameters() if "adapter" not in n)
-    if not fabric.is_global_zero:
-        return
-
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, measured bf16 matmul {peak_rate / 1e12:.0f} TFLOP/s")
-    shape = f"alpaca, micro-batch {micro_batch_size}" if alpaca else f"{micro_batch_size} x {seq_length}"
-    print(f"{preset}, {shape}, compile={compile}, activation_checkpointing={activation_checkpointing}, "
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rates, real_rates, warmup = timed(step, warmup_steps, steps, runs, sync)
+    memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    shape = (f"Alpaca-shaped, {dataset_size:,} samples, steps of {global_batch_size}, micro-batches of "
+             f"<= {micro_batch_tokens} tokens / {micro_batch_size} samples") if alpaca else \
+        f"fixed {micro_batch_size} x {seq_length}"
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"\n{device_name}, torch {torch.__version__}, {preset}, {precision}, compile={compile}, "
           f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s)")
-    print(f"tokens/s per GPU  {tokens_per_s:10,.0f}   (runs {min(rates):,.0f} .. {max(rates):,.0f}), "
-          f"{devices} GPU(s) {strategy}: {tokens_per_s * devices:,.0f} in all")
-    print(f"MFU               {flops_per_token * tokens_per_s / DENSE_BF16_PEAK:10.1%} of 989 TFLOP/s, "
-          f"{flops_per_token * tokens_per_s / peak_rate:.1%} of measured")
-    print(f"peak memory       {torch.cuda.max_memory_allocated() / 2**30:10.2f} GiB (rank 0)")
-    if alpaca:
-        minutes = EPOCHS * ALPACA_SAMPLES * mean_length / real_per_s / 60
-        print(f"non-padding tok/s {real_per_s:10,.0f}   (padding {1 - real_per_s / tokens_per_s:.1%})")
-        print(f"5 epochs of Alpaca {minutes:9.1f} min   ({ALPACA_SAMPLES:,} samples x {mean_length:.0f} tokens mean)")
+    print(f"| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
+    print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
+          f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
+
+
+def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs, compile: bool, device: str,
+                total_steps: int, eval_interval: int) -> None:
+    """Train bf16 and FP8 from the same random weights on the same steps; print the validation losses."""
+    curves = {}
+    for precision in ("bf16-true", "fp8-base"):
+        model = build(config, precision, device)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("adapter_gate"):
+                    param.zero_()  # as fine-tuning starts: step 0 is the base model (in its precision)
+        model, optimizer, loss = setup_training(fabric, model, train, compile, False)
+        val = data.val_dataloader()
+        curve = {0: validate(fabric, model, val, 100)}
+        stream = iter(data.train_steps())
+        for step in range(1, total_steps + 1):
+            batches, step_tokens = next(stream)
+            accumulate_gradients(fabric, model, fabric.to_device(batches), step_tokens, loss)
+            apply_gradients(fabric, model, optimizer, None)
+            if step % eval_interval == 0:
+                curve[step] = validate(fabric, model, val, 100)
+        curves[precision] = curve
+    worst = max(abs(curves["fp8-base"][s] / curves["bf16-true"][s] - 1) for s in curves["bf16-true"])
+    print("\n| step | bf16 val loss | fp8 val loss | fp8 / bf16 - 1 |\n|---|---|---|---|")
+    for s, bf16 in curves["bf16-true"].items():
+        print(f"| {s} | {bf16:.4f} | {curves['fp8-base'][s]:.4f} | {curves['fp8-base'][s] / bf16 - 1:+.3%} |")
+    print(f"largest relative difference {worst:.3%} ({'within' if worst <= 0.01 else 'OUTSIDE'} the 1% gate)")
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ class AdapterAttention(CausalSelfAttention):
         nn.init.normal_(self.adapter_prompt)
         nn.init.zeros_(self.adapter_gate)
 
-    def prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the prompts, gate folded into the values: each (1, H, prompt_length, D)."""
-        weight = self.qkv.weight[self.q_size:]  # the frozen key and value projections
-        k, v = F.linear(self.adapter_prompt.to(weight.dtype), weight).split(self.kv_size, dim=-1)
+    def prompt_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the prompts (computed in ``dtype``), gate folded into the values: each
+        (1, H, prompt_length, D). They come from the layer's own frozen projection, whatever form it takes (FP8)."""
+        k, v = self.qkv(self.adapter_prompt.to(dtype))[:, self.q_size:].split(self.kv_size, dim=-1)
         heads = self.config.n_head
         k = k.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
         v = v.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
@@ -49,7 +49,7 @@ class AdapterAttention(CausalSelfAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         y = super().attend(q, k, v, mask)
         if self.kv_cache is None:
-            prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in self.prompt_kv())
+            prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in self.prompt_kv(q.dtype))
         else:
             prompt_k, prompt_v = self.generation_prompt_kv()
         return y + F.scaled_dot_product_attention(q, prompt_k, prompt_v)
@@ -63,7 +63,7 @@ class AdapterAttention(CausalSelfAttention):
         """
         if not self.prompt_cache_filled:
             with torch.no_grad():
-                k, v = self.prompt_kv()
+                k, v = self.prompt_kv(self.prompt_cache.k.dtype)
                 self.prompt_cache.k.copy_(k.expand_as(self.prompt_cache.k))
                 self.prompt_cache.v.copy_(v.expand_as(self.prompt_cache.v))
             self.prompt_cache_filled = True

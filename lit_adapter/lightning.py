@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
 from lit_adapter.checkpoint import check_can_create, load_config, load_model, save_adapter, torch_load
 from lit_adapter.cli import exit_on_user_error
-from lit_adapter.data import AlpacaDataModule, padding_fraction
+from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import PromptStyle
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
@@ -161,23 +161,23 @@ class AdapterModule(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip,
                                 gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        input_ids, targets = batch
-        loss = self.train_loss_fn(self.model(input_ids), targets)
+    def training_step(self, batch: tuple[list[tuple[torch.Tensor, torch.Tensor]], int], batch_idx: int) -> torch.Tensor:
+        """One micro-batch's part of the step loss (as ``training.accumulate_gradients``), scaled up by the
+        accumulation and the world size that the trainer and DDP/FSDP divide by."""
+        [(input_ids, targets)], step_tokens = batch
+        loss = self.train_loss_fn(self.model(input_ids), targets, "sum") / step_tokens
         self._loss_sum += loss.detach()
-        self._micro_batches += 1
         self._tokens += input_ids.numel()
-        return loss
+        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_train_start(self) -> None:
         self._reset_step_metrics()
         self._last_step = self.trainer.global_step
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The step's mean loss over its micro-batches and all ranks; a loss that is not finite stops the run before
+        """The step's loss over its micro-batches and all ranks; a loss that is not finite stops the run before
         the step is applied, so the adapter stays that of the last good step."""
-        mean = self._loss_sum / max(self._micro_batches, 1)
-        self._step_loss = self.trainer.strategy.reduce(mean, reduce_op="mean")
+        self._step_loss = self.trainer.strategy.reduce(self._loss_sum, reduce_op="sum")
         if not torch.isfinite(self._step_loss).item():
             raise UserError(f"the training loss is {self._step_loss.item()} at step {self.global_step + 1}; "
                             "stopped before applying it. Resume from a checkpoint of the run's checkpoints/ with "
@@ -193,7 +193,7 @@ class AdapterModule(L.LightningModule):
         self.log("train_loss", self._step_loss, prog_bar=True)
         self.log_dict({"learning_rate": self.lr_schedulers().get_last_lr()[0],
                        "tokens_per_s": self._tokens * self.trainer.world_size / elapsed,
-                       "padding_fraction": padding_fraction(batch)})
+                       "padding_fraction": padding_fraction(batch[0])})
         self._reset_step_metrics()
         if self.total_steps is not None and step >= self.total_steps:
             # the last step: stopping here makes the trainer validate once more before it ends
@@ -201,7 +201,6 @@ class AdapterModule(L.LightningModule):
 
     def _reset_step_metrics(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
-        self._micro_batches = 0
         self._tokens = 0
         self._started = time.perf_counter()
 
@@ -212,13 +211,15 @@ class AdapterModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         input_ids, targets = batch
-        self._val_losses.append(loss_fn(self.model(input_ids), targets))
+        self._val_losses.append(torch.stack([loss_fn(self.model(input_ids), targets, "sum"),
+                                             (targets != IGNORE_INDEX).sum().float()]))
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val_loss`` (mean over batches and ranks) and, on every rank, generate the sample response."""
-        losses = self._val_losses
-        mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=self.device)
-        val_loss = self.trainer.strategy.reduce(mean, reduce_op="mean")
+        """Log ``val_loss`` (per response token over batches and ranks, as ``training.validate``) and, on every
+        rank, generate the sample response."""
+        totals = sum(self._val_losses, torch.zeros(2, device=self.device))
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        val_loss = totals[0] / totals[1]
         self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
@@ -249,6 +250,7 @@ class AdapterModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         return {"world_size": self.trainer.world_size,
                 "micro_batch_size": getattr(datamodule, "micro_batch_size", None),
+                "global_batch_size": getattr(datamodule, "global_batch_size", None),
                 "seed": getattr(datamodule, "seed", None)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -312,6 +314,7 @@ class AdapterCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.train.micro_batch_size", "data.micro_batch_size")
+        parser.link_arguments("model.train.global_batch_size", "data.global_batch_size")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="Resume from this Lightning checkpoint (a .ckpt of a run's checkpoints/: adapter, "
                                  "optimizer, schedule and data position), with the same devices and batch sizes.")
@@ -325,6 +328,9 @@ class AdapterCLI(LightningCLI):
             raise UserError("model.eval.interval and model.eval.max_batches must be at least 1")
         if train.max_steps is not None and train.max_steps < 1:
             raise UserError("model.train.max_steps must be at least 1")
+        if train.micro_batch_tokens is not None:
+            raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
+                            "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
         check_can_create(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
         overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
@@ -349,9 +355,10 @@ class AdapterCLI(LightningCLI):
         if precision is None:
             on_gpu = config.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
             precision = "bf16-true" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-        if precision not in get_args(Precision):
+        if precision not in get_args(Precision) or precision == "fp8-base":
             raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
-                            f"{', '.join(get_args(Precision))}")
+                            f"{', '.join(p for p in get_args(Precision) if p != 'fp8-base')} (fp8-base: "
+                            "finetune/adapter.py)")
         overrides.update({"precision": None, **trainer_precision(precision)})
         if "plugins" in overrides and config.get("plugins"):
             plugins = config["plugins"]

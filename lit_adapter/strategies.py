@@ -1,7 +1,8 @@
 """Precision and distribution choices, one place for both Fabric and the Lightning Trainer.
 
 Precision names what the frozen base is stored and computed in; the adapter's parameters (and so the
-optimizer state) always stay float32. ``fsdp`` shards every block and the rest with FSDP2 (``fully_shard``)
+optimizer state) always stay float32. "fp8-base" is "bf16-true" with the blocks' linear layers stored in float8
+(``fp8.Fp8Linear``, Hopper GPUs only); embedding, norms, attention, head, adapter and loss stay as in bf16-true. ``fsdp`` shards every block and the rest with FSDP2 (``fully_shard``)
 through Lightning's ``ModelParallelStrategy``, which runs on GPUs and on CPUs alike.
 """
 
@@ -16,7 +17,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision as TrainerHalfPrec
 from lightning.pytorch.strategies import ModelParallelStrategy as TrainerModelParallel
 from torch.distributed.device_mesh import DeviceMesh
 
-Precision = Literal["bf16-true", "bf16-mixed", "32-true"]
+Precision = Literal["bf16-true", "bf16-mixed", "32-true", "fp8-base"]
 StrategyName = Literal["auto", "ddp", "fsdp"]
 
 
@@ -57,7 +58,17 @@ class TrainerFrozenHalfPrecision(TrainerHalfPrecision):
 
 def base_dtype(precision: Precision) -> torch.dtype:
     """The dtype the frozen base model is loaded in."""
-    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+    return torch.bfloat16 if precision in ("bf16-true", "fp8-base") else torch.float32
+
+
+def quantize_base(model: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
+    """Store the frozen blocks' linear layers in FP8 where ``precision`` asks for it (refused off Hopper GPUs)."""
+    if precision == "fp8-base":
+        from lit_adapter.fp8 import check_fp8_device, quantize_frozen_linears
+
+        check_fp8_device(device)
+        quantize_frozen_linears(model)
+    return model
 
 
 def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -85,7 +96,7 @@ def fabric_strategy(name: StrategyName, devices: int = 1) -> Union[str, FabricMo
 
 def fabric_precision(precision: Precision) -> dict:
     """Keyword arguments for ``Fabric`` that implement ``precision``."""
-    if precision == "bf16-true":
+    if precision in ("bf16-true", "fp8-base"):
         return {"plugins": FabricFrozenHalfPrecision("bf16-true")}
     return {"precision": precision}
 

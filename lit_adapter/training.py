@@ -11,7 +11,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,8 @@ from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT
 from lit_adapter.prompts import PromptStyle, adds_bos, format_prompt, user_message
-from lit_adapter.strategies import Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy
+from lit_adapter.strategies import (Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy,
+                                    quantize_base)
 from lit_adapter.tokenizer import Tokenizer
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -52,8 +53,11 @@ class TrainArgs:
     """Peak learning rate of AdamW."""
     global_batch_size: int = 64
     """Samples per optimizer step, over all devices (micro batches are accumulated to reach it)."""
-    micro_batch_size: int = 4
-    """Samples per forward/backward pass on one device."""
+    micro_batch_size: Optional[int] = 4
+    """Most samples per forward/backward pass on one device (None: no limit, with micro_batch_tokens)."""
+    micro_batch_tokens: Optional[int] = None
+    """Most padded tokens per forward/backward pass on one device: length-grouped micro-batches are filled up to it,
+    so short samples make large micro-batches (None: micro_batch_size alone sets them)."""
     epochs: int = 5
     """Passes over the training set."""
     max_steps: Optional[int] = None
@@ -104,9 +108,10 @@ class EvalArgs:
     """The fixed instruction whose greedy response is shown at each evaluation."""
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over the positions whose target is not ``IGNORE_INDEX``."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy over the positions whose target is not ``IGNORE_INDEX``: their mean, or "sum"."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
@@ -132,7 +137,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
 
 
 def accumulation_steps(args: TrainArgs, devices: int) -> int:
-    """Micro batches per optimizer step on each device: global batch / (micro batch x devices)."""
+    """Check the batch sizes; return the micro-batches per optimizer step on each device that a fixed
+    micro_batch_size gives (global batch / (micro batch x devices); with micro_batch_tokens they vary: 0)."""
+    if args.micro_batch_tokens is not None:
+        if args.micro_batch_tokens < 1 or (args.micro_batch_size or 1) < 1 or args.global_batch_size < 1:
+            raise UserError("train.micro_batch_tokens, train.micro_batch_size and train.global_batch_size must be "
+                            "at least 1")
+        if devices < 1 or args.global_batch_size % devices:
+            raise UserError(f"train.global_batch_size ({args.global_batch_size}) must be a multiple of devices ({devices})")
+        return 0
+    if args.micro_batch_size is None:
+        raise UserError("set train.micro_batch_size or train.micro_batch_tokens")
     per_step = args.micro_batch_size * devices
     if args.micro_batch_size < 1 or args.global_batch_size < 1 or devices < 1:
         raise UserError("train.micro_batch_size, train.global_batch_size and devices must be at least 1")
@@ -142,9 +157,9 @@ def accumulation_steps(args: TrainArgs, devices: int) -> int:
     return args.global_batch_size // per_step
 
 
-def planned_steps(args: TrainArgs, micro_batches_per_epoch: int, accumulate: int) -> int:
+def planned_steps(args: TrainArgs, train_samples: int) -> int:
     """Optimizer steps of the run: ``max_steps``, else as many as ``epochs`` passes over the data take."""
-    return args.max_steps or math.ceil(args.epochs * micro_batches_per_epoch / accumulate)
+    return args.max_steps or math.ceil(args.epochs * train_samples / args.global_batch_size)
 
 
 # ---------------------------------------------------------------------------------------------- training states
@@ -189,14 +204,14 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
                         data_layout: dict) -> dict:
     """Restore adapter, optimizer, scheduler and RNG from a training state file; return its progress.
 
-    The state's data position counts micro-batches per rank, so it only means the same with the same
-    ``data_layout`` (world size, micro batch size, seed); another one is refused.
+    The state's data position counts optimizer steps, so it only means the same with the same ``data_layout``
+    (global batch size, seed); another one is refused. Devices and micro-batches may change.
     """
     state = torch_load(path)
     saved_layout = {key: state["progress"].get(key) for key in data_layout}
     if saved_layout != data_layout:
         raise UserError(f"{path} was written with {saved_layout}, but this run has {data_layout}: resume with "
-                        "the same --devices, --train.micro_batch_size and --seed")
+                        "the same --train.global_batch_size and --seed")
     options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in the state
     try:
         keys = set_model_state_dict(model, state["adapter"], options=options)
@@ -270,42 +285,37 @@ def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
 
 
-def micro_batch_stream(data: AlpacaDataModule, epoch: int, skip: int) -> Iterator[tuple[int, int, tuple]]:
-    """(epoch, index in epoch, batch) of this rank's training micro-batches, epoch after epoch, from a position."""
-    data.resume_at(epoch, skip)
-    loader = data.train_dataloader()
-    while True:
-        loader.batch_sampler.set_epoch(epoch)
-        for index, batch in enumerate(loader, start=skip):
-            yield epoch, index, batch
-        epoch, skip = epoch + 1, 0
-
-
 @torch.no_grad()
 def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> float:
-    """Mean validation loss over at most ``max_batches`` micro-batches (and over all ranks)."""
+    """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together."""
     model.eval()
-    losses = []
+    totals = torch.zeros(2, device=fabric.device)
     for i, (input_ids, targets) in enumerate(loader):
         if i >= max_batches:
             break
         input_ids, targets = fabric.to_device((input_ids, targets))
-        losses.append(loss_fn(model(input_ids), targets))
+        totals += torch.stack([loss_fn(model(input_ids), targets, "sum"), (targets != IGNORE_INDEX).sum().float()])
     model.train()
-    mean = torch.stack(losses).mean() if losses else torch.tensor(float("nan"), device=fabric.device)
-    return fabric.all_reduce(mean, reduce_op="mean").item()
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    return (totals[0] / totals[1]).item()
 
 
 def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         train_loss_fn: Callable = loss_fn) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one optimizer step; their mean loss (not synchronised)."""
-    loss_sum = torch.zeros((), device=fabric.device)
+                         step_tokens: int, train_loss_fn: Callable = loss_fn) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches of one optimizer step; return this rank's part of the
+    step loss (not synchronised).
+
+    The step loss is the sum of the per-token losses over all micro-batches of all ranks divided by the step's
+    response tokens ``step_tokens``, whatever the micro-batches and devices. DDP and FSDP average the gradients over
+    the ranks, so each rank's backward is scaled up by the world size.
+    """
+    part = torch.zeros((), device=fabric.device)
     for i, (input_ids, targets) in enumerate(micro_batches):
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-            loss = train_loss_fn(model(input_ids), targets)
-            fabric.backward(loss / len(micro_batches))
-        loss_sum += loss.detach()
-    return loss_sum / len(micro_batches)
+            loss = train_loss_fn(model(input_ids), targets, "sum") / step_tokens
+            fabric.backward(loss * fabric.world_size)
+        part += loss.detach()
+    return part
 
 
 def apply_gradients(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: Optional[float]) -> None:
@@ -347,10 +357,10 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
         save_interval: int, hparams: dict, progress: dict, total_steps: int,
         train_loss_fn: Callable = loss_fn) -> None:
     """Run optimizer steps until ``total_steps`` are done, a stop is requested, or the loss diverges."""
-    accumulate = accumulation_steps(train, fabric.world_size)
     val_loader = data.val_dataloader()
     stop = StopRequest()
-    stream = micro_batch_stream(data, progress["epoch"], progress["batch_index"])
+    loader = data.train_steps(progress["step"])
+    stream, plan = iter(loader), loader.sampler.plan
     bar = tqdm(total=total_steps, initial=progress["step"], desc="fine-tuning", unit="step",
                disable=not fabric.is_global_zero, dynamic_ncols=True)
 
@@ -362,23 +372,23 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
     tokens, started = 0, time.perf_counter()
     try:
         while progress["step"] < total_steps:
-            positions = [next(stream) for _ in range(accumulate)]
-            epoch, index, batch = positions[-1]
-            micro_batches = [fabric.to_device(b) for _, _, b in positions]
-            loss = accumulate_gradients(fabric, model, micro_batches, train_loss_fn)
+            batches, step_tokens = next(stream)
+            micro_batches = fabric.to_device(batches)
+            loss = accumulate_gradients(fabric, model, micro_batches, step_tokens, train_loss_fn)
             tokens += sum(input_ids.numel() for input_ids, _ in micro_batches)
             step = progress["step"] + 1
-            train_loss = fabric.all_reduce(loss, reduce_op="mean").item()
+            epoch = plan.epoch_of(step - 1)
+            train_loss = fabric.all_reduce(loss, reduce_op="sum").item()
             if not math.isfinite(train_loss):  # before the step, so the weights stay those of the last good step
                 raise UserError(diverged_message(train_loss, step, out_dir))
             apply_gradients(fabric, model, optimizer, train.max_grad_norm)
             scheduler.step()
-            progress.update(step=step, epoch=epoch, batch_index=index + 1)
+            progress.update(step=step)
             if step % train.log_interval == 0 or step == total_steps:
                 elapsed = time.perf_counter() - started
                 metrics = {"train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
                            "tokens_per_s": tokens * fabric.world_size / elapsed,
-                           "padding_fraction": padding_fraction(batch), "epoch": epoch}
+                           "padding_fraction": padding_fraction(batches), "epoch": epoch}
                 fabric.log_dict(metrics, step=step)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", epoch=epoch)
                 tokens, started = 0, time.perf_counter()
@@ -440,7 +450,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         accelerator: "cpu", "cuda" or "auto".
         devices: Devices (processes) to train on.
         strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered to save).
-        precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed" or "32-true".
+        precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed", "32-true", or
+            "fp8-base" (bf16-true with the blocks' linear weights in float8 and FP8 matmuls; Hopper GPUs, not fsdp).
             Default: bf16-true on GPUs that support it, else 32-true.
         resume: Continue from a training state: a step-NNNNNN directory or its training_state.pt, or "auto" for the
             latest one in out_dir (starts fresh if there is none).
@@ -460,6 +471,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     if train.max_steps is not None and train.max_steps < 1:
         raise UserError("train.max_steps must be at least 1")
     accumulation_steps(train, devices)
+    if precision == "fp8-base" and strategy == "fsdp":
+        raise UserError("--precision fp8-base does not shard: use --strategy auto or ddp (the FP8 7B base fits a GPU)")
     check_can_create(out_dir, "--out_dir")
     precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
     hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
@@ -479,22 +492,23 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
 
     tokenizer = Tokenizer(checkpoint_dir)
     # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
-    data = AlpacaDataModule(data_dir, micro_batch_size=train.micro_batch_size, seed=seed, pad_to_multiple_of=8)
+    data = AlpacaDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
+                            seed=seed, pad_to_multiple_of=8)
     data.setup()
     check_data_fits(data, tokenizer, config)
 
     device = torch.device("cpu") if strategy == "fsdp" else fabric.device
     # its fresh adapter comes from the seeded generator: the same prompts on every rank
     model = load_model(checkpoint_dir, adapter=True, config=config, device=device, dtype=base_dtype(precision))
-    raw_model = model
+    raw_model = quantize_base(model, precision, device)
     model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
     fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters ({raw_model.config.n_adapter_layers}"
                  f" layers x {raw_model.config.adapter_prompt_length} prompts + gates)")
-    total_steps = planned_steps(train, len(data.train_dataloader()), accumulation_steps(train, fabric.world_size))
+    total_steps = planned_steps(train, len(data.splits["train"]))
     scheduler = build_scheduler(optimizer, train, total_steps)
 
-    data_layout = {"world_size": fabric.world_size, "micro_batch_size": train.micro_batch_size, "seed": seed}
-    progress = {"step": 0, "epoch": 0, "batch_index": 0, **data_layout}
+    data_layout = {"global_batch_size": train.global_batch_size, "seed": seed}
+    progress = {"step": 0, **data_layout}
     if state_path is not None:
         progress = load_training_state(state_path, raw_model, optimizer, scheduler, data_layout)
         fabric.print(f"Resumed from {state_path} at step {progress['step']}")

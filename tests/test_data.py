@@ -2,6 +2,7 @@
 the data module and the prepare_alpaca.py command line."""
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
 from lit_adapter.config import Config
-from lit_adapter.data import (IGNORE_INDEX, AlpacaDataModule, LengthGroupedBatchSampler, collate, download_alpaca,
+from lit_adapter.data import (IGNORE_INDEX, AlpacaDataModule, StepPlan, collate, download_alpaca,
                               load_records, padding_fraction, prepare_alpaca, tokenize_sample)
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
@@ -232,56 +233,57 @@ def test_tokenize_sample_properties(tok512, instruction, input, output, mask_pro
 
 # --- batching -----------------------------------------------------------------------------------------------------
 
-@settings(deadline=None, max_examples=150, database=None)
-@given(lengths=st.lists(st.integers(1, 500), max_size=300), batch_size=st.integers(1, 16),
-       num_replicas=st.integers(1, 8), batches_per_chunk=st.integers(1, 6), seed=st.integers(0, 2**31),
-       epoch=st.integers(0, 5), data=st.data())
-def test_sampler_deals_every_sample_once(lengths, batch_size, num_replicas, batches_per_chunk, seed, epoch, data):
-    def sampler(rank, **kwargs):
-        return LengthGroupedBatchSampler(lengths, batch_size, seed, num_replicas, rank, batches_per_chunk, **kwargs)
+@settings(deadline=None, max_examples=100, database=None)
+@given(lengths=st.lists(st.integers(2, 500), min_size=1, max_size=200), per_rank=st.integers(1, 12),
+       num_replicas=st.integers(1, 4), micro_batch_size=st.one_of(st.none(), st.integers(1, 8)),
+       micro_batch_tokens=st.one_of(st.none(), st.integers(1, 2000)), steps_per_chunk=st.integers(1, 4),
+       seed=st.integers(0, 2**31), epoch=st.integers(0, 3))
+def test_steps_hold_every_sample_once_per_epoch(lengths, per_rank, num_replicas, micro_batch_size,
+                                                micro_batch_tokens, steps_per_chunk, seed, epoch):
+    step_size = per_rank * num_replicas
+    def plan(rank: int, **kwargs) -> StepPlan:
+        return StepPlan(lengths, [1] * len(lengths), step_size, micro_batch_size, micro_batch_tokens, seed,
+                        num_replicas, rank, steps_per_chunk, **kwargs)
 
-    per_rank = []
-    for rank in range(num_replicas):
-        s = sampler(rank)
-        s.set_epoch(epoch)
-        per_rank.append(list(s))
-        assert len(per_rank[-1]) == len(s) == math.ceil(len(lengths) / batch_size) // num_replicas
-    batches = [b for rank_batches in per_rank for b in rank_batches]
-    assert all(1 <= len(b) <= batch_size for b in batches)
-    assert sum(len(b) < batch_size for b in batches) <= 1
-    seen = Counter(i for b in batches for i in b)
-    assert all(count == 1 for count in seen.values())  # no sample twice, across all ranks
-    dropped_batches = math.ceil(len(lengths) / batch_size) % num_replicas
-    if dropped_batches == 0:
-        assert set(seen) == set(range(len(lengths)))
-    else:
-        assert (dropped_batches - 1) * batch_size < len(lengths) - len(seen) <= dropped_batches * batch_size
-
-    rank = data.draw(st.integers(0, num_replicas - 1))
-    skip = data.draw(st.integers(0, len(per_rank[rank])))
-    resumed = sampler(rank, epoch=epoch, skip_batches=skip)
-    resumed.set_epoch(epoch)  # as Lightning does at the start of the resumed epoch
-    assert list(resumed) == per_rank[rank][skip:]
-    resumed.set_epoch(epoch + 1)
-    fresh = sampler(rank)
-    fresh.set_epoch(epoch + 1)
-    assert list(resumed) == list(fresh)
+    n, plans = len(lengths), [plan(rank) for rank in range(num_replicas)]
+    first, last = plans[0].first_step(epoch), plans[0].first_step(epoch + 2)
+    # the samples of all epochs in a row; each epoch is a permutation of all of them
+    stream = [i for e in range(last * step_size // n + 1) for i in plans[0].epoch_order(e)]
+    assert all(sorted(plans[0].epoch_order(e)) == list(range(n)) for e in range(epoch, epoch + 2))
+    for step in range(first, last):
+        samples = []
+        for rank_plan in plans:
+            batches, tokens = rank_plan.step(step)
+            assert tokens == step_size  # one response token per sample here
+            for batch in batches:
+                width = max(lengths[i] - 1 for i in batch)
+                assert micro_batch_size is None or len(batch) <= micro_batch_size
+                assert micro_batch_tokens is None or len(batch) == 1 or len(batch) * width <= micro_batch_tokens
+            samples += [i for batch in batches for i in batch]
+        # step k is the stream's samples [k * step_size, (k + 1) * step_size), dealt out without loss or repeat
+        assert sorted(samples) == sorted(stream[step * step_size:(step + 1) * step_size])
+    one_rank = StepPlan(lengths, [1] * n, step_size, None, None, seed, 1, 0, steps_per_chunk)
+    assert one_rank.step_samples(first) == plans[0].step_samples(first)  # the ranks do not change the steps
 
 
-def test_sampler_shuffles_per_epoch_and_groups_lengths():
+def test_steps_shuffle_per_epoch_group_lengths_and_fill_the_token_budget():
     lengths = [(i * 7919) % 600 + 20 for i in range(2000)]
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=8, seed=3)
-    first = list(sampler)
-    assert first == list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3))
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    assert max(lengths[i] for i in first[0]) == max(lengths)  # the longest batch comes first
-    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in first]
-    assert sum(spreads) / len(spreads) < 10  # sorted chunks of 512 over lengths 20..619
-    with pytest.raises(UserError, match="cannot skip 251"):
-        LengthGroupedBatchSampler(lengths, batch_size=8, skip_batches=251)
+    plan = StepPlan(lengths, [1] * 2000, 64, micro_batch_tokens=4096, seed=3)
+    assert plan.step_samples(0) == StepPlan(lengths, [1] * 2000, 64, micro_batch_size=4, seed=3).step_samples(0)
+    assert plan.epoch_order(1) != plan.epoch_order(0)
+    assert max(lengths[i] for i in plan.step_samples(0)) == max(lengths)  # the longest step comes first
+    spreads = [max(lengths[i] for i in plan.step_samples(k)) - min(lengths[i] for i in plan.step_samples(k))
+               for k in range(31)]
+    assert sum(spreads) / len(spreads) < 40  # sorted chunks of 1024 over lengths 20..619
+    batches, _ = plan.step(5)
+    widths = [max(lengths[i] - 1 for i in b) for b in batches]
+    assert [len(b) * w for b, w in zip(batches, widths)][:-1] > [4096 - w for w in widths][:-1]  # filled up
+    assert all(len(b) * w <= 4096 for b, w in zip(batches, widths))
+    assert 2000 // 64 == plan.first_step(1) - 1 and plan.epoch_of(plan.first_step(1)) == 1
+    with pytest.raises(UserError, match="multiple of the 3 ranks"):
+        StepPlan(lengths, [1] * 2000, 64, num_replicas=3)
     with pytest.raises(UserError, match="rank 2 must lie"):
-        LengthGroupedBatchSampler(lengths, batch_size=8, num_replicas=2, rank=2)
+        StepPlan(lengths, [1] * 2000, 64, num_replicas=2, rank=2)
 
 
 def real_samples(alpaca_json: Path, llama_tokenizer: Path) -> list[dict[str, torch.Tensor]]:
@@ -289,26 +291,20 @@ def real_samples(alpaca_json: Path, llama_tokenizer: Path) -> list[dict[str, tor
     return [tokenize_sample(r, tok, max_seq_length=512)[0] for r in real_records(alpaca_json)]
 
 
-def epoch_padding(samples, batch_size: int, epochs: int = 3, **sampler_options) -> float:
+def epoch_padding(samples, micro_batch_tokens: int, epochs: int = 3, **plan_options) -> float:
     lengths = [len(s["input_ids"]) for s in samples]
-    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed=1, **sampler_options)
-    padded = total = 0
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        for indices in sampler:
-            batch = collate([samples[i] for i in indices])
-            padded += padding_fraction(batch) * batch[0].numel()
-            total += batch[0].numel()
-    return padded / total
+    plan = StepPlan(lengths, [1] * len(lengths), 64, micro_batch_tokens=micro_batch_tokens, seed=1, **plan_options)
+    batches = [collate([samples[i] for i in b]) for step in range(plan.first_step(epochs)) for b in plan.step(step)[0]]
+    return padding_fraction(batches)
 
 
-@pytest.mark.parametrize("batch_size", [4, 8])
-def test_padding_wastes_under_10_percent_on_real_alpaca(alpaca_json, llama_tokenizer, batch_size):
+@pytest.mark.parametrize("micro_batch_tokens", [1024, 2048])
+def test_padding_wastes_under_10_percent_on_real_alpaca(alpaca_json, llama_tokenizer, micro_batch_tokens):
     samples = real_samples(alpaca_json, llama_tokenizer)
-    grouped = epoch_padding(samples, batch_size)
-    print(f"padding at micro-batch {batch_size}: {grouped:.3f} grouped")
+    grouped = epoch_padding(samples, micro_batch_tokens)
+    print(f"padding with micro_batch_tokens {micro_batch_tokens}: {grouped:.3f} grouped")
     assert grouped <= 0.10
-    assert epoch_padding(samples, batch_size, batches_per_chunk=1) > 0.25  # without grouping (one batch per chunk)
+    assert epoch_padding(samples, micro_batch_tokens, steps_per_chunk=1) > 1.5 * grouped  # sorted within steps only
 
 
 # --- collate ------------------------------------------------------------------------------------------------------
@@ -321,11 +317,11 @@ def test_collate_shifts_and_pads():
     input_ids, targets = collate(samples)
     assert input_ids.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
     assert targets.tolist() == [[-100, 6, 7, 2], [8, 2, -100, -100]]
-    assert padding_fraction((input_ids, targets)) == pytest.approx(2 / 8)
+    assert padding_fraction([(input_ids, targets)]) == pytest.approx(2 / 8)
     input_ids, targets = collate(samples, pad_id=3, pad_to_multiple_of=8)
     assert input_ids.shape == targets.shape == (2, 8) and input_ids.dtype == targets.dtype == torch.long
     assert input_ids[1].tolist() == [1, 8] + [3] * 6 and targets[0, 4:].tolist() == [-100] * 4
-    assert padding_fraction((input_ids, targets)) == pytest.approx(10 / 16)
+    assert padding_fraction([(input_ids, targets)] * 2) == pytest.approx(10 / 16)
 
 
 # --- files, data module, command line -----------------------------------------------------------------------------
@@ -355,30 +351,36 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
         AlpacaDataModule(tmp_path).setup()
     prepare_alpaca(real_records(alpaca_json), tokenizer(llama_tokenizer), tmp_path, val_size=34, max_seq_length=512)
 
-    data = AlpacaDataModule(tmp_path, micro_batch_size=4, pad_to_multiple_of=8)
-    loader = data.train_dataloader()
-    batches = list(loader)
-    assert len(batches) == len(loader) == 75
-    for _, targets in batches:  # each row's last learned target is its EOS
+    data = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4, pad_to_multiple_of=8)
+    loader = data.train_dataloader()  # the Trainer's: a micro-batch at a time, with its step's response tokens
+    items = list(loader)
+    assert len(items) == len(loader) == 76  # steps 0..37 start in epoch 0 (300 samples / 8 = 37.5)
+    for [(_, targets)], _ in items:  # each row's last learned target is its EOS
         last_learned = ((targets != IGNORE_INDEX) * torch.arange(1, targets.size(1) + 1)).argmax(dim=1)
         assert (targets.gather(1, last_learned[:, None]) == 2).all()
-    assert all(x.shape == y.shape and x.shape[1] % 8 == 0 for x, y in batches)
-    assert sum(x.shape[0] for x, _ in batches) == 300
+    assert all(x.shape == y.shape and x.shape[1] % 8 == 0 for [(x, y)], _ in items)
+    assert sum(x.shape[0] for [(x, _)], _ in items) == 304
+    for k in range(38):  # both micro-batches of a step carry the step's response tokens
+        assert items[2 * k][1] == items[2 * k + 1][1] == sum(int((t != IGNORE_INDEX).sum()) for [(_, t)], _ in items[2 * k:2 * k + 2])
     assert sum(x.shape[0] for x, _ in data.val_dataloader()) == 34
     _set_sampler_epoch(loader, 4)  # what Lightning calls at each epoch start
-    assert loader.batch_sampler.epoch == 4
+    assert loader.sampler.epoch == 4
+    steps = data.train_steps(start_step=37)  # the Fabric loop's: whole steps, straddling the epoch end
+    (batches, tokens), _ = itertools.islice(steps, 2)
+    assert sum(x.shape[0] for x, _ in batches) == 8 and tokens == sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
 
     seen = []
     for rank in range(2):
-        data = AlpacaDataModule(tmp_path, micro_batch_size=4)
+        data = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)
         data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         data.resume_at(epoch=0, batches_done=30)
         loader = data.train_dataloader()
-        mine = loader.batch_sampler.epoch_batches(0)[rank::2]
-        assert len(loader) == len(mine) == 37
-        assert list(loader.batch_sampler) == mine[30:] and len(list(loader)) == 7
+        mine = [b for k in range(38) for b in data.plan().step(k)[0]]
+        assert len(loader) == len(mine) == 38
+        assert [b for b, _ in loader.sampler] == [[b] for b in mine[30:]] and len(list(loader)) == 8
+        mine = mine[:37]  # the last step ends in the next epoch
         seen += [i for b in mine for i in b]
-    assert len(seen) == len(set(seen)) == 296  # 75 batches: the last one is dropped so both ranks take 37 steps
+    assert len(seen) == len(set(seen)) == 296  # 37 whole steps of 8 in epoch 0; step 37 takes its last 4 and 4 of epoch 1
 
 
 def test_download_is_atomic_and_says_what_to_do_offline(tmp_path, alpaca_json):

@@ -88,7 +88,8 @@ def train(checkpoint, precision: str, compile: bool, activation_checkpointing: b
     # fail, rather than silently run eagerly, should the compiled blocks run out of recompilations
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         for step in micro_batches(lengths):
-            losses.append(accumulate_gradients(fabric, wrapped, step, train_loss_fn).item())
+            tokens = sum(int((targets != -100).sum()) for _, targets in step)
+            losses.append(accumulate_gradients(fabric, wrapped, step, tokens, train_loss_fn).item())
             grads.append({name: p.grad.clone() for name, p in adapter.items()})
             apply_gradients(fabric, wrapped, optimizer, TRAIN.max_grad_norm)
     return Run(losses, grads, {name: p.detach().clone() for name, p in adapter.items()})

@@ -62,7 +62,8 @@ class Recorder(L.Callback):
         self.stop_at_step = stop_at_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batches.append(tuple(t.clone() for t in batch))
+        [(input_ids, targets)], _ = batch  # a micro-batch and its step's response tokens
+        self.batches.append((input_ids.clone(), targets.clone()))
         self.losses.append(outputs["loss"].item() * trainer.accumulate_grad_batches)
         if trainer.global_step == self.stop_at_step:
             trainer.should_stop = True  # an interruption, as by a time limit
@@ -87,11 +88,12 @@ def adapter_weights(module: AdapterModule) -> dict[str, torch.Tensor]:
 
 
 def val_loss(model: torch.nn.Module, data_dir: Path) -> float:
-    """Mean validation loss over the micro-batches of 4 of the prepared val split (as the training loops compute it)."""
+    """Validation loss per response token over the prepared val split (as the training loops compute it)."""
     data = AlpacaDataModule(data_dir, micro_batch_size=4)
     model.eval()
     with torch.no_grad():
-        return torch.stack([loss_fn(model(x), y) for x, y in data.val_dataloader()]).mean().item()
+        totals = [(loss_fn(model(x), y, "sum").item(), (y != -100).sum().item()) for x, y in data.val_dataloader()]
+    return sum(t[0] for t in totals) / sum(t[1] for t in totals)
 
 
 @pytest.fixture(scope="module")

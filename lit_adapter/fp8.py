@@ -1,0 +1,90 @@
+"""An FP8 frozen base: ``Fp8Linear`` keeps a frozen weight once in float8 (e4m3) with a float32 scale per output
+row, and runs the forward and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales
+(activations and gradients are scaled per token). There is no weight gradient: the base is frozen.
+"""
+
+import torch
+import torch.nn as nn
+
+from lit_adapter.errors import UserError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (rows, columns) as e4m3 values and a float32 scale per row (rows, 1): ``x ~= values * scale``."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """``(a * a_scale) @ (b_t * b_scale).T`` for e4m3 ``a`` (M, K) and ``b_t`` (N, K), scales (M, 1) and (N, 1)."""
+    return torch._scaled_mm(a, b_t.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=out_dtype)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """``x @ (weight * scale).T`` with FP8 matmuls; the backward computes the input gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        rows = x.reshape(-1, x.size(-1))
+        x_fp8, x_scale = quantize_rows(rows)
+        return scaled_matmul(x_fp8, x_scale, weight, scale, x.dtype).view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        weight, scale = ctx.saved_tensors
+        # grad @ (scale * W) == (grad * scale.T) @ W: the weight's row scales move onto the gradient's columns
+        rows = grad.reshape(-1, grad.size(-1)).float() * scale.t()
+        grad_fp8, grad_scale = quantize_rows(rows)
+        weight_t = weight.t().contiguous()  # (K, N): the layout _scaled_mm needs for W as its second operand
+        ones = torch.ones(weight_t.size(0), 1, device=grad.device)
+        grad_x = scaled_matmul(grad_fp8, grad_scale, weight_t, ones, grad.dtype)
+        return grad_x.view(*grad.shape[:-1], weight.size(1)), None, None
+
+
+class Fp8Linear(nn.Module):
+    """A frozen, bias-free linear layer whose weight is stored once in e4m3 with a float32 scale per output row."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        values, scale = quantize_rows(weight.detach())
+        self.register_buffer("weight_fp8", values)
+        self.register_buffer("weight_scale", scale)
+        self.in_features, self.out_features = weight.size(1), weight.size(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Fp8Matmul.apply(x, self.weight_fp8, self.weight_scale)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these FP8 values and scales stand for, in float32."""
+        return self.weight_fp8.float() * self.weight_scale
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 with row scales"
+
+
+def quantize_frozen_linears(model: nn.Module) -> int:
+    """Replace every bias-free ``nn.Linear`` of the model's blocks (all frozen base weights) by an ``Fp8Linear``;
+    return their count. The embedding, the final norm and the output head stay as they are, and so do the
+    adapter's prompts and gates and the norms."""
+    swapped = 0
+    for block in model.blocks:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear) and child.bias is None:
+                    setattr(parent, name, Fp8Linear(child.weight))
+                    swapped += 1
+    return swapped
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Refuse FP8 where row-scaled FP8 matmuls do not run: anything but a Hopper (or newer) GPU."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise UserError(f"--precision fp8-base needs a Hopper (sm90) or newer GPU with row-scaled FP8 matmuls; "
+                        f"this is {name}: use bf16-true")
