@@ -89,9 +89,9 @@ class ScriptedModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         assert idx.shape == (1, input_pos.numel())
-        self.fed.append(input_pos.tolist())
+        self.fed.append(input_pos.flatten().tolist())
         logits = torch.randn(1, idx.size(1), self.vocab_size)
-        for t, pos in enumerate(input_pos.tolist()):
+        for t, pos in enumerate(input_pos.flatten().tolist()):
             logits[0, t, self.script[pos]] = 100.0
         return logits
 
@@ -110,7 +110,7 @@ def test_generate_stops_right_after_eos(temperature, top_k):
         decode_calls.append(args[2].item())
         return decode_one_token(*args)
 
-    tokens = generate(model, prompt, 8, temperature=temperature, top_k=top_k, eos_id=EOS, decode_fn=decode)
+    tokens = generate(model, prompt, 8, temperature=temperature, top_k=top_k, stop_ids={EOS}, decode_fn=decode)
     assert list(tokens) == [5, 6, 7, EOS]
     assert model.fed[0] == [0, 1, 2, 3]  # the prompt in one pass, then one position at a time
     assert model.fed[1:] == [[p] for p in range(4, 4 + len(model.fed) - 1)]
@@ -122,13 +122,13 @@ def test_generate_never_yields_more_than_max_new_tokens():
     prompt = torch.tensor([1, 4])
     for max_new_tokens in (1, 2, 7):
         model.fed.clear()
-        assert list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=EOS)) == [3] * max_new_tokens
+        assert list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS})) == [3] * max_new_tokens
         assert len(model.fed) == max_new_tokens  # prefill + max_new_tokens - 1 steps: no step wasted
     # EOS exactly at the limit is yielded; EOS after the limit is never reached
     model = ScriptedModel([0, 5, 6, EOS, 7])
-    assert list(generate(model, prompt, 3, temperature=0, eos_id=EOS)) == [5, 6, EOS]
-    assert list(generate(model, prompt, 2, temperature=0, eos_id=EOS)) == [5, 6]
-    assert list(generate(model, prompt, 3, temperature=0, eos_id=None)) == [5, 6, EOS]
+    assert list(generate(model, prompt, 3, temperature=0, stop_ids={EOS})) == [5, 6, EOS]
+    assert list(generate(model, prompt, 2, temperature=0, stop_ids={EOS})) == [5, 6]
+    assert list(generate(model, prompt, 3, temperature=0, stop_ids=())) == [5, 6, EOS]
 
 
 def test_generate_stops_at_eos_on_a_real_model():
@@ -138,7 +138,7 @@ def test_generate_stops_at_eos_on_a_real_model():
     free = list(generate(model, prompt, 40, temperature=0))
     # pick as EOS a token the greedy continuation first produces at step k > 0
     k = next(i for i in range(5, 40) if free[i] not in free[:i])
-    assert list(generate(model, prompt, 40, temperature=0, eos_id=free[k])) == free[:k + 1]
+    assert list(generate(model, prompt, 40, temperature=0, stop_ids={free[k]})) == free[:k + 1]
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds():
