@@ -18,11 +18,12 @@ import torch.nn as nn
 
 from conftest import ROOT, shared_file
 from lit_adapter import generation
-from lit_adapter.adapter import AdapterGPT
+from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generation import compile_decode, decode_one_token, generate, sample, stream_text
+from lit_adapter.generation import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
+                                    stream_text)
 from lit_adapter.model import GPT
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.tokenizer import Tokenizer
@@ -71,6 +72,122 @@ def test_compiled_greedy_decoding_equals_eager_and_ignores_stale_cache(model_cla
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
     assert dirty == list(generate(model, other_prompt, 25, temperature=0))
     assert dirty == uncached_greedy(model, other_prompt, 25)
+
+    # the captured step (on CPU its replay runs eagerly on the captured buffers), captured again for a new cache
+    graph = CountingGraphDecode()
+    assert list(generate(model, prompt, new_tokens, temperature=0, decode_fn=graph)) == eager
+    assert list(generate(model, other_prompt, 25, temperature=0, decode_fn=graph)) == dirty
+    assert graph.captures == 1
+    model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
+    assert list(generate(model, prompt, new_tokens, temperature=0, decode_fn=graph)) == eager
+    assert graph.captures == 2
+
+
+class CountingGraphDecode(GraphDecode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+
+    def capture(self, *args) -> None:
+        self.captures += 1
+        super().capture(*args)
+
+
+# ---------------------------------------------------------------- batches and several adapters
+
+
+def random_adapters(model: AdapterGPT, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` adapters for ``model`` with random prompts and clearly non-zero gates."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{name: torch.randn(t.shape, generator=generator) for name, t in adapter_state_dict(model).items()}
+            for _ in range(n)]
+
+
+def alone(model: AdapterGPT, adapter: dict[str, torch.Tensor] | None) -> GPT:
+    """A separate model holding only ``adapter`` as its own parameters (None: a plain base model)."""
+    base = {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
+    single = GPT(model.config) if adapter is None else AdapterGPT(model.config)
+    single.load_state_dict({**base, **(adapter or {})})
+    return single.eval()
+
+
+def one_by_one(models: list[GPT], prompts: list[torch.Tensor], new_tokens: int) -> list[list[int]]:
+    outputs = []
+    for model, prompt in zip(models, prompts):
+        model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
+        outputs.append(list(generate(model, prompt, new_tokens, temperature=0)))
+    return outputs
+
+
+PROMPT_LENGTHS = [7, 1, 12, 3, 9]
+
+
+def random_prompts(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY.vocab_size, (n,), generator=generator) for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("model_class", [AdapterGPT, GPT])
+def test_batched_greedy_equals_one_by_one_for_prompts_of_different_lengths(model_class):
+    model = random_model(model_class, TINY, seed=4)
+    prompts = random_prompts(seed=1)
+    new_tokens = 30
+    expected = one_by_one([model] * len(prompts), prompts, new_tokens)
+    assert all(len(set(tokens)) > 5 for tokens in expected)
+    model.set_kv_cache(batch_size=len(prompts), max_seq_length=max(PROMPT_LENGTHS) + new_tokens)
+    assert generate_batch(model, prompts, new_tokens, temperature=0) == expected
+    # the logits, too: the right-padded prefill and one step with each row at its own position
+    T = max(PROMPT_LENGTHS)
+    padded = torch.stack([torch.cat([p, torch.zeros(T - p.numel(), dtype=torch.long)]) for p in prompts])
+    next_tokens = torch.tensor([[tokens[0]] for tokens in expected])
+    with torch.no_grad():
+        prefill = model(padded, torch.arange(T))
+        step = model(next_tokens, torch.tensor(PROMPT_LENGTHS)[:, None])
+        for row, prompt in enumerate(prompts):
+            model.set_kv_cache(batch_size=1, max_seq_length=T + 1)
+            torch.testing.assert_close(prefill[row, :prompt.numel()], model(prompt[None], torch.arange(prompt.numel()))[0])
+            torch.testing.assert_close(step[row], model(next_tokens[row:row + 1], torch.tensor([prompt.numel()]))[0])
+
+
+def test_batch_stops_each_row_at_its_own_stop_id_and_limit():
+    model = random_model(GPT, TINY, seed=4)
+    prompts = random_prompts(seed=1)[:3]
+    free = one_by_one([model] * 3, prompts, 20)
+    stop = free[0][6]  # row 0 stops at its 7th token; rows 1 and 2 where this token comes, if it does
+    model.set_kv_cache(batch_size=3, max_seq_length=12 + 20)
+    out = generate_batch(model, prompts, [20, 20, 4], temperature=0, stop_ids={stop, 10_000})
+    for row, (tokens, limit) in enumerate(zip(free, [20, 20, 4])):
+        end = min(tokens.index(stop) + 1 if stop in tokens else limit, limit)
+        assert out[row] == tokens[:end], row
+    assert len(out[0]) == free[0].index(stop) + 1 <= 7 and len(out[2]) == 4
+
+
+def test_a_batch_mixing_adapters_and_the_base_equals_each_alone():
+    model = random_model(AdapterGPT, TINY, seed=6)
+    adapters = random_adapters(model, 3, seed=2)
+    prompts = random_prompts(seed=3)
+    rows = [2, 0, 3, 1, 2]  # 3: the base model
+    new_tokens = 25
+    singles = [alone(model, adapters[i] if i < 3 else None) for i in range(4)]
+    expected = one_by_one([singles[i] for i in rows], prompts, new_tokens)
+    assert len({tuple(expected[0]), tuple(expected[4])}) == 2  # same adapter, different prompts
+    assert len({tuple(one_by_one([m], prompts[:1], 10)[0]) for m in singles}) == 4  # the adapters really differ
+
+    model.register_adapters(adapters)
+    assert model.n_adapters == 3
+    model.set_kv_cache(batch_size=len(prompts), max_seq_length=max(PROMPT_LENGTHS) + new_tokens)
+    batched = {}
+    for name, decode_fn in [("eager", decode_one_token), ("graph", GraphDecode()), ("compiled", compile_decode())]:
+        model.select_adapters(rows)
+        batched[name] = generate_batch(model, prompts, new_tokens, temperature=0, decode_fn=decode_fn)
+        assert batched[name] == expected, name
+    # another batch on the same cache: other adapters per row
+    model.select_adapters([3, 3, 1, 0, 0])
+    assert generate_batch(model, prompts, new_tokens, temperature=0) == one_by_one(
+        [singles[i] for i in [3, 3, 1, 0, 0]], prompts, new_tokens)
+    with pytest.raises(UserError, match=r"adapter indices \[0, 4\] out of range: 3 adapters, 3 is the base model"):
+        model.select_adapters([0, 4])
+
 
 
 # ---------------------------------------------------------------- stopping
