@@ -226,7 +226,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         prompt: The text to continue (with an adapter: the instruction, wrapped in the Alpaca template).
         adapter_path: Adapter files (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py, served
             together on the one base; a file's name without ".safetensors" is the adapter's name.
-        adapter: The adapter that answers --prompt or --interactive (default: the first one).
+        adapter: The adapter (by name) that answers --prompt or --interactive (default: the first one) and the
+            requests that name none (default: the base model).
         requests_path: A JSON-lines file of requests to answer in batches instead of --prompt, one object per line:
             "prompt", optional "adapter" (a name; absent or null: the base model) and optional max_new_tokens,
             temperature, top_k, top_p (default: these options).
@@ -257,9 +258,11 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     names: list[str] = []
     if paths:
         config, names = adapter_set_config(paths, config)
-        defaults = replace(defaults, adapter=adapter or names[0])
     tokenizer = Tokenizer(checkpoint_dir)
-    requests = read_requests(requests_path, defaults) if requests_path is not None else [defaults]
+    if requests_path is not None:
+        requests = read_requests(requests_path, defaults)
+    else:
+        requests = [defaults] if adapter or not names else [replace(defaults, adapter=names[0])]
     rows = [adapter_index(r.adapter, names) for r in requests]
     prompt_ids = [encode(tokenizer, [{"role": "user", "content": r.prompt}], r.adapter) for r in requests]
     for number, (ids, request) in enumerate(zip(prompt_ids, requests), start=1):
@@ -276,14 +279,14 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     decode_fn = compile_decode() if compile else GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
     stop_ids = {tokenizer.eos_id}
     if interactive:
-        texts = chat(model, tokenizer, defaults, rows[0], stop_ids, decode_fn)
+        texts = chat(model, tokenizer, requests[0], rows[0], stop_ids, decode_fn)
     elif requests_path is not None:
-        texts = answer_requests(model, tokenizer, requests, rows, prompt_ids, batch_size, stop_ids, decode_fn)
-        for line in write_results(output_path, requests, texts):
+        texts, n_tokens = answer_requests(model, tokenizer, requests, rows, prompt_ids, batch_size, stop_ids, decode_fn)
+        for line in write_results(output_path, requests, texts, n_tokens):
             if output_path is None:
                 print(line)
     else:
-        texts = stream_samples(model, tokenizer, defaults, rows[0], prompt_ids[0], num_samples, stop_ids, decode_fn)
+        texts = stream_samples(model, tokenizer, requests[0], rows[0], prompt_ids[0], num_samples, stop_ids, decode_fn)
     if device.type == "cuda":
         print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
     return texts
@@ -318,12 +321,12 @@ def stream_samples(model: GPT, tokenizer: Tokenizer, request: Request, row: int,
 
 def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], rows: list[int],
                     prompt_ids: list[torch.Tensor], batch_size: int, stop_ids: set[int],
-                    decode_fn: DecodeFn) -> list[str]:
-    """The answers to ``requests``, generated in batches of a fixed size (short batches are filled with dummy rows)."""
+                    decode_fn: DecodeFn) -> tuple[list[str], list[int]]:
+    """The answers to ``requests`` and their token counts, generated in batches of one size (short ones padded)."""
     start = time.perf_counter()
     size = min(batch_size, len(requests))
     model.set_kv_cache(size, max(ids.numel() + r.max_new_tokens for ids, r in zip(prompt_ids, requests)))
-    texts, n_tokens = [""] * len(requests), 0
+    texts, n_tokens = [""] * len(requests), [0] * len(requests)
     for batch in batches(requests, size):
         filler = [batch[0]] * (size - len(batch))  # fixed shapes: one captured decoding step serves every batch
         select_rows(model, [rows[i] for i in batch + filler])
@@ -331,12 +334,12 @@ def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], r
                                  [requests[i].max_new_tokens for i in batch] + [1] * len(filler),
                                  *requests[batch[0]].sampling(), stop_ids, decode_fn)
         for i, ids in zip(batch, outputs):
-            texts[i] = tokenizer.decode([t for t in ids if t not in stop_ids])
-            n_tokens += len(ids)
+            ids = [t for t in ids if t not in stop_ids]
+            texts[i], n_tokens[i] = tokenizer.decode(ids), len(ids)
     elapsed = time.perf_counter() - start
-    print(f"{len(requests)} requests, {n_tokens} tokens in {elapsed:.2f} s: {n_tokens / elapsed:.1f} tokens/s",
-          file=sys.stderr)
-    return texts
+    print(f"{len(requests)} requests, {sum(n_tokens)} tokens in {elapsed:.2f} s: {sum(n_tokens) / elapsed:.1f} "
+          "tokens/s", file=sys.stderr)
+    return texts, n_tokens
 
 
 def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, stop_ids: set[int],

@@ -7,10 +7,14 @@ tests/test_convert.py.
 
 import copy
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -488,3 +492,93 @@ def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories):
     assert re.fullmatch(r"error: the prompt is \d+ tokens; with max_new_tokens=10 it exceeds the model's context "
                         r"of 512 tokens", errors[0]), errors[0]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- several adapters, request files, chat
+
+
+@pytest.fixture(scope="module")
+def story_adapter(stories) -> Path:
+    """An adapter for stories260K with random, clearly non-zero gates (answers differ from the base model's)."""
+    torch.manual_seed(0)
+    model = load_model(stories["checkpoint"], adapter=True)
+    with torch.no_grad():
+        for attn in model.adapted_layers():
+            attn.adapter_gate.normal_(0.0, 2.0)
+    path = stories["checkpoint"].parent / "story.safetensors"
+    save_adapter(path, model, model.config)
+    return path
+
+
+def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stories, story_adapter, tmp_path):
+    zero = tmp_path / "zero.safetensors"
+    shutil.copyfile(stories["adapter"], zero)
+    paths = {"story": story_adapter, "zero": zero, None: None}
+    requests = [{"prompt": "Tell me a story about a dog.", "adapter": "story"},
+                {"prompt": "Write about the sea.", "adapter": "zero", "max_new_tokens": 12},
+                {"prompt": "Once upon a time"},
+                {"prompt": "Lily had a red ball.", "adapter": "story", "max_new_tokens": 40},
+                {"prompt": "Tell me a story about a dog.", "adapter": "story", "temperature": 0.9, "top_k": 20},
+                {"prompt": "Once upon a time there was", "adapter": None}]
+    requests_path = tmp_path / "requests.jsonl"
+    requests_path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    output = tmp_path / "answers.jsonl"
+    result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
+                 str(story_adapter), str(zero), "--requests_path", str(requests_path), "--output_path", str(output),
+                 "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and re.search(r"6 requests, \d+ tokens in", result.stderr), result.stderr
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == [r["prompt"] for r in requests]
+    assert [a["adapter"] for a in answers] == [r.get("adapter") for r in requests]
+    assert [a["max_new_tokens"] for a in answers] == [30, 12, 30, 40, 30, 30]
+    assert answers[4]["temperature"] == 0.9 and answers[4]["top_k"] == 20 and answers[4]["num_tokens"] > 0
+    for request, answer in zip(requests, answers):
+        if "temperature" in request:
+            continue
+        alone = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=paths[request.get("adapter")],
+                                prompt=request["prompt"], temperature=0,
+                                max_new_tokens=request.get("max_new_tokens", 30))
+        assert answer["response"] == alone[0], request
+    # zero gates answer as the base model does on the Alpaca text; the other adapter differs
+    assert answers[1]["response"] == reference_text(stories, alpaca_prompt("Write about the sea."), 12)[0]
+    assert answers[0]["response"] != reference_text(stories, alpaca_prompt("Tell me a story about a dog."), 30)[0]
+    assert answers[2]["response"] == reference_text(stories, "Once upon a time", 30)[0]
+
+
+def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_adapter, tmp_path):
+    tiny_adapter = tmp_path / "tiny.safetensors"
+    save_adapter(tiny_adapter, AdapterGPT(TINY), TINY)
+    shorter_config = replace(load_model(stories["checkpoint"]).config, adapter_prompt_length=3)
+    shorter = tmp_path / "shorter.safetensors"
+    save_adapter(shorter, AdapterGPT(shorter_config), shorter_config)
+    requests_path = tmp_path / "requests.jsonl"
+    requests_path.write_text('{"prompt": "hi", "adapter": "story"}\n{"prompt": "hi", "adapter": "nope"}\n')
+    cases = [
+        ([str(story_adapter), str(tiny_adapter)],
+         rf"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5, "
+         r"n_head 4 vs 8, n_kv_head 2 vs 4, n_embd 32 vs 64, intermediate_size 64 vs 172, tie_embeddings False vs True"),
+        ([str(story_adapter), str(shorter)],
+         rf"error: {shorter} has adapter shape \{{'adapter_prompt_length': 3, 'adapter_start_layer': 2\}} but "
+         rf"{story_adapter} has \{{'adapter_prompt_length': 10, 'adapter_start_layer': 2\}}: adapters served together "
+         r"need the same shape"),
+        ([str(story_adapter), str(stories["adapter"]), "--requests_path", str(requests_path)],
+         r"error: unknown adapter 'nope'; loaded: story, zero_gates"),
+        ([str(story_adapter), "--adapter", "zero"], r"error: unknown adapter 'zero'; loaded: story"),
+    ]
+    for args, message in cases:
+        result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
+        assert result.returncode == 1 and result.stdout == "", result.stderr
+        assert re.fullmatch(message, result.stderr.strip()), result.stderr
+
+
+def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, monkeypatch, capsys):
+    first, second = "Tell me a story about a cat.", "What did the cat eat?"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{second}\n\nnot read\n"))
+    replies = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=stories["adapter"], interactive=True,
+                              temperature=0, max_new_tokens=25)
+    # zero gates: the base model's greedy continuation of the whole conversation in the Alpaca style
+    expected_first = reference_text(stories, alpaca_prompt(first), 25)[0]
+    expected_second = reference_text(stories, alpaca_prompt(first) + expected_first + "\n\n" + alpaca_prompt(second), 25)[0]
+    assert replies == [expected_first, expected_second] and expected_first != expected_second
+    assert capsys.readouterr().out == f"{expected_first}\n{expected_second}\n"
