@@ -59,13 +59,15 @@ def prepare(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max
 def measure(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int,
             decode_fn: DecodeFn, repeats: int) -> dict:
     """The first run from the loaded model (cache and warm-up included) and the median of ``repeats`` more."""
+    if model.embed.weight.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     prepare(model, prompts, rows, max_new_tokens)
     first_token, first_run, tokens = timed_generation(model, prompts, max_new_tokens, decode_fn, start)
     times = [timed_generation(model, prompts, max_new_tokens, decode_fn)[1] for _ in range(repeats)]
     return {"batch": len(prompts), "tokens/s": len(prompts) * max_new_tokens / median(times),
             "first token s": first_token, "first run s": first_run, "min s": min(times), "max s": max(times),
-            "tokens": tokens}
+            "tokens": tokens, "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if model.embed.weight.is_cuda else 0}
 
 
 def alone_at_batch_1(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:
@@ -136,11 +138,11 @@ def print_table(results: dict, preset: str, prompt_length: int, max_new_tokens: 
     print(f"\n{preset} + adapter, prompt {prompt_length}, {max_new_tokens} new tokens, median of {repeats} runs; "
           "first token: from the loaded model (cache, prefill, capture or compile included)")
     print(f"{'mode':9} {'batch':>5} {'tokens/s':>9} {'of BW limit':>11} {'first token s':>13} {'first run s':>11} "
-          f"{'min..max s':>14}")
+          f"{'min..max s':>14} {'peak GiB':>8}")
     for mode, r in results.items():
         limit = f"{weight_bytes * r['tokens/s'] / r['batch'] / bandwidth:11.1%}" if bandwidth else f"{'-':>11}"
         print(f"{mode:9} {r['batch']:5d} {r['tokens/s']:9.1f} {limit} {r['first token s']:13.2f} "
-              f"{r['first run s']:11.1f} {r['min s']:6.3f}..{r['max s']:6.3f}")
+              f"{r['first run s']:11.1f} {r['min s']:6.3f}..{r['max s']:6.3f} {r['peak GiB']:8.2f}")
     if "batch" in results and "graph" in results:
         print(f"batch {results['batch']['batch']} / batch 1 (graph): "
               f"{results['batch']['tokens/s'] / results['graph']['tokens/s']:.1f}x total tokens/s")

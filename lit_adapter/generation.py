@@ -1,7 +1,10 @@
-"""Text generation: prefill the prompt, then decode one token at a time from a static KV cache.
+"""Text generation: prefill the prompts, then decode one token at a time from a static KV cache.
 
-The one-token step has fixed shapes, so ``torch.compile(mode="reduce-overhead")`` turns it into a CUDA
-graph; sampling stays on the device (no host synchronisation inside the step).
+The one-token step has fixed shapes and fixed addresses, so on a GPU it is captured as is in a CUDA graph
+(``GraphDecode``, ready in about a second) or compiled into one (``compile_decode``, a minute of warm-up for the
+last few percent); sampling stays on the device (no host synchronisation inside the step). A batch holds prompts
+of different lengths, each row at its own positions and, with an adapter model, with its own adapter.
+Requests files, adapter sets and conversations are prepared in ``lit_adapter.serving``.
 """
 
 import sys
@@ -134,7 +137,7 @@ def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
     input_pos = (last + 1)[:, None]
     # The host reads step i's tokens from a pinned copy while the device already computes step i + 1.
     on_cuda = device.type == "cuda"
-    host_token = torch.empty_like(token, device="cpu", pin_memory=on_cuda)
+    host_token = torch.empty(token.shape, dtype=torch.long, pin_memory=on_cuda)
     copied = torch.cuda.Event() if on_cuda else None
     for i in range(max_new_tokens):
         host_token.copy_(token, non_blocking=on_cuda)
