@@ -112,21 +112,24 @@ class GraphDecode:
 
 
 @torch.no_grad()
-def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: int, temperature: float = 1.0,
-                   top_k: Optional[int] = None, top_p: float = 1.0,
+def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int],
+                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
                    decode_fn: DecodeFn = decode_one_token) -> Iterator[list[int]]:
-    """Yield the next token id of every row, ``max_new_tokens`` times (rows never stop here).
+    """Yield the next token id of every row, as many times as the largest ``max_new_tokens`` (one per row or shared).
 
     Prompts (1-D ids) of different lengths are prefilled together, right-padded; each row then decodes at its own
-    positions, writing over its padding before it attends to it, so every row sees exactly its own tokens.
-    The model's KV cache (``model.set_kv_cache``) needs one row per prompt and room for the longest + new tokens.
+    positions, writing over its padding before it attends to it, so every row sees exactly its own tokens. A row
+    past its own ``max_new_tokens`` keeps its last cache slot (its tokens are then meaningless).
+    The model's KV cache (``model.set_kv_cache``) needs one row per prompt, each with room for its new tokens.
     """
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [p.numel() for p in prompts]
-    T = max(lengths)
     cache_length = model.mask_cache.size(0) if model.mask_cache is not None else 0
-    if T + max_new_tokens > cache_length:
-        raise UserError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the KV cache "
-                        f"({cache_length}); the model's context is {model.config.block_size} tokens")
+    for length, limit in zip(lengths, limits):
+        if length + limit > cache_length:
+            raise UserError(f"prompt ({length} tokens) + max_new_tokens ({limit}) exceed the KV cache "
+                            f"({cache_length}); the model's context is {model.config.block_size} tokens")
+    T = max(lengths)
     device = model.embed.weight.device
     padded = torch.zeros(len(prompts), T, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -139,13 +142,14 @@ def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
     on_cuda = device.type == "cuda"
     host_token = torch.empty(token.shape, dtype=torch.long, pin_memory=on_cuda)
     copied = torch.cuda.Event() if on_cuda else None
-    for i in range(max_new_tokens):
+    steps = max(limits)
+    for i in range(steps):
         host_token.copy_(token, non_blocking=on_cuda)
         if on_cuda:
             copied.record()
-        if i < max_new_tokens - 1:
+        if i < steps - 1:
             token = decode_fn(model, token, input_pos, temperature, top_k, top_p).clone()
-            input_pos += 1
+            input_pos.add_(1).clamp_(max=cache_length - 1)
         if on_cuda:
             copied.synchronize()
         yield host_token[:, 0].tolist()
@@ -174,7 +178,7 @@ def generate_batch(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for step in generate_steps(model, prompts, max(limits), temperature, top_k, top_p, decode_fn):
+    for step in generate_steps(model, prompts, limits, temperature, top_k, top_p, decode_fn):
         for row, token_id in enumerate(step):
             if not done[row]:
                 outputs[row].append(token_id)

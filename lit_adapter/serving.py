@@ -32,13 +32,14 @@ class Request:
 
 def check_request(request: Request) -> None:
     """Raise a one-line ``UserError`` for options generation cannot use."""
-    numbers = {"max_new_tokens": request.max_new_tokens, "temperature": request.temperature, "top_p": request.top_p,
-               "top_k": 1 if request.top_k is None else request.top_k}
-    wrong = [k for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
-    wrong += [k for k in ("max_new_tokens", "top_k") if k not in wrong and not isinstance(numbers[k], int)]
-    if wrong or not isinstance(request.prompt, str) or not isinstance(request.adapter, (str, type(None))):
-        raise UserError(f"prompt and adapter must be strings, {', '.join(wrong) or 'the options'} numbers "
-                        "(max_new_tokens and top_k whole numbers)")
+    whole = {"max_new_tokens": request.max_new_tokens, "top_k": 1 if request.top_k is None else request.top_k}
+    real = {"temperature": request.temperature, "top_p": request.top_p}
+    wrong = [k for k, v in whole.items() if not isinstance(v, int) or isinstance(v, bool)]
+    wrong += [k for k, v in real.items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+    if not isinstance(request.prompt, str) or not isinstance(request.adapter, (str, type(None))):
+        raise UserError("prompt must be a string, adapter a string or null")
+    if wrong:
+        raise UserError(f"{', '.join(wrong)} must be numbers (max_new_tokens and top_k whole numbers)")
     if request.max_new_tokens < 1:
         raise UserError("max_new_tokens must be at least 1")
     if request.temperature < 0 or not 0 < request.top_p <= 1 or (request.top_k is not None and request.top_k < 1):

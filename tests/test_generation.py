@@ -158,12 +158,15 @@ def test_batch_stops_each_row_at_its_own_stop_id_and_limit():
     prompts = random_prompts(seed=1)[:3]
     free = one_by_one([model] * 3, prompts, 20)
     stop = free[0][6]  # row 0 stops at its 7th token; rows 1 and 2 where this token comes, if it does
-    model.set_kv_cache(batch_size=3, max_seq_length=12 + 20)
+    # each row's prompt + its own limit fits (7 + 20, 1 + 20, 12 + 4), the longest prompt + the largest limit does not
+    model.set_kv_cache(batch_size=3, max_seq_length=27)
     out = generate_batch(model, prompts, [20, 20, 4], temperature=0, stop_ids={stop, 10_000})
     for row, (tokens, limit) in enumerate(zip(free, [20, 20, 4])):
         end = min(tokens.index(stop) + 1 if stop in tokens else limit, limit)
         assert out[row] == tokens[:end], row
     assert len(out[0]) == free[0].index(stop) + 1 <= 7 and len(out[2]) == 4
+    with pytest.raises(UserError, match=r"prompt \(12 tokens\) \+ max_new_tokens \(16\) exceed the KV cache \(27\)"):
+        generate_batch(model, prompts, [20, 20, 16], temperature=0)
 
 
 def test_a_batch_mixing_adapters_and_the_base_equals_each_alone():
@@ -566,6 +569,18 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
          r"error: unknown adapter 'nope'; loaded: story, zero_gates"),
         ([str(story_adapter), "--adapter", "zero"], r"error: unknown adapter 'zero'; loaded: story"),
     ]
+    bad_lines = [('{"prompt": "hi", "temperature": "hot"}', r"temperature must be numbers \(max_new_tokens and top_k "
+                  r"whole numbers\)"),
+                 ('{"prompt": "hi", "top_k": 2.5}', r"top_k must be numbers \(max_new_tokens and top_k whole numbers\)"),
+                 ('{"prompt": "hi", "max_tokens": 5}', r"unknown keys \['max_tokens'\]; known: prompt, adapter, "
+                  r"max_new_tokens, temperature, top_k, top_p"),
+                 ('{"prompt": "hi"', r"is not JSON: .*"),
+                 ('["hi"]', r'expected a JSON object with a "prompt"'),
+                 ('{"prompt": "hi", "max_new_tokens": 0}', r"max_new_tokens must be at least 1")]
+    for number, (line, message) in enumerate(bad_lines):
+        bad = tmp_path / f"bad{number}.jsonl"
+        bad.write_text('{"prompt": "fine"}\n' + line + "\n")
+        cases.append(([str(story_adapter), "--requests_path", str(bad)], rf"error: {bad} line 2:? {message}"))
     for args, message in cases:
         result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
         assert result.returncode == 1 and result.stdout == "", result.stderr
