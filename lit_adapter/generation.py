@@ -255,6 +255,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     check_request(defaults)
     if num_samples < 1 or batch_size < 1:
         raise UserError("num_samples and batch_size must be at least 1")
+    if interactive and requests_path is not None:
+        raise UserError("--interactive and --requests_path exclude each other: chat, or answer a file")
     device = default_device()
     dtype = DTYPES[precision or default_precision(device)]
     torch.manual_seed(seed)
@@ -350,16 +352,17 @@ def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], r
 
 
 def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, stop_ids: set[int],
-         decode_fn: DecodeFn, lines: Optional[TextIO] = None) -> list[str]:
-    """Answer the messages read from ``lines`` (stdin) until an empty line, each in the light of the conversation.
+         decode_fn: DecodeFn) -> list[str]:
+    """Answer the messages read from stdin until an empty line, each in the light of the conversation so far.
 
     The oldest exchanges are dropped when the conversation no longer fits the context.
     """
     model.set_kv_cache(batch_size=1)
+    select_rows(model, [row])
     messages: list[Message] = []
     replies = []
     print("Chat: type a message and Enter; an empty line ends.", file=sys.stderr)
-    for line in lines or sys.stdin:
+    for line in sys.stdin:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
@@ -370,7 +373,6 @@ def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, stop_ids:
         if ids.numel() + request.max_new_tokens > model.config.block_size:
             raise UserError(f"the message is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} it "
                             f"exceeds the model's context of {model.config.block_size} tokens")
-        select_rows(model, [row])
         tokens = generate(model, ids, request.max_new_tokens, *request.sampling(), stop_ids, decode_fn)
         replies.append(tokenizer.decode(stream_text(tokenizer, tokens, stop_ids=stop_ids)))
         messages.append({"role": "assistant", "content": replies[-1]})
