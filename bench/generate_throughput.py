@@ -65,9 +65,10 @@ def measure(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max
     prepare(model, prompts, rows, max_new_tokens)
     first_token, first_run, tokens = timed_generation(model, prompts, max_new_tokens, decode_fn, start)
     times = [timed_generation(model, prompts, max_new_tokens, decode_fn)[1] for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if model.embed.weight.is_cuda else 0.0
     return {"batch": len(prompts), "tokens/s": len(prompts) * max_new_tokens / median(times),
             "first token s": first_token, "first run s": first_run, "min s": min(times), "max s": max(times),
-            "tokens": tokens, "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if model.embed.weight.is_cuda else 0}
+            "tokens": tokens, "peak GiB": peak}
 
 
 def alone_at_batch_1(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:

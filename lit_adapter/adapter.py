@@ -44,7 +44,7 @@ class AdapterAttention(CausalSelfAttention):
         nn.init.zeros_(self.adapter_gate)
 
     def prompt_kv(self, prompts: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the prompts (A, P, C) of A adapters, gates (A, H) folded into the values: each (A, H, P, D)."""
+        """Keys and values of A adapters' prompts (A, P, C), gates (A, H) folded into the values: each (A, H, P, D)."""
         weight = self.qkv.weight[self.q_size:]  # the frozen key and value projections
         k, v = F.linear(prompts.to(weight.dtype), weight).split(self.kv_size, dim=-1)
         A, H, G, D = prompts.size(0), self.config.n_head, self.config.n_kv_head, self.config.head_dim
@@ -63,7 +63,7 @@ class AdapterAttention(CausalSelfAttention):
         return y + F.scaled_dot_product_attention(q, prompt_k, prompt_v)
 
     def adapter_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (A + 1, P, C) and gates (A + 1, H) rows pick from: the served adapters, then the base (zero gates)."""
+        """Prompts (A + 1, P, C) and gates (A + 1, H) to pick from: the served adapters, then the base (zero gates)."""
         prompts, gates = self.served or (self.adapter_prompt[None], self.adapter_gate[None])
         return torch.cat([prompts, prompts[:1]]), torch.cat([gates, torch.zeros_like(gates[:1])])
 
@@ -132,7 +132,7 @@ class AdapterGPT(GPT):
                                  torch.stack(gates).to(device, torch.float32))
 
     def select_adapters(self, rows: Sequence[int]) -> None:
-        """Row b of the next generation uses adapter ``rows[b]`` (``n_adapters``: none, the base model); after ``set_kv_cache``."""
+        """Row b of the next generation uses adapter ``rows[b]`` (``n_adapters``: the base); after ``set_kv_cache``."""
         if any(not 0 <= i <= self.n_adapters for i in rows):
             raise UserError(f"adapter indices {list(rows)} out of range: {self.n_adapters} adapters, "
                             f"{self.n_adapters} is the base model")

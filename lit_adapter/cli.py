@@ -49,7 +49,7 @@ def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: 
 
 
 def gather_values(args: list[str], option: str) -> list[str]:
-    """``option a b c`` (the values up to the next ``--`` option) as ``option ["a", "b", "c"]``, a list to the parser."""
+    """``option a b c`` (values up to the next ``--`` option) as ``option ["a", "b", "c"]``, a list to the parser."""
     if option not in args:
         return args
     start = args.index(option) + 1

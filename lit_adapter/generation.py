@@ -49,7 +49,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
 
 def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
                      top_k: Optional[int], top_p: float) -> torch.Tensor:
-    """One decoding step: each row's token (B, 1) at its position ``input_pos`` (B, 1) in, the next tokens (B, 1) out."""
+    """One decoding step: each row's token (B, 1) at its own position ``input_pos`` (B, 1) in, the next (B, 1) out."""
     logits = model(token, input_pos)[:, -1]
     return sample(logits, temperature, top_k, top_p)
 
@@ -190,7 +190,7 @@ def generate_batch(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], out: Optional[TextIO] = None,
                 stop_ids: Optional[Collection[int]] = None) -> list[int]:
-    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop id (default: EOS); return the ids."""
+    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop id (default EOS); return ids."""
     out = out or sys.stdout
     stop_ids = {tokenizer.eos_id} if stop_ids is None else stop_ids
     ids: list[int] = []
@@ -285,7 +285,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     model.eval()
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
 
-    decode_fn = compile_decode() if compile else GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
+    decode_fn = decode_one_token
+    if compile or (cuda_graph and device.type == "cuda"):
+        decode_fn = compile_decode() if compile else GraphDecode()
     stop_ids = {tokenizer.eos_id}
     if interactive:
         texts = chat(model, tokenizer, requests[0], rows[0], stop_ids, decode_fn)

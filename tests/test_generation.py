@@ -149,7 +149,8 @@ def test_batched_greedy_equals_one_by_one_for_prompts_of_different_lengths(model
         step = model(next_tokens, torch.tensor(PROMPT_LENGTHS)[:, None])
         for row, prompt in enumerate(prompts):
             model.set_kv_cache(batch_size=1, max_seq_length=T + 1)
-            torch.testing.assert_close(prefill[row, :prompt.numel()], model(prompt[None], torch.arange(prompt.numel()))[0])
+            alone = model(prompt[None], torch.arange(prompt.numel()))[0]
+            torch.testing.assert_close(prefill[row, :prompt.numel()], alone)
             torch.testing.assert_close(step[row], model(next_tokens[row:row + 1], torch.tensor([prompt.numel()]))[0])
 
 
@@ -560,7 +561,8 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
     cases = [
         ([str(story_adapter), str(tiny_adapter)],
          rf"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5, "
-         r"n_head 4 vs 8, n_kv_head 2 vs 4, n_embd 32 vs 64, intermediate_size 64 vs 172, tie_embeddings False vs True"),
+         r"n_head 4 vs 8, n_kv_head 2 vs 4, n_embd 32 vs 64, intermediate_size 64 vs 172, "
+         r"tie_embeddings False vs True"),
         ([str(story_adapter), str(shorter)],
          rf"error: {shorter} has adapter shape \{{'adapter_prompt_length': 3, 'adapter_start_layer': 2\}} but "
          rf"{story_adapter} has \{{'adapter_prompt_length': 10, 'adapter_start_layer': 2\}}: adapters served together "
@@ -571,7 +573,8 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
     ]
     bad_lines = [('{"prompt": "hi", "temperature": "hot"}', r"temperature must be numbers \(max_new_tokens and top_k "
                   r"whole numbers\)"),
-                 ('{"prompt": "hi", "top_k": 2.5}', r"top_k must be numbers \(max_new_tokens and top_k whole numbers\)"),
+                 ('{"prompt": "hi", "top_k": 2.5}',
+                  r"top_k must be numbers \(max_new_tokens and top_k whole numbers\)"),
                  ('{"prompt": "hi", "max_tokens": 5}', r"unknown keys \['max_tokens'\]; known: prompt, adapter, "
                   r"max_new_tokens, temperature, top_k, top_p"),
                  ('{"prompt": "hi"', r"is not JSON: .*"),
@@ -594,6 +597,7 @@ def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, mo
                               temperature=0, max_new_tokens=25)
     # zero gates: the base model's greedy continuation of the whole conversation in the Alpaca style
     expected_first = reference_text(stories, alpaca_prompt(first), 25)[0]
-    expected_second = reference_text(stories, alpaca_prompt(first) + expected_first + "\n\n" + alpaca_prompt(second), 25)[0]
+    conversation = alpaca_prompt(first) + expected_first + "\n\n" + alpaca_prompt(second)
+    expected_second = reference_text(stories, conversation, 25)[0]
     assert replies == [expected_first, expected_second] and expected_first != expected_second
     assert capsys.readouterr().out == f"{expected_first}\n{expected_second}\n"
