@@ -5,7 +5,7 @@
 
 One random base with ``batch_size`` random adapters (random prompts, non-zero gates); batch-1 modes use adapter 0,
 the batch mode gives row i adapter i and a prompt of its own length, and checks each row's greedy tokens against
-that adapter alone at batch 1 (on a GPU also with a float32 copy, where kernels for 1 and 16 rows round alike).
+that adapter alone at batch 1 (on a GPU also in float32, where kernels for 1 and 16 rows differ far less).
 The compiler starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR). The table comes last.
 """
 
