@@ -1,70 +1,174 @@
-"""Batch-1 generation speed through the project's own generate(): base and adapter, eager and compiled.
+"""Generation speed through the project's own decoding loop: eager, CUDA graph, compiled, and a batch of adapters.
 
     python bench/generate_throughput.py --preset llama-7b --prompt_length 32 --max_new_tokens 200
+    python bench/generate_throughput.py --preset tiny --device cpu --modes eager,graph,batch   # a CPU smoke check
+
+One random base with ``batch_size`` random adapters (random prompts, non-zero gates); batch-1 modes use adapter 0,
+the batch mode gives row i adapter i and a prompt of its own length, and checks each row's greedy tokens against
+that adapter alone at batch 1 (on a GPU also in float32, where kernels for 1 and 16 rows differ far less).
+The compiler starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR). The table comes last.
 """
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-import torch
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")  # before torch reads it
+os.environ["TRITON_CACHE_DIR"] = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "triton")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth, median, random_model  # noqa: E402
+from lit_adapter.adapter import AdapterGPT, adapter_state_dict  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.generation import compile_decode, decode_one_token, generate  # noqa: E402
+from lit_adapter.generation import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
+
+MODES = ("eager", "graph", "compiled", "batch")
 
 
-def run_generation(model, prompt: torch.Tensor, max_new_tokens: int, decode_fn) -> float:
-    """Seconds to generate ``max_new_tokens`` tokens (no EOS stop), prefill included."""
-    torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generation(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int, decode_fn: DecodeFn,
+                     start: Optional[float] = None) -> tuple[float, float, list[list[int]]]:
+    """Seconds to the first token and in all (from ``start``, default now), and each row's tokens, of one greedy
+    generation without stop ids."""
+    sync(model.embed.weight.device)
+    start = start or time.perf_counter()
+    first, steps = None, []
+    for step in generate_steps(model, prompts, max_new_tokens, temperature=0, decode_fn=decode_fn):
+        first = first or time.perf_counter() - start
+        steps.append(step)
+    sync(model.embed.weight.device)
+    return first, time.perf_counter() - start, [list(row) for row in zip(*steps)]
+
+
+def prepare(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int) -> None:
+    """A KV cache for ``prompts`` and ``max_new_tokens``, with adapter ``rows[b]`` in row b."""
+    model.set_kv_cache(len(prompts), max(p.numel() for p in prompts) + max_new_tokens)
+    model.select_adapters(rows)
+
+
+def measure(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int,
+            decode_fn: DecodeFn, repeats: int) -> dict:
+    """The first run from the loaded model (cache and warm-up included) and the median of ``repeats`` more."""
+    if model.embed.weight.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    n = sum(1 for _ in generate(model, prompt, max_new_tokens, temperature=0, decode_fn=decode_fn))
-    torch.cuda.synchronize()
-    assert n == max_new_tokens
-    return time.perf_counter() - start
+    prepare(model, prompts, rows, max_new_tokens)
+    first_token, first_run, tokens = timed_generation(model, prompts, max_new_tokens, decode_fn, start)
+    times = [timed_generation(model, prompts, max_new_tokens, decode_fn)[1] for _ in range(repeats)]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if model.embed.weight.is_cuda else 0.0
+    return {"batch": len(prompts), "tokens/s": len(prompts) * max_new_tokens / median(times),
+            "first token s": first_token, "first run s": first_run, "min s": min(times), "max s": max(times),
+            "tokens": tokens, "peak GiB": peak}
+
+
+def alone_at_batch_1(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of prompt i with adapter i, one prompt at a time (CUDA graph decoding)."""
+    model.set_kv_cache(1, max(p.numel() for p in prompts) + max_new_tokens)
+    decode_fn, tokens = GraphDecode(), []
+    for i, prompt in enumerate(prompts):
+        model.select_adapters([i])
+        tokens.append(timed_generation(model, [prompt], max_new_tokens, decode_fn)[2][0])
+    return tokens
+
+
+def random_adapters(model: AdapterGPT, n: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` adapters shaped like ``model``'s: unit-normal prompts, gates of standard deviation 0.1."""
+    return [{name: torch.randn_like(t) * (0.1 if name.endswith("gate") else 1.0)
+             for name, t in adapter_state_dict(model).items()} for _ in range(n)]
 
 
 def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int = 200, repeats: int = 5,
-         modes: str = "base-eager,adapter-eager,base-compiled,adapter-compiled") -> None:
-    """Measure tokens/s of batch-1 generation with random weights (bf16) on one GPU.
+         batch_size: int = 16, modes: str = ",".join(MODES), device: Optional[str] = None) -> None:
+    """Measure generation tokens/s with random weights (bf16 on a GPU, float32 on the CPU).
 
     Args:
         preset: Model preset (lit_adapter.config.PRESETS).
-        prompt_length: Prompt tokens.
-        max_new_tokens: Tokens generated per run.
+        prompt_length: Prompt tokens at batch 1; the batch's prompts have lengths from prompt_length - 7 up.
+        max_new_tokens: Tokens generated per row and run.
         repeats: Timed runs per mode (the median is reported), after one warm-up run.
-        modes: Comma-separated subset of base-eager, adapter-eager, base-compiled, adapter-compiled.
+        batch_size: Rows of the batch mode, each with its own adapter.
+        modes: Comma-separated subset of eager, graph, compiled (batch 1, adapter 0) and batch (graph, batch_size
+            adapters).
+        device: cuda or cpu (default: cuda where there is one).
     """
+    chosen = modes.split(",")
+    if set(chosen) - set(MODES) or prompt_length < 8:
+        raise SystemExit(f"modes must come from {', '.join(MODES)}; prompt_length at least 8")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
     config = Config.from_name(preset)
-    bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-    rows = []
-    for mode in modes.split(","):
-        kind, how = mode.split("-")
-        torch.manual_seed(0)
-        model = random_model(config, adapter=kind == "adapter").eval()
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        prompt = torch.randint(0, config.vocab_size, (prompt_length,), device="cuda")
-        model.set_kv_cache(batch_size=1, max_seq_length=prompt_length + max_new_tokens)
-        decode_fn = compile_decode() if how == "compiled" else decode_one_token
-        torch.cuda.reset_peak_memory_stats()
-        warmup = run_generation(model, prompt, max_new_tokens, decode_fn)
-        times = [run_generation(model, prompt, max_new_tokens, decode_fn) for _ in range(repeats)]
-        tokens_per_s = max_new_tokens / median(times)
-        if how == "compiled":
-            print(f"{mode} compile phases (s):", torch._dynamo.utils.compile_times(repr="str", aggregate=True))
-        rows.append((mode, tokens_per_s, weight_bytes * tokens_per_s / bandwidth, warmup,
-                     torch.cuda.max_memory_allocated() / 2**30, min(times), max(times)))
-        del model, decode_fn
-        torch._dynamo.reset()
-        torch.cuda.empty_cache()
-    print(f"\n{preset}, prompt {prompt_length}, {max_new_tokens} new tokens, median of {repeats} runs")
-    print(f"{'mode':18} {'tokens/s':>9} {'of BW limit':>11} {'first run s':>11} {'peak GiB':>9} {'min..max s':>14}")
-    for mode, tps, frac, warm, peak, lo, hi in rows:
-        print(f"{mode:18} {tps:9.1f} {frac:11.1%} {warm:11.1f} {peak:9.2f} {lo:6.3f}..{hi:6.3f}")
+    model = adapter_model(config, batch_size, device, torch.bfloat16 if on_cuda else torch.float32)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth() if on_cuda else None
+    name = f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s" if on_cuda else "CPU"
+    print(f"{name}, torch {torch.__version__}, inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+
+    prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    decoders = {"eager": decode_one_token, "graph": GraphDecode(), "compiled": compile_decode()}
+    results, checks = {}, []
+    for mode in [m for m in MODES if m in chosen and m != "batch"]:
+        results[mode] = measure(model, [prompt], [0], max_new_tokens, decoders[mode], repeats)
+        if mode == "compiled":
+            print("compile phases (s):", torch._dynamo.utils.compile_times(repr="str", aggregate=True))
+            torch._dynamo.reset()
+    if "batch" in chosen:
+        prompts = [torch.randint(0, config.vocab_size, (prompt_length - i % 8,)) for i in range(batch_size)]
+        results["batch"] = measure(model, prompts, list(range(batch_size)), max_new_tokens, GraphDecode(), repeats)
+        checks.append(equality(str(model.embed.weight.dtype), results["batch"]["tokens"],
+                               alone_at_batch_1(model, prompts, max_new_tokens)))
+        if on_cuda:  # float32 as well: bf16 kernels for 1 and 16 rows may round differently (not a batching error)
+            del model
+            torch.cuda.empty_cache()
+            exact = adapter_model(config, batch_size, device, torch.float32)
+            start = time.perf_counter()
+            prepare(exact, prompts, list(range(batch_size)), max_new_tokens)
+            batched = timed_generation(exact, prompts, max_new_tokens, GraphDecode(), start)[2]
+            checks.append(equality("torch.float32", batched, alone_at_batch_1(exact, prompts, max_new_tokens)))
+    print_table(results, preset, prompt_length, max_new_tokens, repeats, weight_bytes, bandwidth)
+    for line in checks:
+        print(line)
+
+
+def adapter_model(config: Config, n_adapters: int, device: torch.device, dtype: torch.dtype) -> AdapterGPT:
+    """The random base (seed 0) in ``dtype`` with ``n_adapters`` random adapters registered."""
+    torch.manual_seed(0)
+    model = random_model(config, adapter=True, device=device, dtype=dtype).eval()
+    model.register_adapters(random_adapters(model, n_adapters))
+    return model
+
+
+def equality(label: str, batched: list[list[int]], alone: list[list[int]]) -> str:
+    """A line: how many batch rows have exactly the greedy tokens of their adapter alone, and where others differ."""
+    differ = {i: next(t for t, (a, b) in enumerate(zip(row, single)) if a != b)
+              for i, (row, single) in enumerate(zip(batched, alone)) if row != single}
+    return (f"{label}: batch rows equal to their adapter alone at batch 1 (greedy): {len(batched) - len(differ)}"
+            f"/{len(batched)}" + (f"; first differing step by row: {differ}" if differ else ""))
+
+
+def print_table(results: dict, preset: str, prompt_length: int, max_new_tokens: int, repeats: int,
+                weight_bytes: int, bandwidth: Optional[float]) -> None:
+    print(f"\n{preset} + adapter, prompt {prompt_length}, {max_new_tokens} new tokens, median of {repeats} runs; "
+          "first token: from the loaded model (cache, prefill, capture or compile included)")
+    print(f"{'mode':9} {'batch':>5} {'tokens/s':>9} {'of BW limit':>11} {'first token s':>13} {'first run s':>11} "
+          f"{'min..max s':>14} {'peak GiB':>8}")
+    for mode, r in results.items():
+        limit = f"{weight_bytes * r['tokens/s'] / r['batch'] / bandwidth:11.1%}" if bandwidth else f"{'-':>11}"
+        print(f"{mode:9} {r['batch']:5d} {r['tokens/s']:9.1f} {limit} {r['first token s']:13.2f} "
+              f"{r['first run s']:11.1f} {r['min s']:6.3f}..{r['max s']:6.3f} {r['peak GiB']:8.2f}")
+    if "batch" in results and "graph" in results:
+        print(f"batch {results['batch']['batch']} / batch 1 (graph): "
+              f"{results['batch']['tokens/s'] / results['graph']['tokens/s']:.1f}x total tokens/s")
 
 
 if __name__ == "__main__":

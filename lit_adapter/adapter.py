@@ -6,20 +6,25 @@ their own, and the result is added to the attention output through a gate per he
 so training starts from exactly the base model. Only prompts and gates train.
 """
 
-from typing import Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.config import Config
+from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, CausalSelfAttention, KVCache
 
 ADAPTER_PARAM_PREFIX = "adapter_"
 
 
 class AdapterAttention(CausalSelfAttention):
-    """Causal self-attention plus gated attention over learnable prompts."""
+    """Causal self-attention plus gated attention over learnable prompts.
+
+    For generation, the rows of a batch may each use another adapter: ``register_adapters`` stacks several adapters'
+    prompts and gates, ``select_adapters`` picks one per row, and the prompt cache holds each row's keys/values.
+    """
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -28,57 +33,72 @@ class AdapterAttention(CausalSelfAttention):
         self.adapter_gate = nn.Parameter(torch.zeros(config.n_head))
         self.prompt_cache: Optional[KVCache] = None
         self.prompt_cache_filled = False
+        self.served: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        """Registered adapters for generation: prompts (A, P, C) and gates (A, H); None serves this layer's own."""
+        self.row_adapters: Optional[torch.Tensor] = None
+        """Each row's adapter index (B,) into ``adapter_table``; None: adapter 0 for every row."""
 
     def reset_parameters(self) -> None:
         """Fresh prompts and zero gates (the projections are child modules with their own initialisation)."""
         nn.init.normal_(self.adapter_prompt)
         nn.init.zeros_(self.adapter_gate)
 
-    def prompt_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the prompts (computed in ``dtype``), gate folded into the values: each
-        (1, H, prompt_length, D). They come from the layer's own frozen projection, whatever form it takes (FP8)."""
-        k, v = self.qkv(self.adapter_prompt.to(dtype))[:, self.q_size:].split(self.kv_size, dim=-1)
-        heads = self.config.n_head
-        k = k.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
-        v = v.view(1, -1, self.config.n_kv_head, self.config.head_dim).transpose(1, 2)
-        k = k.repeat_interleave(heads // self.config.n_kv_head, dim=1)
-        v = v.repeat_interleave(heads // self.config.n_kv_head, dim=1)
+    def prompt_kv(self, prompts: torch.Tensor, gates: torch.Tensor,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of A adapters' prompts (A, P, C), gates (A, H) folded into the values: each (A, H, P, D),
+        computed in ``dtype`` by the layer's own frozen projection, whatever form it takes (FP8)."""
+        k, v = self.qkv(prompts.to(dtype))[..., self.q_size:].split(self.kv_size, dim=-1)
+        A, H, G, D = prompts.size(0), self.config.n_head, self.config.n_kv_head, self.config.head_dim
+        k = k.view(A, -1, G, D).transpose(1, 2).repeat_interleave(H // G, dim=1)
+        v = v.view(A, -1, G, D).transpose(1, 2).repeat_interleave(H // G, dim=1)
         # gate_h * softmax(q k^T) v == softmax(q k^T) (gate_h * v)
-        return k, v * self.adapter_gate.to(v.dtype).view(1, heads, 1, 1)
+        return k, v * gates.to(v.dtype).view(A, H, 1, 1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         y = super().attend(q, k, v, mask)
         if self.kv_cache is None:
-            prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in self.prompt_kv(q.dtype))
+            own = self.prompt_kv(self.adapter_prompt[None], self.adapter_gate[None], q.dtype)
+            prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in own)
         else:
             prompt_k, prompt_v = self.generation_prompt_kv()
         return y + F.scaled_dot_product_attention(q, prompt_k, prompt_v)
 
+    def adapter_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (A + 1, P, C) and gates (A + 1, H) to pick from: the served adapters, then the base (zero gates)."""
+        prompts, gates = self.served or (self.adapter_prompt[None], self.adapter_gate[None])
+        return torch.cat([prompts, prompts[:1]]), torch.cat([gates, torch.zeros_like(gates[:1])])
+
     def generation_prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt keys/values, computed once per generation (at the first forward after ``set_kv_cache``).
+        """Each row's prompt keys/values, computed once per generation (at the first forward after ``set_kv_cache``).
 
         Computing them inside the forward pass, not in ``set_kv_cache``, lets sharded (FSDP) weights be gathered;
-        keeping them in preallocated buffers gives a compiled decoding step fixed addresses (no copies per step).
-        Training never comes here (it has no KV cache), so the prompts keep learning.
+        keeping them in preallocated buffers gives a compiled or captured decoding step fixed addresses (no copies
+        per step). Training never comes here (it has no KV cache), so the prompts keep learning.
         """
         if not self.prompt_cache_filled:
             with torch.no_grad():
-                k, v = self.prompt_kv(self.prompt_cache.k.dtype)
-                self.prompt_cache.k.copy_(k.expand_as(self.prompt_cache.k))
-                self.prompt_cache.v.copy_(v.expand_as(self.prompt_cache.v))
+                k, v = self.prompt_kv(*self.adapter_table(), self.prompt_cache.k.dtype)
+                rows = 0 if self.row_adapters is None else self.row_adapters
+                self.prompt_cache.k.copy_(k[rows])
+                self.prompt_cache.v.copy_(v[rows])
             self.prompt_cache_filled = True
         return self.prompt_cache.k, self.prompt_cache.v
+
+    def select_adapters(self, rows: Optional[torch.Tensor]) -> None:
+        """Give row b the adapter ``rows[b]`` from the next forward on (None: adapter 0 for every row)."""
+        self.row_adapters = rows
+        self.prompt_cache_filled = False
 
     def set_kv_cache(self, batch_size: int, max_seq_length: int, device: torch.device, dtype: torch.dtype) -> None:
         super().set_kv_cache(batch_size, max_seq_length, device, dtype)
         c = self.config
         self.prompt_cache = KVCache(batch_size, c.adapter_prompt_length, c.n_head, c.head_dim, device, dtype)
-        self.prompt_cache_filled = False
+        self.select_adapters(None)
 
     def clear_kv_cache(self) -> None:
         super().clear_kv_cache()
         self.prompt_cache = None
-        self.prompt_cache_filled = False
+        self.select_adapters(None)
 
 
 class AdapterGPT(GPT):
@@ -91,9 +111,35 @@ class AdapterGPT(GPT):
 
     def reset_adapter(self) -> None:
         """Fresh prompts and zero gates in every adapted layer."""
-        for module in self.modules():
+        for module in self.adapted_layers():
+            module.reset_parameters()
+
+    def adapted_layers(self) -> Iterator[AdapterAttention]:
+        return (module for module in self.modules() if isinstance(module, AdapterAttention))
+
+    @property
+    def n_adapters(self) -> int:
+        """How many adapters generation serves (the registered ones, else the model's own); this index is the base."""
+        return next((len(m.served[0]) for m in self.adapted_layers() if m.served is not None), 1)
+
+    def register_adapters(self, state_dicts: list[dict[str, torch.Tensor]]) -> None:
+        """Serve these adapters (``adapter_state_dict`` keys) together in generation, instead of the model's own."""
+        device = self.embed.weight.device
+        for name, module in self.named_modules():
             if isinstance(module, AdapterAttention):
-                module.reset_parameters()
+                prompts, gates = ([sd[f"{name}.{ADAPTER_PARAM_PREFIX}{kind}"] for sd in state_dicts]
+                                  for kind in ("prompt", "gate"))
+                module.served = (torch.stack(prompts).to(device, torch.float32),
+                                 torch.stack(gates).to(device, torch.float32))
+
+    def select_adapters(self, rows: Sequence[int]) -> None:
+        """Row b of the next generation uses adapter ``rows[b]`` (``n_adapters``: the base); after ``set_kv_cache``."""
+        if any(not 0 <= i <= self.n_adapters for i in rows):
+            raise UserError(f"adapter indices {list(rows)} out of range: {self.n_adapters} adapters, "
+                            f"{self.n_adapters} is the base model")
+        index = torch.tensor(list(rows), device=self.embed.weight.device)
+        for module in self.adapted_layers():
+            module.select_adapters(index)
 
 
 def is_adapter_param(name: str) -> bool:

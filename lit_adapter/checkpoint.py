@@ -278,10 +278,16 @@ def adapter_prompt_style(path: Path) -> PromptStyle:
         raise UserError(f"{path}: {err}") from None
 
 
-def load_adapter(model: GPT, path: Path) -> None:
-    """Load an adapter file into ``model`` strictly: every adapter key present, no other key, same shapes."""
+def read_adapter(model: GPT, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter file, checked strictly against ``model``: every adapter key, no other, same shapes."""
     state_dict = read_safetensors(path)
     check_state_dict(type(model), model.config, shapes_of(state_dict), source=str(path), only_adapter=True)
+    return state_dict
+
+
+def load_adapter(model: GPT, path: Path) -> None:
+    """Load an adapter file into ``model``'s adapter parameters (checked as by ``read_adapter``)."""
+    state_dict = read_adapter(model, path)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state_dict:

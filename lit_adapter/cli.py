@@ -1,5 +1,6 @@
 """Running a typed function as a command-line tool (jsonargparse), with user errors reported in one line."""
 
+import json
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
@@ -35,10 +36,27 @@ def exit_on_user_error(out_of_memory_hint: str = OUT_OF_MEMORY_HINT) -> Iterator
         sys.exit(EXIT_INTERRUPTED)
 
 
-def run_cli(function: Callable, args: Optional[list[str]] = None) -> Any:
-    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``) and call it."""
+def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: tuple[str, ...] = ()) -> Any:
+    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``) and call it.
+
+    Each of ``list_options`` (e.g. ``--adapter_path``) may be followed by several values, which become one list.
+    """
+    args = sys.argv[1:] if args is None else args
+    for option in list_options:
+        args = gather_values(args, option)
     with exit_on_user_error():
         return CLI(function, as_positional=False, args=args)
+
+
+def gather_values(args: list[str], option: str) -> list[str]:
+    """``option a b c`` (values up to the next ``--`` option) as ``option ["a", "b", "c"]``, a list to the parser."""
+    if option not in args:
+        return args
+    start = args.index(option) + 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+    if end - start < 2:
+        return args
+    return args[:start] + [json.dumps(args[start:end])] + args[end:]
 
 
 def out_of_memory_message(err: BaseException, hint: str) -> str:

@@ -108,7 +108,7 @@ PAPER_ADAPTED_SHARE = 30 / 32
 
 def paper_start_layer(n_layer: int) -> int:
     """The first adapted layer when the paper's share of the top layers is adapted (at least one layer)."""
-    return n_layer - max(1, round(PAPER_ADAPTED_SHARE * n_layer)) if n_layer else 0
+    return n_layer - max(1, int(PAPER_ADAPTED_SHARE * n_layer)) if n_layer else 0
 
 
 def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:

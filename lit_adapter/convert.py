@@ -315,8 +315,7 @@ def swiglu_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[
 def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> Config:
     """The preset of this shape (with ``block_size`` if known), else a config named "custom"."""
     try:
-        config = Config(name="custom", block_size=block_size or DEFAULT_BLOCK_SIZE,
-                        adapter_start_layer=min(Config.adapter_start_layer, shape["n_layer"]), **shape)
+        config = Config(name="custom", block_size=block_size or DEFAULT_BLOCK_SIZE, **shape)
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
     for preset in PRESETS.values():

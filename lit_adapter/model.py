@@ -35,9 +35,12 @@ def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs (x[2i], x[2i+1]) of each head of x (B, T, heads, D) by ``rope`` (T, D/2, 2)."""
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of each head of x (B, T, heads, D) by ``rope``.
+
+    ``rope`` is (T, D/2, 2) when all rows share their positions, (B, T, D/2, 2) when each row has its own.
+    """
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = rope[:, None, :, :1], rope[:, None, :, 1:]
+    cos, sin = rope[..., None, :, :1], rope[..., None, :, 1:]
     # (a, b) -> (a cos - b sin, b cos + a sin)
     swapped = torch.cat([-pairs[..., 1:], pairs[..., :1]], dim=-1)
     return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
@@ -54,9 +57,10 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, G, T, D) at ``input_pos`` and return the whole cache."""
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        """Write k, v (B, G, T, D) at ``input_pos`` ((T,) for every row or (B, T) per row); return the whole cache."""
+        index = input_pos.view(-1, 1, input_pos.size(-1), 1).expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
         return self.k, self.v
 
 
@@ -152,7 +156,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with a KV cache, ``input_pos`` gives their positions.
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with a KV cache, ``input_pos`` gives their positions:
+        (T,) shared by all rows, or (B, T) for rows at different positions (a batch of prompts of different lengths).
 
         ``return_hidden`` returns the final-norm hidden states instead, for a loss that computes logits in chunks.
         """
@@ -164,7 +169,8 @@ class GPT(nn.Module):
         else:
             if self.mask_cache is None:
                 raise RuntimeError("input_pos needs a KV cache: call set_kv_cache() first")
-            rope, mask = self.rope_cache[input_pos], self.mask_cache[None, None, input_pos]
+            rope = self.rope_cache[input_pos]
+            mask = self.mask_cache[input_pos].view(-1, 1, T, self.mask_cache.size(-1))  # (1 or B, 1, T, S)
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():

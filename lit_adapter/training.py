@@ -279,7 +279,7 @@ def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + max_new_tokens)
     try:
         with torch.compiler.set_stance("force_eager"):
-            ids = list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=tokenizer.eos_id))
+            ids = list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids={tokenizer.eos_id}))
     finally:
         model.clear_kv_cache()
     return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])

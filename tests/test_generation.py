@@ -7,10 +7,14 @@ tests/test_convert.py.
 
 import copy
 import io
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +22,12 @@ import torch.nn as nn
 
 from conftest import ROOT, shared_file
 from lit_adapter import generation
-from lit_adapter.adapter import AdapterGPT
+from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generation import compile_decode, decode_one_token, generate, sample, stream_text
+from lit_adapter.generation import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
+                                    stream_text)
 from lit_adapter.model import GPT
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.tokenizer import Tokenizer
@@ -72,6 +77,126 @@ def test_compiled_greedy_decoding_equals_eager_and_ignores_stale_cache(model_cla
     assert dirty == list(generate(model, other_prompt, 25, temperature=0))
     assert dirty == uncached_greedy(model, other_prompt, 25)
 
+    # the captured step (on CPU its replay runs eagerly on the captured buffers), captured again for a new cache
+    graph = CountingGraphDecode()
+    assert list(generate(model, prompt, new_tokens, temperature=0, decode_fn=graph)) == eager
+    assert list(generate(model, other_prompt, 25, temperature=0, decode_fn=graph)) == dirty
+    assert graph.captures == 1
+    model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
+    assert list(generate(model, prompt, new_tokens, temperature=0, decode_fn=graph)) == eager
+    assert graph.captures == 2
+
+
+class CountingGraphDecode(GraphDecode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.captures = 0
+
+    def capture(self, *args) -> None:
+        self.captures += 1
+        super().capture(*args)
+
+
+# ---------------------------------------------------------------- batches and several adapters
+
+
+def random_adapters(model: AdapterGPT, n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """``n`` adapters for ``model`` with random prompts and clearly non-zero gates."""
+    generator = torch.Generator().manual_seed(seed)
+    return [{name: torch.randn(t.shape, generator=generator) for name, t in adapter_state_dict(model).items()}
+            for _ in range(n)]
+
+
+def alone(model: AdapterGPT, adapter: dict[str, torch.Tensor] | None) -> GPT:
+    """A separate model holding only ``adapter`` as its own parameters (None: a plain base model)."""
+    base = {k: v for k, v in model.state_dict().items() if not is_adapter_param(k)}
+    single = GPT(model.config) if adapter is None else AdapterGPT(model.config)
+    single.load_state_dict({**base, **(adapter or {})})
+    return single.eval()
+
+
+def one_by_one(models: list[GPT], prompts: list[torch.Tensor], new_tokens: int) -> list[list[int]]:
+    outputs = []
+    for model, prompt in zip(models, prompts):
+        model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
+        outputs.append(list(generate(model, prompt, new_tokens, temperature=0)))
+    return outputs
+
+
+PROMPT_LENGTHS = [7, 1, 12, 3, 9]
+
+
+def random_prompts(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY.vocab_size, (n,), generator=generator) for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("model_class", [AdapterGPT, GPT])
+def test_batched_greedy_equals_one_by_one_for_prompts_of_different_lengths(model_class):
+    model = random_model(model_class, TINY, seed=4)
+    prompts = random_prompts(seed=1)
+    new_tokens = 30
+    expected = one_by_one([model] * len(prompts), prompts, new_tokens)
+    assert all(len(set(tokens)) > 5 for tokens in expected)
+    model.set_kv_cache(batch_size=len(prompts), max_seq_length=max(PROMPT_LENGTHS) + new_tokens)
+    assert generate_batch(model, prompts, new_tokens, temperature=0) == expected
+    # the logits, too: the right-padded prefill and one step with each row at its own position
+    T = max(PROMPT_LENGTHS)
+    padded = torch.stack([torch.cat([p, torch.zeros(T - p.numel(), dtype=torch.long)]) for p in prompts])
+    next_tokens = torch.tensor([[tokens[0]] for tokens in expected])
+    with torch.no_grad():
+        prefill = model(padded, torch.arange(T))
+        step = model(next_tokens, torch.tensor(PROMPT_LENGTHS)[:, None])
+        for row, prompt in enumerate(prompts):
+            model.set_kv_cache(batch_size=1, max_seq_length=T + 1)
+            alone = model(prompt[None], torch.arange(prompt.numel()))[0]
+            torch.testing.assert_close(prefill[row, :prompt.numel()], alone)
+            torch.testing.assert_close(step[row], model(next_tokens[row:row + 1], torch.tensor([prompt.numel()]))[0])
+
+
+def test_batch_stops_each_row_at_its_own_stop_id_and_limit():
+    model = random_model(GPT, TINY, seed=4)
+    prompts = random_prompts(seed=1)[:3]
+    free = one_by_one([model] * 3, prompts, 20)
+    stop = free[0][6]  # row 0 stops at its 7th token; rows 1 and 2 where this token comes, if it does
+    # each row's prompt + its own limit fits (7 + 20, 1 + 20, 12 + 4), the longest prompt + the largest limit does not
+    model.set_kv_cache(batch_size=3, max_seq_length=27)
+    out = generate_batch(model, prompts, [20, 20, 4], temperature=0, stop_ids={stop, 10_000})
+    for row, (tokens, limit) in enumerate(zip(free, [20, 20, 4])):
+        end = min(tokens.index(stop) + 1 if stop in tokens else limit, limit)
+        assert out[row] == tokens[:end], row
+    assert len(out[0]) == free[0].index(stop) + 1 <= 7 and len(out[2]) == 4
+    with pytest.raises(UserError, match=r"prompt \(12 tokens\) \+ max_new_tokens \(16\) exceed the KV cache \(27\)"):
+        generate_batch(model, prompts, [20, 20, 16], temperature=0)
+
+
+def test_a_batch_mixing_adapters_and_the_base_equals_each_alone():
+    model = random_model(AdapterGPT, TINY, seed=6)
+    adapters = random_adapters(model, 3, seed=2)
+    prompts = random_prompts(seed=3)
+    rows = [2, 0, 3, 1, 2]  # 3: the base model
+    new_tokens = 25
+    singles = [alone(model, adapters[i] if i < 3 else None) for i in range(4)]
+    expected = one_by_one([singles[i] for i in rows], prompts, new_tokens)
+    assert len({tuple(expected[0]), tuple(expected[4])}) == 2  # same adapter, different prompts
+    assert len({tuple(one_by_one([m], prompts[:1], 10)[0]) for m in singles}) == 4  # the adapters really differ
+
+    model.register_adapters(adapters)
+    assert model.n_adapters == 3
+    model.set_kv_cache(batch_size=len(prompts), max_seq_length=max(PROMPT_LENGTHS) + new_tokens)
+    batched = {}
+    for name, decode_fn in [("eager", decode_one_token), ("graph", GraphDecode()), ("compiled", compile_decode())]:
+        model.select_adapters(rows)
+        batched[name] = generate_batch(model, prompts, new_tokens, temperature=0, decode_fn=decode_fn)
+        assert batched[name] == expected, name
+    # another batch on the same cache: other adapters per row
+    model.select_adapters([3, 3, 1, 0, 0])
+    assert generate_batch(model, prompts, new_tokens, temperature=0) == one_by_one(
+        [singles[i] for i in [3, 3, 1, 0, 0]], prompts, new_tokens)
+    with pytest.raises(UserError, match=r"adapter indices \[0, 4\] out of range: 3 adapters, 3 is the base model"):
+        model.select_adapters([0, 4])
+
+
 
 # ---------------------------------------------------------------- stopping
 
@@ -89,9 +214,9 @@ class ScriptedModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         assert idx.shape == (1, input_pos.numel())
-        self.fed.append(input_pos.tolist())
+        self.fed.append(input_pos.flatten().tolist())
         logits = torch.randn(1, idx.size(1), self.vocab_size)
-        for t, pos in enumerate(input_pos.tolist()):
+        for t, pos in enumerate(input_pos.flatten().tolist()):
             logits[0, t, self.script[pos]] = 100.0
         return logits
 
@@ -110,7 +235,7 @@ def test_generate_stops_right_after_eos(temperature, top_k):
         decode_calls.append(args[2].item())
         return decode_one_token(*args)
 
-    tokens = generate(model, prompt, 8, temperature=temperature, top_k=top_k, eos_id=EOS, decode_fn=decode)
+    tokens = generate(model, prompt, 8, temperature=temperature, top_k=top_k, stop_ids={EOS}, decode_fn=decode)
     assert list(tokens) == [5, 6, 7, EOS]
     assert model.fed[0] == [0, 1, 2, 3]  # the prompt in one pass, then one position at a time
     assert model.fed[1:] == [[p] for p in range(4, 4 + len(model.fed) - 1)]
@@ -122,13 +247,13 @@ def test_generate_never_yields_more_than_max_new_tokens():
     prompt = torch.tensor([1, 4])
     for max_new_tokens in (1, 2, 7):
         model.fed.clear()
-        assert list(generate(model, prompt, max_new_tokens, temperature=0, eos_id=EOS)) == [3] * max_new_tokens
+        assert list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids={EOS})) == [3] * max_new_tokens
         assert len(model.fed) == max_new_tokens  # prefill + max_new_tokens - 1 steps: no step wasted
     # EOS exactly at the limit is yielded; EOS after the limit is never reached
     model = ScriptedModel([0, 5, 6, EOS, 7])
-    assert list(generate(model, prompt, 3, temperature=0, eos_id=EOS)) == [5, 6, EOS]
-    assert list(generate(model, prompt, 2, temperature=0, eos_id=EOS)) == [5, 6]
-    assert list(generate(model, prompt, 3, temperature=0, eos_id=None)) == [5, 6, EOS]
+    assert list(generate(model, prompt, 3, temperature=0, stop_ids={EOS})) == [5, 6, EOS]
+    assert list(generate(model, prompt, 2, temperature=0, stop_ids={EOS})) == [5, 6]
+    assert list(generate(model, prompt, 3, temperature=0, stop_ids=())) == [5, 6, EOS]
 
 
 def test_generate_stops_at_eos_on_a_real_model():
@@ -138,7 +263,7 @@ def test_generate_stops_at_eos_on_a_real_model():
     free = list(generate(model, prompt, 40, temperature=0))
     # pick as EOS a token the greedy continuation first produces at step k > 0
     k = next(i for i in range(5, 40) if free[i] not in free[:i])
-    assert list(generate(model, prompt, 40, temperature=0, eos_id=free[k])) == free[:k + 1]
+    assert list(generate(model, prompt, 40, temperature=0, stop_ids={free[k]})) == free[:k + 1]
 
 
 def test_generate_refuses_more_tokens_than_the_cache_holds():
@@ -371,3 +496,109 @@ def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories):
     assert re.fullmatch(r"error: the prompt is \d+ tokens; with max_new_tokens=10 it exceeds the model's context "
                         r"of 512 tokens", errors[0]), errors[0]
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- several adapters, request files, chat
+
+
+@pytest.fixture(scope="module")
+def story_adapter(stories) -> Path:
+    """An adapter for stories260K with random, clearly non-zero gates (answers differ from the base model's)."""
+    torch.manual_seed(0)
+    model = load_model(stories["checkpoint"], adapter=True)
+    with torch.no_grad():
+        for attn in model.adapted_layers():
+            attn.adapter_gate.normal_(0.0, 2.0)
+    path = stories["checkpoint"].parent / "story.safetensors"
+    save_adapter(path, model, model.config)
+    return path
+
+
+def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stories, story_adapter, tmp_path):
+    zero = tmp_path / "zero.safetensors"
+    shutil.copyfile(stories["adapter"], zero)
+    paths = {"story": story_adapter, "zero": zero, None: None}
+    requests = [{"prompt": "Tell me a story about a dog.", "adapter": "story"},
+                {"prompt": "Write about the sea.", "adapter": "zero", "max_new_tokens": 12},
+                {"prompt": "Once upon a time"},
+                {"prompt": "Lily had a red ball.", "adapter": "story", "max_new_tokens": 40},
+                {"prompt": "Tell me a story about a dog.", "adapter": "story", "temperature": 0.9, "top_k": 20},
+                {"prompt": "Once upon a time there was", "adapter": None}]
+    requests_path = tmp_path / "requests.jsonl"
+    requests_path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    output = tmp_path / "answers.jsonl"
+    result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
+                 str(story_adapter), str(zero), "--requests_path", str(requests_path), "--output_path", str(output),
+                 "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and re.search(r"6 requests, \d+ tokens in", result.stderr), result.stderr
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [a["prompt"] for a in answers] == [r["prompt"] for r in requests]
+    assert [a["adapter"] for a in answers] == [r.get("adapter") for r in requests]
+    assert [a["max_new_tokens"] for a in answers] == [30, 12, 30, 40, 30, 30]
+    assert answers[4]["temperature"] == 0.9 and answers[4]["top_k"] == 20 and answers[4]["num_tokens"] > 0
+    for request, answer in zip(requests, answers):
+        if "temperature" in request:
+            continue
+        alone = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=paths[request.get("adapter")],
+                                prompt=request["prompt"], temperature=0,
+                                max_new_tokens=request.get("max_new_tokens", 30))
+        assert answer["response"] == alone[0], request
+    # zero gates answer as the base model does on the Alpaca text; the other adapter differs
+    assert answers[1]["response"] == reference_text(stories, alpaca_prompt("Write about the sea."), 12)[0]
+    assert answers[0]["response"] != reference_text(stories, alpaca_prompt("Tell me a story about a dog."), 30)[0]
+    assert answers[2]["response"] == reference_text(stories, "Once upon a time", 30)[0]
+
+
+def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_adapter, tmp_path):
+    tiny_adapter = tmp_path / "tiny.safetensors"
+    save_adapter(tiny_adapter, AdapterGPT(TINY), TINY)
+    shorter_config = replace(load_model(stories["checkpoint"]).config, adapter_prompt_length=3)
+    start = shorter_config.adapter_start_layer
+    shorter = tmp_path / "shorter.safetensors"
+    save_adapter(shorter, AdapterGPT(shorter_config), shorter_config)
+    requests_path = tmp_path / "requests.jsonl"
+    requests_path.write_text('{"prompt": "hi", "adapter": "story"}\n{"prompt": "hi", "adapter": "nope"}\n')
+    cases = [
+        ([str(story_adapter), str(tiny_adapter)],
+         rf"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5, "
+         r"n_head 4 vs 8, n_kv_head 2 vs 4, n_embd 32 vs 64, intermediate_size 64 vs 172, "
+         r"tie_embeddings False vs True"),
+        ([str(story_adapter), str(shorter)],
+         rf"error: {shorter} has adapter shape \{{'adapter_prompt_length': 3, 'adapter_start_layer': {start}\}} but "
+         rf"{story_adapter} has \{{'adapter_prompt_length': 10, 'adapter_start_layer': {start}\}}: adapters served together "
+         r"need the same shape"),
+        ([str(story_adapter), str(stories["adapter"]), "--requests_path", str(requests_path)],
+         r"error: unknown adapter 'nope'; loaded: story, zero_gates"),
+        ([str(story_adapter), "--adapter", "zero"], r"error: unknown adapter 'zero'; loaded: story"),
+    ]
+    bad_lines = [('{"prompt": "hi", "temperature": "hot"}', r"temperature must be numbers \(max_new_tokens and top_k "
+                  r"whole numbers\)"),
+                 ('{"prompt": "hi", "top_k": 2.5}',
+                  r"top_k must be numbers \(max_new_tokens and top_k whole numbers\)"),
+                 ('{"prompt": "hi", "max_tokens": 5}', r"unknown keys \['max_tokens'\]; known: prompt, adapter, "
+                  r"max_new_tokens, temperature, top_k, top_p"),
+                 ('{"prompt": "hi"', r"is not JSON: .*"),
+                 ('["hi"]', r'expected a JSON object with a "prompt"'),
+                 ('{"prompt": "hi", "max_new_tokens": 0}', r"max_new_tokens must be at least 1")]
+    for number, (line, message) in enumerate(bad_lines):
+        bad = tmp_path / f"bad{number}.jsonl"
+        bad.write_text('{"prompt": "fine"}\n' + line + "\n")
+        cases.append(([str(story_adapter), "--requests_path", str(bad)], rf"error: {bad} line 2:? {message}"))
+    for args, message in cases:
+        result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
+        assert result.returncode == 1 and result.stdout == "", result.stderr
+        assert re.fullmatch(message, result.stderr.strip()), result.stderr
+
+
+def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, monkeypatch, capsys):
+    first, second = "Tell me a story about a cat.", "What did the cat eat?"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{second}\n\nnot read\n"))
+    replies = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=stories["adapter"], interactive=True,
+                              temperature=0, max_new_tokens=25)
+    # zero gates: the base model's greedy continuation of the whole conversation in the Alpaca style
+    expected_first = reference_text(stories, alpaca_prompt(first), 25)[0]
+    conversation = alpaca_prompt(first) + expected_first + "\n\n" + alpaca_prompt(second)
+    expected_second = reference_text(stories, conversation, 25)[0]
+    assert replies == [expected_first, expected_second] and expected_first != expected_second
+    assert capsys.readouterr().out == f"{expected_first}\n{expected_second}\n"
