@@ -95,12 +95,12 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], out: Optional[TextIO] = None) -> list[int]:
-    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive (EOS not printed); return the ids."""
+    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop token (not printed); return the ids."""
     out = out or sys.stdout
     ids: list[int] = []
     printed = ""
     for token_id in tokens:
-        if token_id == tokenizer.eos_id:
+        if token_id in tokenizer.stop_ids:
             break
         ids.append(token_id)
         text = tokenizer.decode(ids)
@@ -131,7 +131,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
-        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer.model).
+        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer).
         prompt: The text to continue (with an adapter: the instruction, wrapped in the Alpaca template).
         adapter_path: Adapter file (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py.
         max_new_tokens: Most tokens to generate; generation stops earlier at the end-of-sequence token.
@@ -156,7 +156,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if adapter_path is not None:
         config = adapter_config(adapter_path, config)
     tokenizer = Tokenizer(checkpoint_dir)
-    prompt_ids = tokenizer.encode(prompt if adapter_path is None else alpaca_prompt(prompt), bos=True)
+    prompt_ids = tokenizer.encode(prompt if adapter_path is None else alpaca_prompt(prompt))
     if prompt_ids.numel() + max_new_tokens > config.block_size:
         raise UserError(f"the prompt is {prompt_ids.numel()} tokens; with max_new_tokens={max_new_tokens} it exceeds "
                         f"the model's context of {config.block_size} tokens")

@@ -51,7 +51,7 @@ class Tokenizer:
         self.eos_token: str = b.eos_token
         self.add_bos: bool = b.add_bos
         self.chat_template: Optional[str] = b.chat_template
-        self.stop_ids = frozenset({self.eos_id, *filter(None, map(b.token_to_id, END_OF_TURN_TOKENS))})
+        self.stop_ids = frozenset({self.eos_id} | {i for i in map(b.token_to_id, END_OF_TURN_TOKENS) if i is not None})
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
         """Token ids of ``text`` (int64); BOS leads where ``bos`` (default: ``add_bos``) unless the text starts with it."""

@@ -9,7 +9,7 @@ from lit_adapter.cli import run_cli
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.data import download_alpaca, load_alpaca_records, prepare_alpaca
 from lit_adapter.errors import UserError
-from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
+from lit_adapter.tokenizer import Tokenizer
 
 DEFAULT_MAX_SEQ_LENGTH = 512
 
@@ -22,8 +22,8 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
 
     Args:
         destination_dir: Where the files are written (and the downloaded alpaca_data.json kept).
-        checkpoint_dir: A converted checkpoint directory; its tokenizer.model and block_size are used.
-        tokenizer_path: A SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
+        checkpoint_dir: A converted checkpoint directory; its tokenizer and block_size are used.
+        tokenizer_path: A tokenizer.json or SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
         data_file: An Alpaca-format JSON list of {instruction, input, output} records. Default: download
             the Stanford Alpaca data to destination_dir/alpaca_data.json, or reuse it if already there.
         val_size: How many random samples go to the validation split.
@@ -34,9 +34,9 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
         skip_bad_records: Skip malformed records (with a count) instead of stopping at the first one.
     """
     if tokenizer_path is None and checkpoint_dir is None:
-        raise UserError("pass --checkpoint_dir (holding tokenizer.model) or --tokenizer_path")
+        raise UserError("pass --checkpoint_dir (holding the tokenizer) or --tokenizer_path")
     check_can_create(destination_dir, "--destination_dir")
-    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir / TOKENIZER_FILE)
+    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir)
     has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()
     block_size = Config.from_file(checkpoint_dir).block_size if has_config else None
     if max_seq_length is None:
