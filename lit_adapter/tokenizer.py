@@ -333,18 +333,17 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
     return parts
 
 
-def llama3_special_tokens(n_ranks: int, llama31: bool) -> dict[str, int]:
-    """The 256 special tokens after Meta's Llama 3 vocabulary (3.1 names three reserved ones)."""
-    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
-             9: "<|eot_id|>"}
-    if llama31:
-        names.update({4: "<|finetune_right_pad_id|>", 8: "<|eom_id|>", 10: "<|python_tag|>"})
+def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
+    """The 256 special tokens after Meta's Llama 3 vocabulary, named as in Llama 3.1 (3.0 leaves the three that
+    3.1 added, <|finetune_right_pad_id|>, <|eom_id|> and <|python_tag|>, reserved and never produces them)."""
+    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
+             7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
     reserved = (i for i in range(LLAMA3_SPECIAL_TOKENS) if i not in names)
     names.update({i: f"<|reserved_special_token_{n}|>" for n, i in enumerate(reserved)})
     return {name: n_ranks + i for i, name in names.items()}
 
 
-def llama3_tokenizer_files(path: Path, llama31: bool = False) -> TokenizerFiles:
+def llama3_tokenizer_files(path: Path) -> TokenizerFiles:
     """``tokenizer.json`` and ``tokenizer_config.json`` (Llama 3 chat format) for Meta's tiktoken file."""
     ranks = read_tiktoken(path)
     alphabet = bytes_to_unicode()
@@ -354,7 +353,7 @@ def llama3_tokenizer_files(path: Path, llama31: bool = False) -> TokenizerFiles:
 
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in tiktoken_merges(ranks)]
-    special = llama3_special_tokens(len(ranks), llama31)
+    special = llama3_special_tokens(len(ranks))
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
               "chat_template": LLAMA3_CHAT_TEMPLATE}
     return {TOKENIZER_JSON: byte_level_bpe(vocab, merges, "llama-bpe", special, ignore_merges=True),
