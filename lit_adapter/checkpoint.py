@@ -25,7 +25,7 @@ from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tokenizer import TokenizerFiles, save_tokenizer_files
+from lit_adapter.tokenizer import TokenizerFiles, save_tokenizer_files, tokenizer_files
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"
@@ -132,9 +132,10 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tokenizer: Optional[TokenizerFiles],
-                        output_dir: Path) -> None:
-    """Write a converted base model: weights, config and (if given) the tokenizer files."""
+def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config,
+                        tokenizer: Optional[Path | TokenizerFiles], output_dir: Path) -> None:
+    """Write a converted base model: weights, config and (if given) the tokenizer: its files, or a tokenizer file or
+    folder whose tokenizer files are copied."""
     output_dir = Path(output_dir)
     check_can_create(output_dir, "output directory")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tok
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
     config.save(output_dir)
     if tokenizer is not None:
-        save_tokenizer_files(tokenizer, output_dir)
+        save_tokenizer_files(tokenizer if isinstance(tokenizer, dict) else tokenizer_files(tokenizer), output_dir)
 
 
 def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

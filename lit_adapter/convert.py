@@ -103,8 +103,6 @@ def convert_meta(checkpoint_dir: Path, vocab_size: Optional[int] = None,
         raise UserError(f"{checkpoint_dir} holds no consolidated.*.pth shard")
     shards = [_tensor_dict(torch_load(path, mmap=True), path) for path in tqdm(shard_paths, desc="shards")]
     weights = merge_meta_shards(shards, shard_paths)
-    if "output.weight" not in weights:  # Llama 3.2 1B/3B: the head is the token embedding
-        config = make_config(str(params_path), config.block_size, **{**config.base_shape(), "tie_embeddings": True})
     return meta_to_lit(weights, config, str(checkpoint_dir), dtype), config
 
 

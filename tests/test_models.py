@@ -15,10 +15,10 @@ from test_convert import randomize_
 
 from lit_adapter.checkpoint import load_model, save_checkpoint_dir
 from lit_adapter.config import Config
-from lit_adapter.convert import convert_hf, hf_config
+from lit_adapter.convert import convert_hf, find_tokenizer, hf_config, meta_config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tokenizer import Tokenizer, save_tokenizer_files, tokenizer_files
+from lit_adapter.tokenizer import Tokenizer, save_tokenizer_files
 
 SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
@@ -38,11 +38,11 @@ LLAMA3_TEXTS = [
 
 @pytest.fixture(scope="session")
 def llama3_dirs(tmp_path_factory) -> dict[str, Path]:
-    """The released tokenizer.json, and the tiktoken tokenizer.model as conversion writes it into a checkpoint."""
+    """The released tokenizer.json, and the tiktoken tokenizer.model of a Meta download as conversion writes it."""
     released = shared_file("llama3_tokenizer/tokenizer.json")
-    converted = tmp_path_factory.mktemp("llama3_converted")
-    save_tokenizer_files(tokenizer_files(shared_file("llama3_tokenizer/tokenizer.model"), convert_tiktoken=True),
-                         converted)
+    meta_download, converted = tmp_path_factory.mktemp("llama3_meta"), tmp_path_factory.mktemp("llama3_converted")
+    (meta_download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+    save_tokenizer_files(find_tokenizer("meta", meta_download), converted)
     return {"released": released, "converted": converted}
 
 
@@ -121,7 +121,11 @@ def test_tiny_llama31_logits_match_transformers(tmp_path):
 
 
 def test_llama3_presets_are_found_from_their_shape():
-    assert Config.from_name("llama-3.1-8b").rope_scaling_factor == 8.0
+    params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+              "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}  # Meta's Llama 3 8B params.json
+    assert meta_config(params, None, "params.json").name == "llama-3-8b"
+    llama31 = meta_config({**params, "use_scaled_rope": True}, None, "params.json")
+    assert (llama31.name, llama31.rope_scaling_factor, llama31.block_size) == ("llama-3.1-8b", 8.0, 131072)
     hf = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
           "intermediate_size": 8192, "vocab_size": 128256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
           "max_position_embeddings": 131072, "rope_theta": 500000.0,
