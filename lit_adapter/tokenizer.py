@@ -36,11 +36,15 @@ class Tokenizer:
     """Text to token ids and back, with the BOS/EOS, stop tokens and chat template of the model's tokenizer."""
 
     def __init__(self, path: Path, files: Optional[TokenizerFiles] = None) -> None:
-        """``path``: a checkpoint directory or a tokenizer file; ``files``: its tokenizer files if already known."""
-        self.path = Path(path)
-        files = tokenizer_files(self.path) if files is None else files
+        """``path``: a checkpoint directory or a tokenizer file; ``files``: its tokenizer files if already known.
+
+        ``self.path`` is the main tokenizer file (tokenizer.json or tokenizer.model), or ``path`` when it was generated.
+        """
+        files = tokenizer_files(Path(path)) if files is None else files
+        main = files.get(TOKENIZER_JSON, files.get(TOKENIZER_FILE))
+        self.path = main if isinstance(main, Path) else Path(path)
         if TOKENIZER_JSON in files:
-            self.backend: Any = _HFBackend(self.path, files)
+            self.backend: Any = _HFBackend(Path(path), files)
         else:
             self.backend = _SentencePieceBackend(Path(files[TOKENIZER_FILE]))
         b = self.backend
@@ -179,8 +183,9 @@ class _HFBackend:
         from tokenizers import Tokenizer as HFTokenizer
 
         what = str(files[TOKENIZER_JSON]) if isinstance(files[TOKENIZER_JSON], Path) else f"{path} ({TOKENIZER_JSON})"
+        content = json.dumps(_read_json(files[TOKENIZER_JSON], what))
         try:
-            self.tokenizer = HFTokenizer.from_str(json.dumps(_read_json(files[TOKENIZER_JSON], what)))
+            self.tokenizer = HFTokenizer.from_str(content)
         except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
             raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
         config = _read_json(files[TOKENIZER_CONFIG], str(files[TOKENIZER_CONFIG])) if TOKENIZER_CONFIG in files else {}
