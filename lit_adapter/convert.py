@@ -23,6 +23,7 @@ from tqdm import tqdm
 from lit_adapter.checkpoint import preview_keys, read_safetensors, torch_load
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
+from lit_adapter.model import llama3_scaled_frequencies
 from lit_adapter.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, Tokenizer, TokenizerFiles,
                                    byte_level_bpe, tokenizer_files)
 
@@ -369,6 +370,7 @@ def convert_gguf(reader: Any, path: Path, vocab_size: Optional[int] = None,
 
     llama.cpp stores the query and key rows in Meta's interleaved rotary order, which is ours: they are kept.
     """
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     source = str(path)
@@ -376,8 +378,8 @@ def convert_gguf(reader: Any, path: Path, vocab_size: Optional[int] = None,
     config = gguf_config(reader, source, tied="output.weight" not in tensors)
     check_vocab_size(config, vocab_size, source)
     if "rope_freqs.weight" in tensors:
-        raise UserError(f"{source}: per-frequency RoPE factors (rope_freqs.weight, llama.cpp's form of Llama 3.1 "
-                        "scaling) are not supported; convert the model's Hugging Face folder with --format hf")
+        factors = torch.from_numpy(dequantize(tensors.pop("rope_freqs.weight").data, GGMLQuantizationType.F32).copy())
+        config = gguf_rope_scaling(reader, config, factors.flatten(), source)
     weights = {}
     for name, tensor in tqdm(tensors.items(), desc="tensors"):
         kind = tensor.tensor_type.name
@@ -414,6 +416,24 @@ def gguf_config(reader: Any, source: str, tied: bool) -> Config:
                        n_kv_head=int(gguf_value(reader, "llama.attention.head_count_kv", heads)), n_embd=dim,
                        intermediate_size=int(need("feed_forward_length")), norm_eps=eps,
                        rope_base=float(gguf_value(reader, "llama.rope.freq_base", 10000.0)), tie_embeddings=tied)
+
+
+def gguf_rope_scaling(reader: Any, config: Config, factors: torch.Tensor, source: str) -> Config:
+    """``config`` with the Llama 3.1 RoPE scaling that llama.cpp wrote as per-frequency ``factors``.
+
+    The factor is the largest one; the low/high frequency factors are Meta's 1 and 4, over the original context
+    recorded in the file (8192 if absent). Factors that this scaling does not reproduce are refused.
+    """
+    original = int(gguf_value(reader, "llama.rope.scaling.original_context_length", 8192))
+    fields = dict(rope_scaling_factor=float(factors.max()), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                  rope_original_max_positions=original)
+    scaled = replace(config, **fields)
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    expected = inv_freq / llama3_scaled_frequencies(inv_freq, scaled)
+    if factors.shape != expected.shape or not torch.allclose(factors, expected, rtol=1e-4):
+        raise UserError(f"{source}: its per-frequency RoPE factors (rope_freqs.weight) are not Llama 3.1's scaling, "
+                        "the only one supported; convert the model's Hugging Face folder with --format hf")
+    return make_config(source, block_size=config.block_size, **scaled.base_shape())
 
 
 def _gguf_name(name: str) -> str:

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, shared_file
-from test_convert import randomize_
+from test_convert import lit_to_meta, randomize_
 
 from lit_adapter.checkpoint import load_model, save_checkpoint_dir
 from lit_adapter.config import Config
-from lit_adapter.convert import convert_hf, find_tokenizer, hf_config, meta_config
+from lit_adapter.convert import (GGUF_LAYER_NAMES, GGUF_NAMES, convert, convert_hf, find_tokenizer, hf_config,
+                                 meta_config)
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
-from lit_adapter.tokenizer import Tokenizer, save_tokenizer_files
+from lit_adapter.model import GPT, llama3_scaled_frequencies
+from lit_adapter.tokenizer import Tokenizer, bytes_to_unicode, save_tokenizer_files
 
 SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
@@ -133,6 +134,93 @@ def test_llama3_presets_are_found_from_their_shape():
                            "original_max_position_embeddings": 8192}}
     assert hf_config(hf, "config.json").name == "llama-3.2-1b"
     assert hf_config({**hf, "rope_scaling": None}, "config.json").name == "custom"
+
+
+# ---- GGUF: tiny files written with the gguf package
+
+
+TINY_GGUF = Config("tiny-gguf", block_size=64, vocab_size=258, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                   intermediate_size=96, norm_eps=1e-5, rope_base=500000.0)
+
+
+def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: torch.Tensor | None = None) -> dict:
+    """A random model of ``config`` as a llama GGUF (matrices in ``tensor_type``, norms F32); its state dict."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    model = GPT(config)
+    randomize_(model)
+    untied = model.state_dict() if not config.tie_embeddings else {**model.state_dict(), "lm_head.weight": None}
+    meta = {k: v for k, v in lit_to_meta(untied, config).items() if v is not None}
+    gguf_names = {**{v: k for k, v in GGUF_NAMES.items()},
+                  **{f"layers.{i}.{v}.weight": f"blk.{i}.{k}.weight" for k, v in GGUF_LAYER_NAMES.items()
+                     for i in range(config.n_layer)}}
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_base)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([*bytes_to_unicode().values(), "ab", "<|end|>"])
+    writer.add_token_types([1] * 257 + [3])
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(257)
+    kind = GGMLQuantizationType[tensor_type]
+    for name, weight in meta.items():
+        array = weight.detach().numpy()
+        if array.ndim == 1 or kind == GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_names[name], array)
+        else:
+            writer.add_tensor(gguf_names[name], quantize(array, kind), raw_dtype=kind)
+    if rope_factors is not None:
+        writer.add_tensor("rope_freqs.weight", rope_factors.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_f32_weights_convert_exactly(tmp_path, tied):
+    config = replace(TINY_GGUF, tie_embeddings=tied)
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf", config, "F32")
+    state_dict, converted, files = convert("gguf", tmp_path / "tiny.gguf")
+    assert converted.base_shape() == config.base_shape()
+    assert state_dict.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state_dict[key], value), key
+    tokenizer = Tokenizer(tmp_path / "tiny.gguf", files)
+    assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id, tokenizer.add_bos) == (258, 257, None, False)
+    # the alphabet lists the printable bytes from "!" (33) first, so "c" (99) is token 66
+    assert tokenizer.encode("abc<|end|>").tolist() == [256, 66, 257]
+
+
+@pytest.mark.parametrize("tensor_type, tolerance", [("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.2)])
+def test_gguf_quantised_weights_and_llama31_rope_factors(tmp_path, tensor_type, tolerance):
+    scaled = replace(TINY_GGUF, rope_scaling_factor=8.0)
+    inv_freq = 1.0 / TINY_GGUF.rope_base ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    factors = inv_freq / llama3_scaled_frequencies(inv_freq, scaled)
+    assert factors.min() == 1 and factors.max() == 8 and ((factors > 1) & (factors < 8)).any()
+    expected = write_tiny_gguf(tmp_path / "tiny.gguf", TINY_GGUF, tensor_type, rope_factors=factors)
+    state_dict, converted, _ = convert("gguf", tmp_path / "tiny.gguf")
+    assert (converted.rope_scaling_factor, converted.rope_low_freq_factor, converted.rope_high_freq_factor,
+            converted.rope_original_max_positions) == (8.0, 1.0, 4.0, 8192)
+    for key, value in expected.items():
+        if value.dim() == 1:  # norms stay F32
+            assert torch.equal(state_dict[key], value), key
+        else:
+            assert 0 < (state_dict[key] - value).abs().max() <= tolerance * value.abs().max(), key
+
+    write_tiny_gguf(tmp_path / "odd.gguf", TINY_GGUF, "F32", rope_factors=factors.flip(0))
+    with pytest.raises(UserError, match=r"odd\.gguf: its per-frequency RoPE factors \(rope_freqs\.weight\) are not "
+                                        r"Llama 3\.1's scaling, the only one supported; convert the model's"):
+        convert("gguf", tmp_path / "odd.gguf")
 
 
 # ---- SmolLM2-135M-Instruct GGUF: ours against transformers
