@@ -1,4 +1,4 @@
-"""Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories, a tiny test model)."""
+"""Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories, tiny)."""
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path

@@ -133,6 +133,11 @@ def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
             destination.write_bytes(Path(source).read_bytes())
 
 
+def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:
+    """How messages name tokenizer file ``name``: its path, or ``path`` (the source) for a generated one."""
+    return str(files[name]) if isinstance(files[name], Path) else f"{path} ({name})"
+
+
 def _read_text(source: "Path | str") -> str:
     return Path(source).read_text() if isinstance(source, Path) else source
 
@@ -182,13 +187,14 @@ class _HFBackend:
     def __init__(self, path: Path, files: TokenizerFiles) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        what = str(files[TOKENIZER_JSON]) if isinstance(files[TOKENIZER_JSON], Path) else f"{path} ({TOKENIZER_JSON})"
+        what = _name_of(files, TOKENIZER_JSON, path)
         content = json.dumps(_read_json(files[TOKENIZER_JSON], what))
         try:
             self.tokenizer = HFTokenizer.from_str(content)
         except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
             raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
-        config = _read_json(files[TOKENIZER_CONFIG], str(files[TOKENIZER_CONFIG])) if TOKENIZER_CONFIG in files else {}
+        has_config = TOKENIZER_CONFIG in files
+        config = _read_json(files[TOKENIZER_CONFIG], _name_of(files, TOKENIZER_CONFIG, path)) if has_config else {}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_content(config.get("bos_token"))
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
