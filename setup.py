@@ -18,6 +18,7 @@ setup(
         "tokenizers>=0.20",
         "gguf>=0.10",
         "jinja2>=3.1",
+        "protobuf",
         "safetensors>=0.4",
         "tensorboard>=2.14",
         "pyyaml",

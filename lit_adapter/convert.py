@@ -25,7 +25,7 @@ from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import llama3_scaled_frequencies
 from lit_adapter.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, Tokenizer, TokenizerFiles,
-                                   byte_level_bpe, tokenizer_files)
+                                   byte_level_bpe, sentencepiece_model, tokenizer_files)
 
 Format = Literal["meta", "hf", "llama2c", "gguf"]
 StateDict = dict[str, torch.Tensor]
@@ -445,30 +445,39 @@ def _gguf_name(name: str) -> str:
 
 
 def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
-    """``tokenizer.json`` and ``tokenizer_config.json`` (special tokens, BOS rule, chat template) of a GGUF file."""
+    """The tokenizer of a GGUF file: ``tokenizer.json`` (byte-level BPE, 'gpt2') or a SentencePiece
+    ``tokenizer.model`` ('llama'), and a ``tokenizer_config.json`` with its special tokens, BOS rule and chat template."""
     model = gguf_value(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise UserError(f"{path}: GGUF tokenizer {model!r} is not supported (only byte-level BPE, 'gpt2'); convert "
-                        "the model's Hugging Face folder with --format hf")
-    tokens = gguf_value(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens", [])
     types = gguf_value(reader, "tokenizer.ggml.token_type", [])
-    merges = [tuple(merge.split(" ", 1)) for merge in gguf_value(reader, "tokenizer.ggml.merges", [])]
-    pre = gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
-    special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in GGUF_SPECIAL_TOKEN_TYPES}
-    try:
-        tokenizer_json = byte_level_bpe({token: i for i, token in enumerate(tokens)}, merges, pre, special,
-                                        ignore_merges=pre == "llama-bpe")
-    except UserError as err:
-        raise UserError(f"{path}: {err}") from None
+    special_ids = {ours: gguf_value(reader, f"tokenizer.ggml.{theirs}_token_id")
+                   for ours, theirs in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding"))}
+    if model == "gpt2":
+        merges = [tuple(merge.split(" ", 1)) for merge in gguf_value(reader, "tokenizer.ggml.merges", [])]
+        pre = gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
+        special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in GGUF_SPECIAL_TOKEN_TYPES}
+        try:
+            files = {TOKENIZER_JSON: byte_level_bpe({token: i for i, token in enumerate(tokens)}, merges, pre, special,
+                                                    ignore_merges=pre == "llama-bpe")}
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+        add_bos_default = pre == "llama-bpe"
+    elif model == "llama":
+        model_bytes = sentencepiece_model(tokens, gguf_value(reader, "tokenizer.ggml.scores"), types,
+                                          {k: v for k, v in special_ids.items() if v is not None},
+                                          bool(gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)))
+        files, add_bos_default = {TOKENIZER_FILE: model_bytes}, True
+    else:
+        raise UserError(f"{path}: GGUF tokenizer {model!r} is not supported (only 'gpt2', byte-level BPE, or "
+                        "'llama', SentencePiece); convert the model's Hugging Face folder with --format hf")
 
     def token(key: str) -> Optional[str]:
-        index = gguf_value(reader, f"tokenizer.ggml.{key}_token_id")
-        return None if index is None else tokens[index]
+        return None if special_ids[key] is None else tokens[special_ids[key]]
 
-    config = {"bos_token": token("bos"), "eos_token": token("eos"),
-              "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", pre == "llama-bpe")),
+    config = {"bos_token": token("bos_id"), "eos_token": token("eos_id"),
+              "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
               "chat_template": gguf_value(reader, "tokenizer.chat_template")}
-    return {TOKENIZER_JSON: tokenizer_json, TOKENIZER_CONFIG: json.dumps(config, indent=2)}
+    return {**files, TOKENIZER_CONFIG: json.dumps(config, indent=2)}
 
 
 # ---- shared: config, key and shape checks, the mapping onto our names

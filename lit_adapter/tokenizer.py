@@ -28,8 +28,8 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, TOKENIZ
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
 """Tokens that end a chat turn or a text; generation stops on any of them that the vocabulary holds."""
 
-TokenizerFiles = dict[str, "Path | str"]
-"""A file name in a checkpoint directory -> the file to copy there, or the text to write (converted tokenizers)."""
+TokenizerFiles = dict[str, "Path | str | bytes"]
+"""A file name in a checkpoint directory -> the file to copy there, or the text or bytes to write (converted ones)."""
 
 
 class Tokenizer:
@@ -43,10 +43,12 @@ class Tokenizer:
         files = tokenizer_files(Path(path)) if files is None else files
         main = files.get(TOKENIZER_JSON, files.get(TOKENIZER_FILE))
         self.path = main if isinstance(main, Path) else Path(path)
+        config = _tokenizer_config(files, Path(path))
         if TOKENIZER_JSON in files:
-            self.backend: Any = _HFBackend(Path(path), files)
+            self.backend: Any = _HFBackend(Path(path), files, config)
         else:
-            self.backend = _SentencePieceBackend(Path(files[TOKENIZER_FILE]))
+            self.backend = _SentencePieceBackend(_name_of(files, TOKENIZER_FILE, Path(path)), files[TOKENIZER_FILE],
+                                                 config)
         b = self.backend
         self.vocab_size: int = b.vocab_size
         self.bos_id: Optional[int] = b.bos_id
@@ -54,7 +56,7 @@ class Tokenizer:
         self.bos_token: Optional[str] = b.bos_token
         self.eos_token: str = b.eos_token
         self.add_bos: bool = b.add_bos
-        self.chat_template: Optional[str] = b.chat_template
+        self.chat_template = _chat_template(files, config)
         self.stop_ids = frozenset({self.eos_id} | {i for i in map(b.token_to_id, END_OF_TURN_TOKENS) if i is not None})
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
@@ -105,22 +107,18 @@ def tokenizer_files(path: Path, convert_tiktoken: bool = False) -> TokenizerFile
         if TOKENIZER_JSON not in present and TOKENIZER_FILE not in present:
             raise UserError(f"tokenizer not found: no {TOKENIZER_JSON} or {TOKENIZER_FILE} in {path} (a checkpoint "
                             "directory from scripts/convert_checkpoint.py holds one)")
-        if TOKENIZER_JSON in present:
-            present.pop(TOKENIZER_FILE, None)
-            return present
-        return tokenizer_files(present[TOKENIZER_FILE], convert_tiktoken)
+        model = TOKENIZER_JSON if TOKENIZER_JSON in present else TOKENIZER_FILE
+        return tokenizer_files(present[model], convert_tiktoken)
     if not path.is_file():
         raise UserError(f"tokenizer not found: {path}")
-    if path.suffix == ".json":
-        siblings = {name: path.parent / name for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
-                    if (path.parent / name).is_file() and path.name != name}
-        return {TOKENIZER_JSON: path, **siblings}
     if is_tiktoken(path):
         if not convert_tiktoken:
             raise UserError(f"{path} is Meta's tiktoken tokenizer: convert the checkpoint with "
                             "scripts/convert_checkpoint.py, which writes it as tokenizer.json")
         return llama3_tokenizer_files(path)
-    return {TOKENIZER_FILE: path}
+    siblings = {name: path.parent / name for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
+                if (path.parent / name).is_file() and path.name != name}
+    return {TOKENIZER_JSON if path.suffix == ".json" else TOKENIZER_FILE: path, **siblings}
 
 
 def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
@@ -129,6 +127,8 @@ def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
         destination = Path(output_dir) / name
         if isinstance(source, str):
             destination.write_text(source)
+        elif isinstance(source, bytes):
+            destination.write_bytes(source)
         elif not (destination.exists() and destination.samefile(source)):
             destination.write_bytes(Path(source).read_bytes())
 
@@ -138,8 +138,23 @@ def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:
     return str(files[name]) if isinstance(files[name], Path) else f"{path} ({name})"
 
 
-def _read_text(source: "Path | str") -> str:
+def _read_text(source: "Path | str | bytes") -> str:
     return Path(source).read_text() if isinstance(source, Path) else source
+
+
+def _tokenizer_config(files: TokenizerFiles, path: Path) -> dict:
+    """The ``tokenizer_config.json`` of ``files`` ({} without one)."""
+    if TOKENIZER_CONFIG not in files:
+        return {}
+    return _read_json(files[TOKENIZER_CONFIG], _name_of(files, TOKENIZER_CONFIG, path))
+
+
+def _chat_template(files: TokenizerFiles, config: dict) -> Optional[str]:
+    """The chat template: ``chat_template.jinja``, else the config's (the default one of named templates)."""
+    template = _read_text(files[CHAT_TEMPLATE_FILE]) if CHAT_TEMPLATE_FILE in files else config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
 
 
 def _read_json(source: "Path | str", what: str) -> dict:
@@ -156,19 +171,22 @@ def _read_json(source: "Path | str", what: str) -> dict:
 
 
 class _SentencePieceBackend:
-    """LLaMA's SentencePiece model: BOS added, no chat template."""
+    """A SentencePiece model (a file, or its bytes): BOS added unless its tokenizer_config.json says otherwise."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, what: str, source: "Path | bytes", config: dict) -> None:
         self.processor = SentencePieceProcessor()
         try:
-            self.processor.Load(str(path))
+            if isinstance(source, bytes):
+                self.processor.LoadFromSerializedProto(source)
+            else:
+                self.processor.Load(str(source))
         except (OSError, RuntimeError) as err:
-            raise UserError(f"{path} is not a tokenizer: neither a SentencePiece model nor a Hugging Face "
+            raise UserError(f"{what} is not a tokenizer: neither a SentencePiece model nor a Hugging Face "
                             f"tokenizer.json ({err})") from None
         self.vocab_size = self.processor.vocab_size()
         self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
         self.bos_token, self.eos_token = self.processor.IdToPiece(self.bos_id), self.processor.IdToPiece(self.eos_id)
-        self.add_bos, self.chat_template = True, None
+        self.add_bos = bool(config.get("add_bos_token", True))
 
     def token_to_id(self, token: str) -> Optional[int]:
         piece = self.processor.PieceToId(token)
@@ -182,9 +200,9 @@ class _SentencePieceBackend:
 
 
 class _HFBackend:
-    """A Hugging Face ``tokenizer.json`` with the special tokens and chat template of its ``tokenizer_config.json``."""
+    """A Hugging Face ``tokenizer.json`` with the special tokens and BOS rule of its ``tokenizer_config.json``."""
 
-    def __init__(self, path: Path, files: TokenizerFiles) -> None:
+    def __init__(self, path: Path, files: TokenizerFiles, config: dict) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         what = _name_of(files, TOKENIZER_JSON, path)
@@ -193,8 +211,6 @@ class _HFBackend:
             self.tokenizer = HFTokenizer.from_str(content)
         except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
             raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
-        has_config = TOKENIZER_CONFIG in files
-        config = _read_json(files[TOKENIZER_CONFIG], _name_of(files, TOKENIZER_CONFIG, path)) if has_config else {}
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_token = _token_content(config.get("bos_token"))
         self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
@@ -205,10 +221,6 @@ class _HFBackend:
         self.eos_id = eos_id
         add_bos = config.get("add_bos_token")
         self.add_bos = bool(add_bos) if add_bos is not None else self._post_processor_adds_bos()
-        template = _read_text(files[CHAT_TEMPLATE_FILE]) if CHAT_TEMPLATE_FILE in files else config.get("chat_template")
-        if isinstance(template, list):  # named templates: the default one
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template = template
 
     def _default_eos(self, what: str) -> str:
         """The end-of-text token of a tokenizer.json without a config naming it."""
@@ -237,7 +249,7 @@ def _token_content(token: Any) -> Optional[str]:
     return token.get("content") if isinstance(token, dict) else token
 
 
-# ---- building byte-level BPE tokenizers (Llama 3 tiktoken files, GGUF vocabularies)
+# ---- building tokenizers (Llama 3 tiktoken files, GGUF vocabularies)
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -277,6 +289,26 @@ def bytes_to_unicode() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], special_ids: dict[str, int],
+                        add_dummy_prefix: bool) -> bytes:
+    """A SentencePiece BPE model (its serialised bytes) from pieces, their scores and their types (SentencePiece's
+    numbering, which GGUF 'llama' vocabularies use too); ``special_ids``: unk_id, bos_id, eos_id, pad_id."""
+    from sentencepiece import sentencepiece_model_pb2 as proto
+
+    model = proto.ModelProto()
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
+        model.pieces.add(piece=piece, score=score, type=kind)
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size = proto.TrainerSpec.BPE, len(pieces)
+    spec.byte_fallback = proto.ModelProto.SentencePiece.BYTE in types
+    for key in ("unk_id", "bos_id", "eos_id", "pad_id"):
+        setattr(spec, key, special_ids.get(key, -1))
+    normalizer = model.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix = "identity", add_dummy_prefix
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+    return model.SerializeToString()
 
 
 # ---- Meta's Llama 3 tiktoken tokenizer.model

@@ -141,9 +141,9 @@ ROWS = [
         r"error: {gguf_iq4}: tensor blk\.0\.attn_q\.weight has type IQ4_NL, which is not supported \(only F32, "
         r"F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\); use a GGUF file of another "
         r"quantisation$"),
-    row("convert-gguf-sentencepiece-vocabulary", gguf("{gguf_spm}"), 1,
-        r"error: {gguf_spm}: GGUF tokenizer 'llama' is not supported \(only byte-level BPE, 'gpt2'\); convert the "
-        r"model's Hugging Face folder with --format hf$"),
+    row("convert-gguf-unknown-vocabulary", gguf("{gguf_rwkv}"), 1,
+        r"error: {gguf_rwkv}: GGUF tokenizer 'rwkv' is not supported \(only 'gpt2', byte-level BPE, or 'llama', "
+        r"SentencePiece\); convert the model's Hugging Face folder with --format hf$"),
     row("convert-gguf-not-gguf", gguf("{stories_bin}"), 1,
         r"error: {stories_bin} is not a readable GGUF file \(truncated, or another format\?\)"),
     row("convert-hf-unknown-rope-scaling", ("scripts/convert_checkpoint.py", ("--format", "hf", "--checkpoint_path",
@@ -273,7 +273,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     shutil.copyfile(shared_file("llama3_tokenizer/tokenizer.model"), a["ckpt_tiktoken"] / "tokenizer.model")
     a["gguf_gpt2"] = write_gguf(tmp / "gpt2.gguf", arch="gpt2")
     a["gguf_iq4"] = write_gguf(tmp / "iq4.gguf", tensor_type="IQ4_NL")
-    a["gguf_spm"] = write_gguf(tmp / "spm.gguf", vocabulary="llama")
+    a["gguf_rwkv"] = write_gguf(tmp / "rwkv.gguf", vocabulary="rwkv")
     a["hf_yarn"] = tmp / "hf_yarn"
     a["hf_yarn"].mkdir()
     shutil.copyfile(tok512, a["hf_yarn"] / "tokenizer.model")

@@ -143,8 +143,12 @@ TINY_GGUF = Config("tiny-gguf", block_size=64, vocab_size=258, n_layer=2, n_head
                    intermediate_size=96, norm_eps=1e-5, rope_base=500000.0)
 
 
-def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: torch.Tensor | None = None) -> dict:
-    """A random model of ``config`` as a llama GGUF (matrices in ``tensor_type``, norms F32); its state dict."""
+def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: torch.Tensor | None = None,
+                    sentencepiece: Path | None = None) -> dict:
+    """A random model of ``config`` as a llama GGUF (matrices in ``tensor_type``, norms F32); its state dict.
+
+    The vocabulary is a tiny byte-level BPE one, or the pieces of the SentencePiece model ``sentencepiece``.
+    """
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
 
@@ -164,12 +168,15 @@ def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: 
     writer.add_head_count_kv(config.n_kv_head)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_base)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list([*bytes_to_unicode().values(), "ab", "<|end|>"])
-    writer.add_token_types([1] * 257 + [3])
-    writer.add_token_merges(["a b"])
-    writer.add_eos_token_id(257)
+    if sentencepiece is None:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_list([*bytes_to_unicode().values(), "ab", "<|end|>"])
+        writer.add_token_types([1] * 257 + [3])
+        writer.add_token_merges(["a b"])
+        writer.add_eos_token_id(257)
+    else:
+        write_sentencepiece_vocabulary(writer, sentencepiece)
     kind = GGMLQuantizationType[tensor_type]
     for name, weight in meta.items():
         array = weight.detach().numpy()
@@ -184,6 +191,41 @@ def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: 
     writer.write_tensors_to_file()
     writer.close()
     return model.state_dict()
+
+
+def write_sentencepiece_vocabulary(writer, path: Path) -> None:
+    """The pieces, scores and types of a SentencePiece model as llama.cpp's 'llama' vocabulary metadata."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(path))
+    ids = range(sp.vocab_size())
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.IdToPiece(i) for i in ids])
+    writer.add_token_scores([sp.GetScore(i) for i in ids])
+    kinds = [(sp.IsUnknown(i), sp.IsControl(i), sp.IsByte(i)) for i in ids]
+    writer.add_token_types([2 if unknown else 3 if control else 6 if byte else 1 for unknown, control, byte in kinds])
+    writer.add_unk_token_id(sp.unk_id())
+    writer.add_bos_token_id(sp.bos_id())
+    writer.add_eos_token_id(sp.eos_id())
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+
+
+def test_gguf_sentencepiece_vocabulary_becomes_tokenizer_model(tmp_path, llama_tokenizer):
+    from sentencepiece import SentencePieceProcessor
+
+    write_tiny_gguf(tmp_path / "spm.gguf", replace(TINY_GGUF, vocab_size=32000), "F32", sentencepiece=llama_tokenizer)
+    state_dict, config, files = convert("gguf", tmp_path / "spm.gguf")
+    save_checkpoint_dir(state_dict, config, files, tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours")) == ["model.safetensors", "model_config.yaml", "tokenizer.model",
+                                                     "tokenizer_config.json"]
+    tokenizer, original = Tokenizer(tmp_path / "ours"), SentencePieceProcessor(model_file=str(llama_tokenizer))
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (32000, 1, 2, True)
+    assert tokenizer.encode("Hello world! Once upon a time, there was a little llama.").tolist() == [
+        1, 15043, 3186, 29991, 9038, 2501, 263, 931, 29892, 727, 471, 263, 2217, 11148, 3304, 29889]
+    for text in LLAMA3_TEXTS:
+        assert tokenizer.encode(text, bos=False).tolist() == original.EncodeAsIds(text), text
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]) == "[INST] Hi [/INST]"
 
 
 @pytest.mark.parametrize("tied", [False, True])
