@@ -1,8 +1,10 @@
 """Tokenizers: SentencePiece (``tokenizer.model``) or Hugging Face ``tokenizers`` (``tokenizer.json``), one interface.
 
-A checkpoint directory holds some of ``TOKENIZER_FILES``; ``tokenizer.json`` is preferred when both kinds are there.
-Meta's Llama 3 tiktoken ``tokenizer.model`` and GGUF vocabularies become a ``tokenizer.json`` at conversion time,
-built by ``byte_level_bpe``: the one place that makes a byte-level BPE tokenizer from a vocabulary and merges.
+A checkpoint directory holds some of ``TOKENIZER_FILES``; ``tokenizer.json`` is preferred when both kinds are there,
+and ``tokenizer_config.json`` adds BOS/EOS, the BOS rule and the chat template. At conversion time, Meta's Llama 3
+tiktoken ``tokenizer.model`` and GGUF byte-level vocabularies become a ``tokenizer.json`` built by ``byte_level_bpe``
+(the one place that makes a byte-level BPE tokenizer from a vocabulary and merges); GGUF SentencePiece vocabularies
+become a ``tokenizer.model`` built by ``sentencepiece_model``.
 """
 
 import base64
