@@ -1,6 +1,7 @@
 """Checkpoint files: the converted base model directory, adapter-only files, training states, atomic writes.
 
-A checkpoint directory holds ``model.safetensors`` (base weights), ``model_config.yaml`` and ``tokenizer.model``.
+A checkpoint directory holds ``model.safetensors`` (base weights), ``model_config.yaml`` and the tokenizer files
+(``tokenizer.json`` with ``tokenizer_config.json``, or a SentencePiece ``tokenizer.model``).
 Everything we read is safetensors or ``torch.load(weights_only=True)``: a file that carries code is refused.
 """
 
@@ -8,7 +9,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -26,7 +26,7 @@ from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.prompts import PromptStyle, check_prompt_style
-from lit_adapter.tokenizer import TOKENIZER_FILE
+from lit_adapter.tokenizer import TokenizerFiles, save_tokenizer_files, tokenizer_files
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"
@@ -133,9 +133,10 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tokenizer_path: Optional[Path],
-                        output_dir: Path) -> None:
-    """Write a converted base model: weights, config and (if given) the tokenizer."""
+def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config,
+                        tokenizer: Optional[Path | TokenizerFiles], output_dir: Path) -> None:
+    """Write a converted base model: weights, config and (if given) the tokenizer: its files, or a tokenizer file or
+    folder whose tokenizer files are copied."""
     output_dir = Path(output_dir)
     check_can_create(output_dir, "output directory")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -143,9 +144,8 @@ def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tok
     with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
     config.save(output_dir)
-    destination = output_dir / TOKENIZER_FILE
-    if tokenizer_path is not None and not (destination.exists() and destination.samefile(tokenizer_path)):
-        shutil.copyfile(tokenizer_path, destination)
+    if tokenizer is not None:
+        save_tokenizer_files(tokenizer if isinstance(tokenizer, dict) else tokenizer_files(tokenizer), output_dir)
 
 
 def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,4 @@
-"""Model hyperparameters and the named presets (LLaMA, Llama 2, TinyStories, a tiny test model)."""
+"""Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories, tiny)."""
 
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +28,12 @@ class Config:
     """Hidden width of the SwiGLU MLP."""
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
+    rope_scaling_factor: Optional[float] = None
+    """Llama 3.1's RoPE frequency scaling ("llama3") by this factor; None: no scaling."""
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    """The context the model was pretrained with, before its RoPE scaling."""
     tie_embeddings: bool = False
     """Whether the output head reuses the token embedding matrix."""
     adapter_prompt_length: int = 10
@@ -88,7 +94,8 @@ class Config:
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
         keys = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "tie_embeddings",
-                "norm_eps", "rope_base")
+                "norm_eps", "rope_base", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_positions")
         return {k: getattr(self, k) for k in keys}
 
     def adapter_shape(self) -> dict:
@@ -117,6 +124,24 @@ def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def llama3_presets() -> list[Config]:
+    """Llama 3 (8k context), 3.1 (128k, RoPE scaled by 8) and 3.2 1B/3B (128k, scaled by 32, tied head)."""
+    common = dict(vocab_size=128256, n_kv_head=8, norm_eps=1e-5, rope_base=500000.0)
+    long = dict(common, block_size=131072)
+    return [
+        Config("llama-3-8b", block_size=8192, n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336, **common),
+        Config("llama-3-70b", block_size=8192, n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672, **common),
+        Config("llama-3.1-8b", n_layer=32, n_head=32, n_embd=4096, intermediate_size=14336, rope_scaling_factor=8.0,
+               **long),
+        Config("llama-3.1-70b", n_layer=80, n_head=64, n_embd=8192, intermediate_size=28672, rope_scaling_factor=8.0,
+               **long),
+        Config("llama-3.2-1b", n_layer=16, n_head=32, n_embd=2048, intermediate_size=8192, rope_scaling_factor=32.0,
+               tie_embeddings=True, **long),
+        Config("llama-3.2-3b", n_layer=28, n_head=24, n_embd=3072, intermediate_size=8192, rope_scaling_factor=32.0,
+               tie_embeddings=True, **long),
+    ]
+
+
 PRESETS = {
     c.name: c
     for c in [
@@ -129,6 +154,26 @@ PRESETS = {
         Config("llama-2-7b", block_size=4096, norm_eps=1e-5, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
         Config("llama-2-13b", block_size=4096, norm_eps=1e-5, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
         Config("llama-2-70b", block_size=4096, norm_eps=1e-5, n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672),
+        # Llama 3 / 3.1 / 3.2: Meta's params.json (dim, layers, heads, multiple_of 1024 / 4096 with ffn_dim_multiplier
+        # 1.3 -> 14336 / 28672) and the Hugging Face config.json of meta-llama/Llama-3.x (rope_scaling "llama3")
+        *llama3_presets(),
+        # CodeLlama: codellama/CodeLlama-*-hf config.json (rope_theta 1e6, 16k context; 7B/13B add 16 infilling tokens)
+        Config("codellama-7b", block_size=16384, vocab_size=32016, n_layer=32, n_head=32, n_embd=4096,
+               intermediate_size=11008, norm_eps=1e-5, rope_base=1e6),
+        Config("codellama-13b", block_size=16384, vocab_size=32016, n_layer=40, n_head=40, n_embd=5120,
+               intermediate_size=13824, norm_eps=1e-5, rope_base=1e6),
+        Config("codellama-34b", block_size=16384, vocab_size=32000, n_layer=48, n_head=64, n_kv_head=8, n_embd=8192,
+               intermediate_size=22016, norm_eps=1e-5, rope_base=1e6),
+        # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T and -Chat-v1.0 config.json
+        Config("tinyllama-1.1b", block_size=2048, n_layer=22, n_head=32, n_kv_head=4, n_embd=2048,
+               intermediate_size=5632, norm_eps=1e-5),
+        # HuggingFaceTB/SmolLM2-{135M,360M,1.7B}(-Instruct) config.json (tied head, 49152 tokens, 8k context)
+        Config("smollm2-135m", block_size=8192, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+               intermediate_size=1536, norm_eps=1e-5, rope_base=100000.0, tie_embeddings=True),
+        Config("smollm2-360m", block_size=8192, vocab_size=49152, n_layer=32, n_head=15, n_kv_head=5, n_embd=960,
+               intermediate_size=2560, norm_eps=1e-5, rope_base=100000.0, tie_embeddings=True),
+        Config("smollm2-1.7b", block_size=8192, vocab_size=49152, n_layer=24, n_head=32, n_embd=2048,
+               intermediate_size=8192, norm_eps=1e-5, rope_base=130000.0, tie_embeddings=True),
         # karpathy/llama2.c TinyStories models (tied embeddings)
         Config("stories260K", block_size=512, vocab_size=512, n_layer=5, n_head=8, n_kv_head=4, n_embd=64,
                intermediate_size=172, norm_eps=1e-5, tie_embeddings=True),

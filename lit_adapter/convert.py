@@ -11,10 +11,11 @@ import mmap
 import re
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Iterator, Literal, Optional, get_args
 
 import torch
 from tqdm import tqdm
@@ -22,9 +23,11 @@ from tqdm import tqdm
 from lit_adapter.checkpoint import preview_keys, read_safetensors, torch_load
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
-from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
+from lit_adapter.model import llama3_scaled_frequencies
+from lit_adapter.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, Tokenizer, TokenizerFiles,
+                                   byte_level_bpe, sentencepiece_model, tokenizer_files)
 
-Format = Literal["meta", "hf", "llama2c"]
+Format = Literal["meta", "hf", "llama2c", "gguf"]
 StateDict = dict[str, torch.Tensor]
 
 DEFAULT_BLOCK_SIZE = 2048
@@ -49,30 +52,37 @@ HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 
 def convert(format: Format, checkpoint_path: Path, tokenizer_path: Optional[Path] = None,
-            dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config, Path]:
-    """Our state dict and config for ``checkpoint_path``, and the tokenizer they go with (found if not given).
+            dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config, TokenizerFiles]:
+    """Our state dict and config for ``checkpoint_path``, and the tokenizer files they go with (found if not given).
 
-    ``dtype`` casts the weights; by default they keep the source's dtype.
+    ``dtype`` casts the weights; by default they keep the source's dtype (GGUF: float32).
     """
     if format not in get_args(Format):
         raise UserError(f"unknown checkpoint format {format!r}: choose one of {', '.join(get_args(Format))}")
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.exists():
         raise UserError(f"{checkpoint_path} not found")
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path else find_tokenizer(format, checkpoint_path)
+    given = tokenizer_files(Path(tokenizer_path), convert_tiktoken=True) if tokenizer_path is not None else None
+    if format == "gguf":  # the file holds its tokenizer: one reader for both
+        with open_gguf(checkpoint_path) as reader:
+            files = given or gguf_tokenizer_files(reader, checkpoint_path)
+            vocab_size = Tokenizer(tokenizer_path or checkpoint_path, files).vocab_size
+            return (*convert_gguf(reader, checkpoint_path, vocab_size, dtype), files)
+    files = given or find_tokenizer(format, checkpoint_path)
+    vocab_size = Tokenizer(tokenizer_path or checkpoint_path, files).vocab_size
     converter = {"meta": convert_meta, "hf": convert_hf, "llama2c": convert_llama2c}[format]
-    state_dict, config = converter(checkpoint_path, Tokenizer(tokenizer_path).vocab_size, dtype)
-    return state_dict, config, tokenizer_path
+    state_dict, config = converter(checkpoint_path, vocab_size, dtype)
+    return state_dict, config, files
 
 
-def find_tokenizer(format: Format, checkpoint_path: Path) -> Path:
-    """The ``tokenizer.model`` inside or beside ``checkpoint_path`` (for llama2.c also ``tok512.model``)."""
-    names = (TOKENIZER_FILE, "tok512.model") if format == "llama2c" else (TOKENIZER_FILE,)
+def find_tokenizer(format: Format, checkpoint_path: Path) -> TokenizerFiles:
+    """The tokenizer files inside or beside ``checkpoint_path`` (for llama2.c also ``tok512.model``)."""
+    names = (TOKENIZER_JSON, TOKENIZER_FILE) + (("tok512.model",) if format == "llama2c" else ())
     folders = [checkpoint_path, checkpoint_path.parent] if checkpoint_path.is_dir() else [checkpoint_path.parent]
     for folder in folders:
         for name in names:
             if (folder / name).is_file():
-                return folder / name
+                return tokenizer_files(folder / name, convert_tiktoken=True)
     raise UserError(f"no {' or '.join(names)} in {' or '.join(map(str, folders))}: pass the tokenizer path")
 
 
@@ -98,7 +108,11 @@ def convert_meta(checkpoint_dir: Path, vocab_size: Optional[int] = None,
 
 
 def meta_config(params: dict, vocab_size: Optional[int], source: str) -> Config:
-    """Our config for a Meta ``params.json``, with the SwiGLU width its reference code derives."""
+    """Our config for a Meta ``params.json``, with the SwiGLU width its reference code derives.
+
+    ``use_scaled_rope`` (Llama 3.1, 3.2) is Meta's "llama3" RoPE scaling: factor ``rope_scaling_factor`` (8 where
+    the file does not say), low/high frequency factors 1 and 4, over an original context of 8192.
+    """
     need = partial(_require, params, source=source)
     vocab = params.get("vocab_size", -1)
     if vocab <= 0:
@@ -110,7 +124,9 @@ def meta_config(params: dict, vocab_size: Optional[int], source: str) -> Config:
     return make_config(source, block_size=params.get("max_seq_len"), vocab_size=vocab, n_layer=need("n_layers"),
                        n_head=need("n_heads"), n_kv_head=params.get("n_kv_heads"), n_embd=dim,
                        intermediate_size=hidden, norm_eps=need("norm_eps"),
-                       rope_base=float(params.get("rope_theta", 10000.0)))
+                       rope_base=float(params.get("rope_theta", 10000.0)),
+                       rope_scaling_factor=float(params.get("rope_scaling_factor", 8.0))
+                       if params.get("use_scaled_rope") else None)
 
 
 def merge_meta_shards(shards: list[StateDict], paths: list[Path]) -> StateDict:
@@ -163,7 +179,8 @@ def convert_hf(checkpoint_dir: Path, vocab_size: Optional[int] = None,
 def hf_config(hf: dict, source: str) -> Config:
     """Our config for a Hugging Face Llama ``config.json``; what our model cannot run is refused."""
     need = partial(_require, hf, source=source)
-    for key, supported in (("model_type", "llama"), ("hidden_act", "silu")):
+    for key, supported in (("model_type", "llama"), ("hidden_act", "silu"), ("attention_bias", False),
+                           ("mlp_bias", False)):
         if hf.get(key, supported) != supported:
             raise UserError(f"{source}: {key} {hf[key]!r} is not supported (only {supported!r})")
     dim, heads = need("hidden_size"), need("num_attention_heads")
@@ -172,16 +189,26 @@ def hf_config(hf: dict, source: str) -> Config:
     return make_config(source, block_size=hf.get("max_position_embeddings"), vocab_size=need("vocab_size"),
                        n_layer=need("num_hidden_layers"), n_head=heads, n_kv_head=hf.get("num_key_value_heads"),
                        n_embd=dim, intermediate_size=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_base=_hf_rope_base(hf, source), tie_embeddings=hf.get("tie_word_embeddings", False))
+                       tie_embeddings=hf.get("tie_word_embeddings", False), **_hf_rope(hf, source))
 
 
-def _hf_rope_base(hf: dict, source: str) -> float:
-    """The rotary base of ``rope_parameters`` (transformers 5) or ``rope_theta`` (4.x); scaled RoPE is refused."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _hf_rope(hf: dict, source: str) -> dict[str, Any]:
+    """Our RoPE fields for ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x).
+
+    Only Llama 3.1's "llama3" scaling is supported; any other is refused.
+    """
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise UserError(f"{source}: RoPE scaling {kind!r} is not supported")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    fields = {"rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return fields
+    if kind != "llama3":
+        raise UserError(f"{source}: RoPE scaling {kind!r} is not supported (only 'llama3' or none)")
+    need = partial(_require, rope, source=f"{source} rope scaling")
+    return {**fields, "rope_scaling_factor": float(need("factor")),
+            "rope_low_freq_factor": float(need("low_freq_factor")),
+            "rope_high_freq_factor": float(need("high_freq_factor")),
+            "rope_original_max_positions": int(need("original_max_position_embeddings"))}
 
 
 def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -299,6 +326,158 @@ def _llama2c_layout(config: Config) -> list[tuple[str, tuple[int, ...]]]:
     if not config.tie_embeddings:
         layout.append(("output", (V, C)))
     return layout
+
+
+# ---- GGUF: llama.cpp's single-file format (llama architecture), read with the gguf package
+
+GGUF_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+              "output.weight": "output.weight"}
+GGUF_LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.wq", "attn_k": "attention.wk",
+                    "attn_v": "attention.wv", "attn_output": "attention.wo", "ffn_norm": "ffn_norm",
+                    "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3"}
+GGUF_LAYER_KEY = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+"""The tensor types we dequantise."""
+GGUF_SPECIAL_TOKEN_TYPES = (3, 4)
+"""llama.cpp's token types of control and user-defined tokens (added tokens, never split)."""
+
+
+@contextmanager
+def open_gguf(path: Path) -> Iterator[Any]:
+    """A ``gguf.GGUFReader`` of ``path`` (memory-mapped); a file that is not GGUF gives a one-line error."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} is not a file (the gguf format takes a .gguf file)")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, struct.error, IndexError) as err:
+        raise UserError(f"{path} is not a readable GGUF file (truncated, or another format?): {err}") from None
+    yield reader
+
+
+def gguf_value(reader: Any, key: str, default: Any = None) -> Any:
+    """A metadata value of a GGUF file (lists of strings as lists), or ``default`` when absent."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def convert_gguf(reader: Any, path: Path, vocab_size: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None) -> tuple[StateDict, Config]:
+    """The llama-architecture GGUF file ``path`` open in ``reader``, every tensor dequantised to float32 (then cast
+    to ``dtype`` if given).
+
+    llama.cpp stores the query and key rows in Meta's interleaved rotary order, which is ours: they are kept.
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    source = str(path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = gguf_config(reader, source, tied="output.weight" not in tensors)
+    check_vocab_size(config, vocab_size, source)
+    if "rope_freqs.weight" in tensors:
+        factors = torch.from_numpy(dequantize(tensors.pop("rope_freqs.weight").data, GGMLQuantizationType.F32).copy())
+        config = gguf_rope_scaling(reader, config, factors.flatten(), source)
+    weights = {}
+    for name, tensor in tqdm(tensors.items(), desc="tensors"):
+        kind = tensor.tensor_type.name
+        if kind not in GGUF_TYPES:
+            raise UserError(f"{source}: tensor {name} has type {kind}, which is not supported "
+                            f"(only {', '.join(GGUF_TYPES)}); use a GGUF file of another quantisation")
+        array = dequantize(tensor.data, tensor.tensor_type).reshape([int(n) for n in reversed(tensor.shape)])
+        weights[_gguf_name(name)] = torch.from_numpy(array.astype("float32"))
+    return meta_to_lit(weights, config, source, dtype), config
+
+
+def gguf_config(reader: Any, source: str, tied: bool) -> Config:
+    """Our config for the metadata of a GGUF file; other architectures and scaled RoPE types are refused."""
+    arch = gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise UserError(f"{source}: GGUF architecture {arch!r} is not supported (only 'llama')")
+
+    def need(key: str) -> Any:
+        value = gguf_value(reader, f"llama.{key}")
+        if value is None:
+            raise UserError(f"{source} lacks the GGUF metadata 'llama.{key}'")
+        return value
+
+    scaling = gguf_value(reader, "llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UserError(f"{source}: RoPE scaling {scaling!r} is not supported")
+    dim, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    if int(gguf_value(reader, "llama.rope.dimension_count", dim // heads)) != dim // heads:
+        raise UserError(f"{source}: llama.rope.dimension_count differs from the head size {dim // heads}")
+    vocab = gguf_value(reader, "llama.vocab_size") or len(gguf_value(reader, "tokenizer.ggml.tokens", []))
+    eps = float(f"{need('attention.layer_norm_rms_epsilon'):.6g}")  # stored as float32: 1e-5 is 9.99999975e-06
+    return make_config(source, block_size=int(need("context_length")), vocab_size=int(vocab),
+                       n_layer=int(need("block_count")), n_head=heads,
+                       n_kv_head=int(gguf_value(reader, "llama.attention.head_count_kv", heads)), n_embd=dim,
+                       intermediate_size=int(need("feed_forward_length")), norm_eps=eps,
+                       rope_base=float(gguf_value(reader, "llama.rope.freq_base", 10000.0)), tie_embeddings=tied)
+
+
+def gguf_rope_scaling(reader: Any, config: Config, factors: torch.Tensor, source: str) -> Config:
+    """``config`` with the Llama 3.1 RoPE scaling that llama.cpp wrote as per-frequency ``factors``.
+
+    The factor is the largest one; the low/high frequency factors are Meta's 1 and 4, over the original context
+    recorded in the file (8192 if absent). Factors that this scaling does not reproduce are refused.
+    """
+    original = int(gguf_value(reader, "llama.rope.scaling.original_context_length", 8192))
+    fields = dict(rope_scaling_factor=float(factors.max()), rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                  rope_original_max_positions=original)
+    scaled = replace(config, **fields)
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    expected = inv_freq / llama3_scaled_frequencies(inv_freq, scaled)
+    if factors.shape != expected.shape or not torch.allclose(factors, expected, rtol=1e-4):
+        raise UserError(f"{source}: its per-frequency RoPE factors (rope_freqs.weight) are not Llama 3.1's scaling, "
+                        "the only one supported; convert the model's Hugging Face folder with --format hf")
+    return make_config(source, block_size=config.block_size, **scaled.base_shape())
+
+
+def _gguf_name(name: str) -> str:
+    """Meta's name for a GGUF tensor; unknown names stay as they are for the key check to report."""
+    match = GGUF_LAYER_KEY.fullmatch(name)
+    if match and match[2] in GGUF_LAYER_NAMES:
+        return f"layers.{match[1]}.{GGUF_LAYER_NAMES[match[2]]}.weight"
+    return GGUF_NAMES.get(name, name)
+
+
+def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
+    """The tokenizer of a GGUF file: ``tokenizer.json`` (byte-level BPE, 'gpt2') or a SentencePiece
+    ``tokenizer.model`` ('llama'), and a ``tokenizer_config.json`` with its special tokens, BOS rule and chat template."""
+    model = gguf_value(reader, "tokenizer.ggml.model")
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens", [])
+    types = gguf_value(reader, "tokenizer.ggml.token_type", [])
+    special_ids = {ours: gguf_value(reader, f"tokenizer.ggml.{theirs}_token_id")
+                   for ours, theirs in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding"))}
+    if model == "gpt2":
+        merges = [tuple(merge.split(" ", 1)) for merge in gguf_value(reader, "tokenizer.ggml.merges", [])]
+        pre = gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
+        special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in GGUF_SPECIAL_TOKEN_TYPES}
+        try:
+            files = {TOKENIZER_JSON: byte_level_bpe({token: i for i, token in enumerate(tokens)}, merges, pre, special,
+                                                    ignore_merges=pre == "llama-bpe")}
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+        add_bos_default = pre == "llama-bpe"
+    elif model == "llama":
+        model_bytes = sentencepiece_model(tokens, gguf_value(reader, "tokenizer.ggml.scores"), types,
+                                          {k: v for k, v in special_ids.items() if v is not None},
+                                          bool(gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)))
+        files, add_bos_default = {TOKENIZER_FILE: model_bytes}, True
+    else:
+        raise UserError(f"{path}: GGUF tokenizer {model!r} is not supported (only 'gpt2', byte-level BPE, or "
+                        "'llama', SentencePiece); convert the model's Hugging Face folder with --format hf")
+
+    def token(key: str) -> Optional[str]:
+        return None if special_ids[key] is None else tokens[special_ids[key]]
+
+    config = {"bos_token": token("bos_id"), "eos_token": token("eos_id"),
+              "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
+              "chat_template": gguf_value(reader, "tokenizer.chat_template")}
+    return {**files, TOKENIZER_CONFIG: json.dumps(config, indent=2)}
 
 
 # ---- shared: config, key and shape checks, the mapping onto our names

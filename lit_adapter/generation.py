@@ -10,17 +10,19 @@ Requests files, adapter sets and conversations are prepared in ``lit_adapter.ser
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Literal, Optional, Sequence, TextIO
 
 import torch
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import load_config, load_model, read_adapter
+from lit_adapter.checkpoint import adapter_prompt_style, load_config, load_model, read_adapter
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.serving import (Message, Request, adapter_index, adapter_set_config, batches, check_request,
-                                 conversation_text, read_requests, write_results)
+from lit_adapter.prompts import Message, PromptStyle, encode_prompt, user_message
+from lit_adapter.serving import (Request, adapter_index, adapter_set_config, batches, check_request, read_requests,
+                                 write_results)
 from lit_adapter.tokenizer import Tokenizer
 
 Precision = Literal["bf16-true", "16-true", "32-true"]
@@ -190,9 +192,10 @@ def generate_batch(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
 
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], out: Optional[TextIO] = None,
                 stop_ids: Optional[Collection[int]] = None) -> list[int]:
-    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop id (default EOS); return ids."""
+    """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop id (default: the tokenizer's stop
+    tokens, not printed); return the ids."""
     out = out or sys.stdout
-    stop_ids = {tokenizer.eos_id} if stop_ids is None else stop_ids
+    stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
     ids: list[int] = []
     printed = ""
     for token_id in tokens:
@@ -225,12 +228,13 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
          top_p: float = 1.0, seed: int = 1234, num_samples: int = 1, precision: Optional[Precision] = None,
-         compile: bool = False, cuda_graph: bool = True) -> list[str]:
+         compile: bool = False, cuda_graph: bool = True,
+         prompt_style: Optional[Literal["plain", "alpaca", "chat"]] = None) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
-        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer.model).
-        prompt: The text to continue (with an adapter: the instruction, wrapped in the Alpaca template).
+        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer).
+        prompt: The text to continue, or with an adapter the instruction to answer (in the adapter's prompt style).
         adapter_path: Adapter files (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py, served
             together on the one base; a file's name without ".safetensors" is the adapter's name.
         adapter: The adapter (by name) that answers --prompt or --interactive (default: the first one) and the
@@ -250,6 +254,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         precision: Weights and compute precision (default: bf16-true on a GPU that supports it, else 32-true).
         compile: Compile the decoding step with torch.compile (fastest, after a warm-up of about a minute for 7B).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready in about a second).
+        prompt_style: How prompts are written for the model. Default: each adapter's own style (recorded in its
+            file: "alpaca" or "chat"), plain text for the base model. "plain", "alpaca" (the Alpaca template) or
+            "chat" (the model's chat template, e.g. for an instruct base model) apply to every prompt.
     """
     defaults = Request(prompt, adapter, max_new_tokens, temperature, top_k, top_p)
     check_request(defaults)
@@ -273,7 +280,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     else:
         requests = [defaults] if adapter or not names else [replace(defaults, adapter=names[0])]
     rows = [adapter_index(r.adapter, names) for r in requests]
-    prompt_ids = [encode(tokenizer, [{"role": "user", "content": r.prompt}], r.adapter) for r in requests]
+    styles = {name: adapter_prompt_style(path) for name, path in zip(names, paths)}
+    style_of = partial(request_style, prompt_style, styles)
+    prompt_ids = [encode_prompt(style_of(r), tokenizer, [user_message(r.prompt)]) for r in requests]
     for number, (ids, request) in enumerate(zip(prompt_ids, requests), start=1):
         if ids.numel() + request.max_new_tokens > config.block_size:
             where = f"request {number}: " if requests_path is not None else ""
@@ -288,9 +297,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     decode_fn = decode_one_token
     if compile or (cuda_graph and device.type == "cuda"):
         decode_fn = compile_decode() if compile else GraphDecode()
-    stop_ids = {tokenizer.eos_id}
+    stop_ids = tokenizer.stop_ids
     if interactive:
-        texts = chat(model, tokenizer, requests[0], rows[0], stop_ids, decode_fn)
+        texts = chat(model, tokenizer, requests[0], rows[0], style_of(requests[0]), stop_ids, decode_fn)
     elif requests_path is not None:
         texts, n_tokens = answer_requests(model, tokenizer, requests, rows, prompt_ids, batch_size, stop_ids, decode_fn)
         for line in write_results(output_path, requests, texts, n_tokens):
@@ -303,9 +312,11 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     return texts
 
 
-def encode(tokenizer: Tokenizer, messages: list[Message], adapter: Optional[str]) -> torch.Tensor:
-    """The token ids the model continues for ``messages`` (answered by ``adapter``; None: the base model)."""
-    return tokenizer.encode(conversation_text(messages, adapter is not None), bos=True)
+def request_style(option: Optional[str], styles: dict[str, PromptStyle], request: Request) -> Optional[PromptStyle]:
+    """How ``request``'s prompt is written: the ``--prompt_style`` option, else its adapter's style (None: plain)."""
+    if option is not None:
+        return None if option == "plain" else option
+    return styles.get(request.adapter)
 
 
 def select_rows(model: GPT, rows: list[int]) -> None:
@@ -315,7 +326,7 @@ def select_rows(model: GPT, rows: list[int]) -> None:
 
 
 def stream_samples(model: GPT, tokenizer: Tokenizer, request: Request, row: int, prompt_ids: torch.Tensor,
-                   num_samples: int, stop_ids: set[int], decode_fn: DecodeFn) -> list[str]:
+                   num_samples: int, stop_ids: Collection[int], decode_fn: DecodeFn) -> list[str]:
     """Answer one prompt ``num_samples`` times, streaming each answer to stdout."""
     model.set_kv_cache(batch_size=1, max_seq_length=prompt_ids.numel() + request.max_new_tokens)
     select_rows(model, [row])
@@ -331,7 +342,7 @@ def stream_samples(model: GPT, tokenizer: Tokenizer, request: Request, row: int,
 
 
 def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], rows: list[int],
-                    prompt_ids: list[torch.Tensor], batch_size: int, stop_ids: set[int],
+                    prompt_ids: list[torch.Tensor], batch_size: int, stop_ids: Collection[int],
                     decode_fn: DecodeFn) -> tuple[list[str], list[int]]:
     """The answers to ``requests`` and their token counts, generated in batches of one size (short ones padded)."""
     start = time.perf_counter()
@@ -353,8 +364,8 @@ def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], r
     return texts, n_tokens
 
 
-def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, stop_ids: set[int],
-         decode_fn: DecodeFn) -> list[str]:
+def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, style: Optional[PromptStyle],
+         stop_ids: Collection[int], decode_fn: DecodeFn) -> list[str]:
     """Answer the messages read from stdin until an empty line, each in the light of the conversation so far.
 
     The oldest exchanges are dropped when the conversation no longer fits the context.
@@ -368,10 +379,10 @@ def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, stop_ids:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = encode(tokenizer, messages, request.adapter)
+        ids = encode_prompt(style, tokenizer, messages)
         while ids.numel() + request.max_new_tokens > model.config.block_size and len(messages) > 1:
             messages = messages[2:]
-            ids = encode(tokenizer, messages, request.adapter)
+            ids = encode_prompt(style, tokenizer, messages)
         if ids.numel() + request.max_new_tokens > model.config.block_size:
             raise UserError(f"the message is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} it "
                             f"exceeds the model's context of {model.config.block_size} tokens")

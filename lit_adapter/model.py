@@ -27,11 +27,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[torch.device] = None) -> torch.Tensor:
-    """cos and sin of every position's rotation angles: shape (seq_len, head_dim // 2, 2)."""
+def build_rope_cache(seq_len: int, head_dim: int, base: float, device: Optional[torch.device] = None,
+                     scaling: Optional[Config] = None) -> torch.Tensor:
+    """cos and sin of every position's rotation angles: shape (seq_len, head_dim // 2, 2).
+
+    ``scaling``: a config whose ``rope_scaling_factor`` is set gets Llama 3.1's frequency scaling.
+    """
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is not None and scaling.rope_scaling_factor is not None:
+        inv_freq = llama3_scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, c: Config) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: low frequencies divided by the factor, high ones kept, a smooth blend between."""
+    wavelength = 2 * torch.pi / inv_freq
+    low_freq_wavelength = c.rope_original_max_positions / c.rope_low_freq_factor
+    high_freq_wavelength = c.rope_original_max_positions / c.rope_high_freq_factor
+    smooth = (c.rope_original_max_positions / wavelength - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    blended = (1 - smooth) * inv_freq / c.rope_scaling_factor + smooth * inv_freq
+    scaled = torch.where(wavelength > low_freq_wavelength, inv_freq / c.rope_scaling_factor, blended)
+    return torch.where(wavelength < high_freq_wavelength, inv_freq, scaled)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -148,7 +166,7 @@ class GPT(nn.Module):
 
     def build_rope(self, device: Optional[torch.device] = None) -> torch.Tensor:
         c = self.config
-        return build_rope_cache(c.block_size, c.head_dim, c.rope_base, device)
+        return build_rope_cache(c.block_size, c.head_dim, c.rope_base, device, scaling=c)
 
     def reset_parameters(self) -> None:
         """Recompute the rotary cache, the model's own state (after it was created on the meta device)."""

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Literal, Optional, get_args
 from lit_adapter.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from lit_adapter.tokenizer import Tokenizer
 
 PromptStyle = Literal["alpaca", "chat"]
@@ -51,17 +53,26 @@ def user_message(instruction: str, input: str = "") -> Message:
     return {"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}
 
 
-def format_prompt(style: PromptStyle, tokenizer: "Tokenizer", messages: list[Message]) -> str:
+def format_prompt(style: Optional[PromptStyle], tokenizer: "Tokenizer", messages: list[Message]) -> str:
     """The text the model continues with its answer to the last user turn of ``messages``.
 
-    The Alpaca template holds one instruction: in that style, only a single user turn can be formatted.
+    ``None`` writes the turns as plain text one after the other (a base model continuing a text). In the alpaca
+    style each user turn is an Alpaca instruction and each earlier answer follows its instruction, then a blank
+    line; the chat style is the model's own chat template.
     """
+    if style is None:
+        return "".join(message["content"] for message in messages)
     if check_prompt_style(style) == "chat":
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    if len(messages) != 1 or messages[0]["role"] != "user":
-        raise UserError("the alpaca prompt style holds one instruction, not a conversation: "
-                        "use --prompt_style chat (the model's chat template) for several turns")
-    return alpaca_prompt(messages[0]["content"])
+    if any(message["role"] == "system" for message in messages):
+        raise UserError("the alpaca prompt style has no system prompt: use --prompt_style chat")
+    return "".join(alpaca_prompt(message["content"]) if message["role"] == "user" else message["content"] + "\n\n"
+                   for message in messages)
+
+
+def encode_prompt(style: Optional[PromptStyle], tokenizer: "Tokenizer", messages: list[Message]) -> "torch.Tensor":
+    """The token ids of ``format_prompt``, led by BOS where ``adds_bos`` says so."""
+    return tokenizer.encode(format_prompt(style, tokenizer, messages), bos=adds_bos(style, tokenizer))
 
 
 def record_messages(record: dict) -> list[Message]:
@@ -82,10 +93,12 @@ def sample_segments(style: PromptStyle, tokenizer: "Tokenizer", record: dict) ->
     if check_prompt_style(style) == "alpaca":
         if "messages" not in record:
             return [(alpaca_prompt(record["instruction"], record.get("input", "")), False), (record["output"], True)]
-        *prompt, answer = record["messages"]
-        if answer["role"] != "assistant":
-            raise UserError("the alpaca prompt style needs a conversation that ends with the assistant's answer")
-        return [(format_prompt("alpaca", tokenizer, prompt), False), (answer["content"], True)]
+        roles = [message["role"] for message in record["messages"]]
+        if roles != ["user", "assistant"]:
+            raise UserError(f"the alpaca prompt style holds one instruction and its answer, not a conversation of "
+                            f"{roles}: prepare with --prompt_style chat (the model's chat template)")
+        question, answer = record["messages"]
+        return [(alpaca_prompt(question["content"]), False), (answer["content"], True)]
     return chat_segments(tokenizer, record_messages(record))
 
 

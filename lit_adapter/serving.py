@@ -9,10 +9,6 @@ from typing import Iterator, Optional, Sequence
 from lit_adapter.checkpoint import adapter_config, atomic_path
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import alpaca_prompt
-
-Message = dict[str, str]
-
 
 @dataclass(frozen=True)
 class Request:
@@ -126,12 +122,3 @@ def adapter_index(name: Optional[str], names: Sequence[str]) -> int:
     return names.index(name)
 
 
-def conversation_text(messages: Sequence[Message], adapter: bool) -> str:
-    """The text the model continues for a conversation ({role, content} messages, the last one the user's).
-
-    The one place a user's words become model text. With an adapter, each user turn is an Alpaca instruction
-    followed by the answer given; without one, the turns are concatenated.
-    """
-    if not adapter:
-        return "".join(m["content"] for m in messages)
-    return "".join(alpaca_prompt(m["content"]) if m["role"] == "user" else m["content"] + "\n\n" for m in messages)

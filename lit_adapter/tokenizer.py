@@ -1,43 +1,70 @@
-"""SentencePiece tokenizer with LLaMA's BOS/EOS conventions."""
+"""Tokenizers: SentencePiece (``tokenizer.model``) or Hugging Face ``tokenizers`` (``tokenizer.json``), one interface.
 
+A checkpoint directory holds some of ``TOKENIZER_FILES``; ``tokenizer.json`` is preferred when both kinds are there,
+and ``tokenizer_config.json`` adds BOS/EOS, the BOS rule and the chat template. At conversion time, Meta's Llama 3
+tiktoken ``tokenizer.model`` and GGUF byte-level vocabularies become a ``tokenizer.json`` built by ``byte_level_bpe``
+(the one place that makes a byte-level BPE tokenizer from a vocabulary and merges); GGUF SentencePiece vocabularies
+become a ``tokenizer.model`` built by ``sentencepiece_model``.
+"""
+
+import base64
+import json
+import re
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Optional
 
 import torch
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import SentencePieceProcessor
 
 from lit_adapter.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
+"""SentencePiece model (or Meta's tiktoken file, which conversion turns into ``TOKENIZER_JSON``)."""
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, TOKENIZER_FILE)
+"""The tokenizer files a checkpoint directory may hold."""
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
+"""Tokens that end a chat turn or a text; generation stops on any of them that the vocabulary holds."""
+
+TokenizerFiles = dict[str, "Path | str | bytes"]
+"""A file name in a checkpoint directory -> the file to copy there, or the text or bytes to write (converted ones)."""
 
 
 class Tokenizer:
-    def __init__(self, path: Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"tokenizer not found: {path} (a checkpoint directory from scripts/convert_checkpoint.py "
-                            f"holds {TOKENIZER_FILE})")
-        self.path = path
-        self.processor = SentencePieceProcessor()
-        try:
-            self.processor.Load(str(path))
-        except (OSError, RuntimeError) as err:
-            raise UserError(f"{path} is not a SentencePiece model: {err}") from None
-        self.bos_id = self.processor.bos_id()
-        self.eos_id = self.processor.eos_id()
-        self.add_bos = True
-        self.stop_ids = frozenset({self.eos_id})
+    """Text to token ids and back, with the BOS/EOS, stop tokens and chat template of the model's tokenizer."""
 
-    @property
-    def vocab_size(self) -> int:
-        return self.processor.vocab_size()
+    def __init__(self, path: Path, files: Optional[TokenizerFiles] = None) -> None:
+        """``path``: a checkpoint directory or a tokenizer file; ``files``: its tokenizer files if already known.
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> torch.Tensor:
-        """Token ids of ``text`` (int64), optionally led by BOS and closed by EOS."""
-        ids = self.processor.EncodeAsIds(text)
-        if bos:
+        ``self.path`` is the main tokenizer file (tokenizer.json or tokenizer.model), or ``path`` when it was generated.
+        """
+        files = tokenizer_files(Path(path)) if files is None else files
+        main = files.get(TOKENIZER_JSON, files.get(TOKENIZER_FILE))
+        self.path = main if isinstance(main, Path) else Path(path)
+        config = _tokenizer_config(files, Path(path))
+        if TOKENIZER_JSON in files:
+            self.backend: Any = _HFBackend(Path(path), files, config)
+        else:
+            self.backend = _SentencePieceBackend(_name_of(files, TOKENIZER_FILE, Path(path)), files[TOKENIZER_FILE],
+                                                 config)
+        b = self.backend
+        self.vocab_size: int = b.vocab_size
+        self.bos_id: Optional[int] = b.bos_id
+        self.eos_id: int = b.eos_id
+        self.bos_token: Optional[str] = b.bos_token
+        self.eos_token: str = b.eos_token
+        self.add_bos: bool = b.add_bos
+        self.chat_template = _chat_template(files, config)
+        self.stop_ids = frozenset({self.eos_id} | {i for i in map(b.token_to_id, END_OF_TURN_TOKENS) if i is not None})
+
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
+        """Token ids of ``text`` (int64); BOS leads where ``bos`` (default: ``add_bos``) unless the text starts with it."""
+        ids = self.backend.encode(text)
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         if eos:
             ids = ids + [self.eos_id]
@@ -46,4 +73,333 @@ class Tokenizer:
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        return self.processor.DecodeIds(list(ids))
+        return self.backend.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The chat as the model's template writes it (Jinja2, sandboxed, with transformers' variables)."""
+        if not self.chat_template:
+            raise UserError(f"the tokenizer in {self.path} has no chat template: pass the prompt as plain text")
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.bos_token or "",
+                                    self.eos_token)
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,
+                         eos_token: str) -> str:
+    """Render a Hugging Face chat template; ``raise_exception`` in it and template errors become a ``UserError``."""
+    def raise_exception(message: str) -> None:
+        raise UserError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                bos_token=bos_token, eos_token=eos_token)
+    except TemplateError as err:
+        raise UserError(f"the chat template cannot be rendered: {err}") from None
+
+
+# ---- the tokenizer files of a checkpoint
+
+
+def tokenizer_files(path: Path, convert_tiktoken: bool = False) -> TokenizerFiles:
+    """The tokenizer files of a checkpoint directory or beside a tokenizer file; a tiktoken file only when converting."""
+    path = Path(path)
+    if path.is_dir():
+        present = {name: path / name for name in TOKENIZER_FILES if (path / name).is_file()}
+        if TOKENIZER_JSON not in present and TOKENIZER_FILE not in present:
+            raise UserError(f"tokenizer not found: no {TOKENIZER_JSON} or {TOKENIZER_FILE} in {path} (a checkpoint "
+                            "directory from scripts/convert_checkpoint.py holds one)")
+        model = TOKENIZER_JSON if TOKENIZER_JSON in present else TOKENIZER_FILE
+        return tokenizer_files(present[model], convert_tiktoken)
+    if not path.is_file():
+        raise UserError(f"tokenizer not found: {path}")
+    if is_tiktoken(path):
+        if not convert_tiktoken:
+            raise UserError(f"{path} is Meta's tiktoken tokenizer: convert the checkpoint with "
+                            "scripts/convert_checkpoint.py, which writes it as tokenizer.json")
+        return llama3_tokenizer_files(path)
+    siblings = {name: path.parent / name for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE)
+                if (path.parent / name).is_file() and path.name != name}
+    return {TOKENIZER_JSON if path.suffix == ".json" else TOKENIZER_FILE: path, **siblings}
+
+
+def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
+    """Copy or write the tokenizer files into a converted checkpoint directory."""
+    for name, source in files.items():
+        destination = Path(output_dir) / name
+        if isinstance(source, str):
+            destination.write_text(source)
+        elif isinstance(source, bytes):
+            destination.write_bytes(source)
+        elif not (destination.exists() and destination.samefile(source)):
+            destination.write_bytes(Path(source).read_bytes())
+
+
+def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:
+    """How messages name tokenizer file ``name``: its path, or ``path`` (the source) for a generated one."""
+    return str(files[name]) if isinstance(files[name], Path) else f"{path} ({name})"
+
+
+def _read_text(source: "Path | str | bytes") -> str:
+    return Path(source).read_text() if isinstance(source, Path) else source
+
+
+def _tokenizer_config(files: TokenizerFiles, path: Path) -> dict:
+    """The ``tokenizer_config.json`` of ``files`` ({} without one)."""
+    if TOKENIZER_CONFIG not in files:
+        return {}
+    return _read_json(files[TOKENIZER_CONFIG], _name_of(files, TOKENIZER_CONFIG, path))
+
+
+def _chat_template(files: TokenizerFiles, config: dict) -> Optional[str]:
+    """The chat template: ``chat_template.jinja``, else the config's (the default one of named templates)."""
+    template = _read_text(files[CHAT_TEMPLATE_FILE]) if CHAT_TEMPLATE_FILE in files else config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template
+
+
+def _read_json(source: "Path | str", what: str) -> dict:
+    try:
+        value = json.loads(_read_text(source))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} is not a Hugging Face tokenizer file (not valid JSON: {err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{what} is not a Hugging Face tokenizer file (no JSON object)")
+    return value
+
+
+# ---- backends
+
+
+class _SentencePieceBackend:
+    """A SentencePiece model (a file, or its bytes): BOS added unless its tokenizer_config.json says otherwise."""
+
+    def __init__(self, what: str, source: "Path | bytes", config: dict) -> None:
+        self.processor = SentencePieceProcessor()
+        try:
+            if isinstance(source, bytes):
+                self.processor.LoadFromSerializedProto(source)
+            else:
+                self.processor.Load(str(source))
+        except (OSError, RuntimeError) as err:
+            raise UserError(f"{what} is not a tokenizer: neither a SentencePiece model nor a Hugging Face "
+                            f"tokenizer.json ({err})") from None
+        self.vocab_size = self.processor.vocab_size()
+        self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
+        self.bos_token, self.eos_token = self.processor.IdToPiece(self.bos_id), self.processor.IdToPiece(self.eos_id)
+        self.add_bos = bool(config.get("add_bos_token", True))
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        piece = self.processor.PieceToId(token)
+        return None if piece == self.processor.unk_id() and token != self.processor.IdToPiece(piece) else piece
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.EncodeAsIds(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.DecodeIds(ids)
+
+
+class _HFBackend:
+    """A Hugging Face ``tokenizer.json`` with the special tokens and BOS rule of its ``tokenizer_config.json``."""
+
+    def __init__(self, path: Path, files: TokenizerFiles, config: dict) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        what = _name_of(files, TOKENIZER_JSON, path)
+        content = json.dumps(_read_json(files[TOKENIZER_JSON], what))
+        try:
+            self.tokenizer = HFTokenizer.from_str(content)
+        except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
+            raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_token = _token_content(config.get("bos_token"))
+        self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
+        self.eos_token = _token_content(config.get("eos_token")) or self._default_eos(what)
+        eos_id = self.token_to_id(self.eos_token)
+        if eos_id is None:
+            raise UserError(f"{what}: the eos_token {self.eos_token!r} is not in the vocabulary")
+        self.eos_id = eos_id
+        add_bos = config.get("add_bos_token")
+        self.add_bos = bool(add_bos) if add_bos is not None else self._post_processor_adds_bos()
+
+    def _default_eos(self, what: str) -> str:
+        """The end-of-text token of a tokenizer.json without a config naming it."""
+        for token in END_OF_TURN_TOKENS[::-1]:
+            if self.token_to_id(token) is not None:
+                return token
+        raise UserError(f"{what}: no {TOKENIZER_CONFIG} names the eos_token; put the model's {TOKENIZER_CONFIG} "
+                        "beside it")
+
+    def _post_processor_adds_bos(self) -> bool:
+        with_special = self.tokenizer.encode("a", add_special_tokens=True).ids
+        return self.bos_id is not None and with_special[:1] == [self.bos_id]
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        return self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _token_content(token: Any) -> Optional[str]:
+    """A special token of tokenizer_config.json: a string or an AddedToken dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+# ---- building tokenizers (Llama 3 tiktoken files, GGUF vocabularies)
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+"""The split regex of Meta's Llama 3 tokenizer."""
+PRE_TOKENIZERS = ("llama-bpe", "smollm", "gpt-2")
+"""How text is split before BPE: the Llama 3 regex; single digits then GPT-2's regex; GPT-2's regex."""
+
+
+def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tokenizer: str,
+                   special_tokens: dict[str, int], ignore_merges: bool) -> str:
+    """A ``tokenizer.json`` (its text) for a byte-level BPE vocabulary, its merges and its pre-tokenizer.
+
+    ``ignore_merges``: a split piece found whole in the vocabulary is one token (tiktoken's rule).
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if pre_tokenizer not in PRE_TOKENIZERS:
+        raise UserError(f"pre-tokenizer {pre_tokenizer!r} is not supported (only {', '.join(PRE_TOKENIZERS)})")
+    tokenizer = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    if pre_tokenizer == "llama-bpe":
+        split = [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if pre_tokenizer == "smollm":
+            split.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(split)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)
+                                  for token, _ in sorted(special_tokens.items(), key=lambda item: item[1])])
+    return tokenizer.to_str()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the others for code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int], special_ids: dict[str, int],
+                        add_dummy_prefix: bool) -> bytes:
+    """A SentencePiece BPE model (its serialised bytes) from pieces, their scores and their types (SentencePiece's
+    numbering, which GGUF 'llama' vocabularies use too); ``special_ids``: unk_id, bos_id, eos_id, pad_id."""
+    from sentencepiece import sentencepiece_model_pb2 as proto
+
+    model = proto.ModelProto()
+    for piece, score, kind in zip(pieces, scores, types, strict=True):
+        model.pieces.add(piece=piece, score=score, type=kind)
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size = proto.TrainerSpec.BPE, len(pieces)
+    spec.byte_fallback = proto.ModelProto.SentencePiece.BYTE in types
+    for key in ("unk_id", "bos_id", "eos_id", "pad_id"):
+        setattr(spec, key, special_ids.get(key, -1))
+    normalizer = model.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix = "identity", add_dummy_prefix
+    normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces = False, True
+    return model.SerializeToString()
+
+
+# ---- Meta's Llama 3 tiktoken tokenizer.model
+
+TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n?")
+LLAMA3_SPECIAL_TOKENS = 256
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+"""Llama 3 Instruct's dialog format: a header per message, each turn closed by <|eot_id|>."""
+
+
+def is_tiktoken(path: Path) -> bool:
+    """Whether ``path`` starts like a tiktoken BPE file (a base64 token and its rank a line)."""
+    with open(path, "rb") as f:
+        return TIKTOKEN_LINE.fullmatch(f.readline()) is not None
+
+
+def read_tiktoken(path: Path) -> dict[bytes, int]:
+    """The token bytes -> rank table of a tiktoken file."""
+    ranks = {}
+    for number, line in enumerate(Path(path).read_bytes().splitlines(), 1):
+        if line.strip():
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise UserError(f"{path}: line {number} is not a base64 token and its rank") from None
+    return ranks
+
+
+def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The BPE merges behind a tiktoken rank table, in rank order.
+
+    Each multi-byte token is the merge of the two parts that BPE, using only lower ranks, reduces it to. A token
+    that BPE never reduces to two parts (tiktoken makes it only from adjacent tokens that concatenate to it) gets a
+    merge for every split into two tokens.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = _bpe_parts(ranks, token, rank)
+            if len(parts) != 2:
+                parts = [(token[:i], token[i:]) for i in range(1, len(token))
+                         if token[:i] in ranks and token[i:] in ranks]
+                merges.extend(sorted(parts, key=lambda pair: (ranks[pair[0]], ranks[pair[1]])))
+            else:
+                merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
+    """``token`` split into bytes and merged, lowest rank first, with ranks below ``max_rank``."""
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 1:
+        candidates = [(ranks.get(a + b, max_rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(candidates)
+        if rank >= max_rank:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
+    """The 256 special tokens after Meta's Llama 3 vocabulary, named as in Llama 3.1 (3.0 leaves the three that
+    3.1 added, <|finetune_right_pad_id|>, <|eom_id|> and <|python_tag|>, reserved and never produces them)."""
+    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
+             7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
+    reserved = (i for i in range(LLAMA3_SPECIAL_TOKENS) if i not in names)
+    names.update({i: f"<|reserved_special_token_{n}|>" for n, i in enumerate(reserved)})
+    return {name: n_ranks + i for i, name in names.items()}
+
+
+def llama3_tokenizer_files(path: Path) -> TokenizerFiles:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (Llama 3 chat format) for Meta's tiktoken file."""
+    ranks = read_tiktoken(path)
+    alphabet = bytes_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    merges = [(text(a), text(b)) for a, b in tiktoken_merges(ranks)]
+    special = llama3_special_tokens(len(ranks))
+    config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
+              "chat_template": LLAMA3_CHAT_TEMPLATE}
+    return {TOKENIZER_JSON: byte_level_bpe(vocab, merges, "llama-bpe", special, ignore_merges=True),
+            TOKENIZER_CONFIG: json.dumps(config, indent=2)}

@@ -34,7 +34,7 @@ from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT
-from lit_adapter.prompts import PromptStyle, adds_bos, format_prompt, user_message
+from lit_adapter.prompts import PromptStyle, encode_prompt, user_message
 from lit_adapter.strategies import (Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy,
                                     quantize_base)
 from lit_adapter.tokenizer import Tokenizer
@@ -271,18 +271,17 @@ def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_
     It runs eagerly even when the blocks are compiled for training: a short sample is not worth new graphs, and
     they would use up the compiler's recompilation budget that varying training lengths need.
     """
-    text = format_prompt(style, tokenizer, [user_message(instruction)])
-    prompt = tokenizer.encode(text, bos=adds_bos(style, tokenizer))
+    prompt = encode_prompt(style, tokenizer, [user_message(instruction)])
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.numel())
     if max_new_tokens < 1:
         return ""
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + max_new_tokens)
     try:
         with torch.compiler.set_stance("force_eager"):
-            ids = list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids={tokenizer.eos_id}))
+            ids = list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids))
     finally:
         model.clear_kv_cache()
-    return tokenizer.decode([i for i in ids if i != tokenizer.eos_id])
+    return tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids])
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
 
     Args:
         destination_dir: Where the files are written (and the downloaded alpaca_data.json kept).
-        checkpoint_dir: A converted checkpoint directory; its tokenizer.model and block_size are used.
-        tokenizer_path: A SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
+        checkpoint_dir: A converted checkpoint directory; its tokenizer and block_size are used.
+        tokenizer_path: A tokenizer.json or SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
         data_file: A JSON list or JSON Lines file (.jsonl) of records: Alpaca records {instruction, input, output}
             or chat records {messages: [{role: system|user|assistant, content}, ...]}; only the answers are
             learned. Default: download the Stanford Alpaca data to destination_dir/alpaca_data.json, or reuse it
@@ -41,7 +41,7 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
             multi-turn records. Training and generation take the style from what is prepared here.
     """
     if tokenizer_path is None and checkpoint_dir is None:
-        raise UserError("pass --checkpoint_dir (holding tokenizer.model) or --tokenizer_path")
+        raise UserError("pass --checkpoint_dir (holding the tokenizer) or --tokenizer_path")
     check_can_create(destination_dir, "--destination_dir")
     tokenizer = Tokenizer(tokenizer_path or checkpoint_dir)
     has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()

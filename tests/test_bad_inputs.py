@@ -52,6 +52,36 @@ def convert(*args: str) -> tuple[str, tuple[str, ...]]:
     return "scripts/convert_checkpoint.py", ("--format", "llama2c", "--output_dir", "{out}", *args)
 
 
+def gguf(path: str) -> tuple[str, tuple[str, ...]]:
+    return "scripts/convert_checkpoint.py", ("--format", "gguf", "--checkpoint_path", path, "--output_dir", "{out}")
+
+
+def write_gguf(path: Path, arch: str = "llama", vocabulary: str = "gpt2", tensor_type: str = "F32") -> Path:
+    """A tiny GGUF file: llama-like metadata, a 4-token byte-level vocabulary and one tensor of ``tensor_type``."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model(vocabulary)
+    writer.add_token_list(["a", "b", "ab", "<|end|>"])
+    writer.add_token_types([1, 1, 1, 3])
+    writer.add_token_merges(["a b"])
+    writer.add_eos_token_id(3)
+    kind = GGMLQuantizationType[tensor_type]
+    data = torch.zeros(4, 8) if kind == GGMLQuantizationType.F32 else torch.zeros(4, 18, dtype=torch.uint8)
+    writer.add_tensor("blk.0.attn_q.weight", data.numpy(), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def prepare(*args: str) -> tuple[str, tuple[str, ...]]:
     return "scripts/prepare_alpaca.py", ("--checkpoint_dir", "{ckpt}", "--destination_dir", "{out}",
                                          "--data_file", "{records}", "--val_size", "2", *args)
@@ -99,14 +129,31 @@ ROWS = [
         r"500000 \(truncated, or not a llama2.c version-0 export\)$"),
     row("convert-wrong-tokenizer", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path", "{llama_tok}"), 1,
         r"error: {stories_bin} describes a model of 512 tokens but the tokenizer has 32000: pass the tokenizer"),
-    row("convert-tokenizer-not-sentencepiece", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path",
-                                                       "{records}"), 1,
-        r"error: {records} is not a SentencePiece model"),
+    row("convert-tokenizer-json-not-a-tokenizer", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path",
+                                                         "{records}"), 1,
+        r"error: {records} is not a Hugging Face tokenizer file \(no JSON object\)$"),
+    row("convert-unknown-tokenizer-file", convert("--checkpoint_path", "{stories_bin}", "--tokenizer_path",
+                                                  "{random_file}"), 1,
+        r"error: {random_file} is not a tokenizer: neither a SentencePiece model nor a Hugging Face tokenizer\.json"),
+    row("convert-gguf-other-architecture", gguf("{gguf_gpt2}"), 1,
+        r"error: {gguf_gpt2}: GGUF architecture 'gpt2' is not supported \(only 'llama'\)$"),
+    row("convert-gguf-unsupported-tensor-type", gguf("{gguf_iq4}"), 1,
+        r"error: {gguf_iq4}: tensor blk\.0\.attn_q\.weight has type IQ4_NL, which is not supported \(only F32, "
+        r"F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K\); use a GGUF file of another "
+        r"quantisation$"),
+    row("convert-gguf-unknown-vocabulary", gguf("{gguf_rwkv}"), 1,
+        r"error: {gguf_rwkv}: GGUF tokenizer 'rwkv' is not supported \(only 'gpt2', byte-level BPE, or 'llama', "
+        r"SentencePiece\); convert the model's Hugging Face folder with --format hf$"),
+    row("convert-gguf-not-gguf", gguf("{stories_bin}"), 1,
+        r"error: {stories_bin} is not a readable GGUF file \(truncated, or another format\?\)"),
+    row("convert-hf-unknown-rope-scaling", ("scripts/convert_checkpoint.py", ("--format", "hf", "--checkpoint_path",
+                                                                              "{hf_yarn}", "--output_dir", "{out}")), 1,
+        r"error: {hf_yarn}/config\.json: RoPE scaling 'yarn' is not supported \(only 'llama3' or none\)$"),
     row("convert-pickle-with-code", convert("--checkpoint_path", "{evil_pt}", "--tokenizer_path", "{tok512}"), 1,
         r"error: {evil_pt} " + REFUSED),
     row("convert-output-below-a-file", convert("--checkpoint_path", "{stories_bin}", "--output_dir", "{afile}/out"), 1,
         r"error: cannot write to --output_dir {afile}/out: {afile} is a file, not a directory; choose another"),
-    row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "gguf", "--checkpoint_path",
+    row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "ggml", "--checkpoint_path",
                                                                      "{stories_bin}", "--output_dir", "{out}")), 2,
         r'error: Parser key "format":'),
     # scripts/prepare_alpaca.py
@@ -155,7 +202,10 @@ ROWS = [
         r"error: {ckpt_wider}/model\.safetensors: blocks\.0\.attn\.proj\.weight has shape \(64, 64\), "
         r"the model expects \(128, 128\)$"),
     row("generate-missing-tokenizer", generate("--checkpoint_dir", "{ckpt_without_tokenizer}"), 1,
-        r"error: tokenizer not found: {ckpt_without_tokenizer}/tokenizer\.model"),
+        r"error: tokenizer not found: no tokenizer\.json or tokenizer\.model in {ckpt_without_tokenizer} "),
+    row("generate-tiktoken-tokenizer", generate("--checkpoint_dir", "{ckpt_tiktoken}"), 1,
+        r"error: {ckpt_tiktoken}/tokenizer\.model is Meta's tiktoken tokenizer: convert the checkpoint with "
+        r"scripts/convert_checkpoint\.py, which writes it as tokenizer\.json$"),
     row("generate-bad-sampling-options", generate("--top_p", "0"), 1,
         r"error: need temperature >= 0, 0 < top_p <= 1 and top_k >= 1$"),
     # generate/adapter.py
@@ -218,6 +268,18 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     config = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
     (a["ckpt_wider"] / CONFIG_FILE).write_text(yaml.safe_dump({**config, "n_embd": 128}))
 
+    a["ckpt_tiktoken"] = tmp / "ckpt_tiktoken"
+    shutil.copytree(ckpt, a["ckpt_tiktoken"])
+    shutil.copyfile(shared_file("llama3_tokenizer/tokenizer.model"), a["ckpt_tiktoken"] / "tokenizer.model")
+    a["gguf_gpt2"] = write_gguf(tmp / "gpt2.gguf", arch="gpt2")
+    a["gguf_iq4"] = write_gguf(tmp / "iq4.gguf", tensor_type="IQ4_NL")
+    a["gguf_rwkv"] = write_gguf(tmp / "rwkv.gguf", vocabulary="rwkv")
+    a["hf_yarn"] = tmp / "hf_yarn"
+    a["hf_yarn"].mkdir()
+    shutil.copyfile(tok512, a["hf_yarn"] / "tokenizer.model")
+    hf_config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 5,
+                 "intermediate_size": 172, "vocab_size": 512, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    (a["hf_yarn"] / "config.json").write_text(json.dumps(hf_config))
     a["truncated_bin"] = tmp / "stories260K.bin"
     a["truncated_bin"].write_bytes(stories_bin.read_bytes()[:500_000])
     a["evil_pt"], a["evil_state"] = tmp / "evil.pt", tmp / "evil_state.pt"

@@ -99,11 +99,16 @@ def test_hf_refuses_unknown_keys_missing_shards_and_scaled_rope(tmp_path):
     one_line_error(excinfo, "model.safetensors.index.json", "model-00001-of-00002.safetensors")
 
     config = json.loads((hf_dir / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as excinfo:
+        convert_hf(hf_dir)
+    one_line_error(excinfo, "config.json", "RoPE scaling 'yarn' is not supported (only 'llama3' or none)")
     config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
     (hf_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError) as excinfo:
         convert_hf(hf_dir)
-    one_line_error(excinfo, "config.json", "llama3")
+    one_line_error(excinfo, "config.json rope scaling lacks 'low_freq_factor'")
 
     with pytest.raises(UserError) as excinfo:
         convert_hf(tmp_path / "absent")
@@ -362,7 +367,7 @@ def test_pickles_that_carry_code_are_refused(tmp_path):
 
 
 def test_tokenizer_is_found_and_checked(tmp_path, stories260k_bin, llama_tokenizer):
-    assert convert("llama2c", stories260k_bin)[2].name == "tok512.model"
+    assert convert("llama2c", stories260k_bin)[2] == {TOKENIZER_FILE: stories260k_bin.parent / "tok512.model"}
     with pytest.raises(UserError) as excinfo:
         convert("llama2c", stories260k_bin, llama_tokenizer)
     one_line_error(excinfo, str(stories260k_bin), "512 tokens", "the tokenizer has 32000")
@@ -371,7 +376,7 @@ def test_tokenizer_is_found_and_checked(tmp_path, stories260k_bin, llama_tokeniz
     lonely.write_bytes(stories260k_bin.read_bytes())
     with pytest.raises(UserError) as excinfo:
         convert("llama2c", lonely)
-    one_line_error(excinfo, "no tokenizer.model or tok512.model", str(tmp_path))
+    one_line_error(excinfo, "no tokenizer.json or tokenizer.model or tok512.model", str(tmp_path))
 
 
 # ---- the command line
@@ -410,4 +415,4 @@ def test_cli_help_documents_every_option():
     assert result.returncode == 0
     for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype"):
         assert option in result.stdout
-    assert "meta,hf,llama2c" in result.stdout and "tok512.model" in result.stdout
+    assert "meta,hf,llama2c,gguf" in result.stdout and "tok512.model" in result.stdout

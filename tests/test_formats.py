@@ -52,7 +52,7 @@ def test_alpaca_style_takes_a_single_turn_chat_record_as_an_instruction(llama_to
     single = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
     assert sample_segments("alpaca", tok, single) == [(alpaca_prompt("Add 2 and 3."), False), ("5", True)]
     assert format_prompt("alpaca", tok, [user_message("Add 2 and 3.")]) == alpaca_prompt("Add 2 and 3.")
-    with pytest.raises(UserError, match="alpaca prompt style holds one instruction"):
+    with pytest.raises(UserError, match="alpaca prompt style holds one instruction and its answer, not a conversation"):
         tokenize_sample(CHAT, tok, 512, style="alpaca")
     sample, _ = tokenize_sample(single, tok, 512, style="alpaca")
     expected, _ = tokenize_sample({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, tok, 512)
@@ -76,7 +76,7 @@ def test_download_errors_are_one_line_and_say_what_to_do(tmp_path, monkeypatch):
         download_hf("org/model", tmp_path)
 
     def gated(*args, **kwargs):
-        raise GatedRepoError("403 gated")
+        raise GatedRepoError.__new__(GatedRepoError)  # as the Hub client raises it for a gated repository
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(UserError, match="org/model is gated: accept its license.*--token or set HF_TOKEN"):

@@ -384,7 +384,7 @@ def test_stream_text_prints_exactly_the_decoded_text(llama_tokenizer, text):
     if text == "ends in a partial emoji":
         ids += tokenizer.encode("😀", bos=False).tolist()[:-1]  # generation may stop inside a character
     elif any(ord(c) > 0xFFFF for c in text):
-        assert any(tokenizer.processor.IdToPiece(i).startswith("<0x") for i in ids)  # byte-fallback tokens
+        assert any(tokenizer.backend.processor.IdToPiece(i).startswith("<0x") for i in ids)  # byte-fallback tokens
     out = RecordingStringIO()
     printed_before = []
 
