@@ -4,6 +4,7 @@ A checkpoint directory holds ``model.safetensors`` (base weights), ``model_confi
 Everything we read is safetensors or ``torch.load(weights_only=True)``: a file that carries code is refused.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -46,14 +47,45 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise UserError(f"cannot write {path}: {reason}; choose another location") from None
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
+        with disk_full_is_user_error(path):
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give them the usual mode
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextmanager
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``path`` into a one-line ``UserError``."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise UserError(f"cannot write {path}: no space left on device ({os.strerror(err.errno)}); free some "
+                        "space or choose another location (nothing partial was left)") from None
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path`` that becomes ``path`` in one rename on success (else it is removed).
+
+    ``path`` must be absent or empty: a reader sees no directory or the complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with disk_full_is_user_error(path):
+            yield tmp
+            os.chmod(tmp, 0o777 & ~current_umask())
+            os.replace(tmp, path)  # replaces an empty directory
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_can_create(directory: Path, option: str) -> None:
@@ -134,17 +166,30 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
 def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config, tokenizer_path: Optional[Path],
                         output_dir: Path) -> None:
-    """Write a converted base model: weights, config and (if given) the tokenizer."""
+    """Write a converted base model: weights, config and (if given) the tokenizer.
+
+    A new (or empty) ``output_dir`` appears complete or not at all; in a used one, each file is replaced atomically.
+    """
     output_dir = Path(output_dir)
     check_can_create(output_dir, "output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
     check_state_dict(GPT, config, shapes_of(state_dict), source="converted weights")
-    with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        write_checkpoint_files(state_dict, config, tokenizer_path, output_dir)
+        return
+    with atomic_dir(output_dir) as tmp:
+        write_checkpoint_files(state_dict, config, tokenizer_path, tmp)
+
+
+def write_checkpoint_files(state_dict: dict[str, torch.Tensor], config: Config, tokenizer_path: Optional[Path],
+                           directory: Path) -> None:
+    """Weights, config and tokenizer into ``directory``, each file atomically."""
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-    config.save(output_dir)
-    destination = output_dir / TOKENIZER_FILE
+    config.save(directory)
+    destination = directory / TOKENIZER_FILE
     if tokenizer_path is not None and not (destination.exists() and destination.samefile(tokenizer_path)):
-        shutil.copyfile(tokenizer_path, destination)
+        with atomic_path(destination) as tmp:
+            shutil.copyfile(tokenizer_path, tmp)
 
 
 def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -176,12 +221,14 @@ def load_config(checkpoint_dir: Path) -> Config:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} not found (create it with scripts/convert_checkpoint.py)")
-    try:
-        return Config.from_file(checkpoint_dir / CONFIG_FILE)
-    except UserError:
-        raise
-    except (TypeError, AttributeError, ValueError) as err:
-        raise UserError(f"{checkpoint_dir / CONFIG_FILE} is not a valid model config: {err}") from None
+    return Config.from_file(checkpoint_dir / CONFIG_FILE)
+
+
+def check_tokenizer_fits(tokenizer: Any, config: Config) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model {config.name or ''} knows "
+                        f"{config.vocab_size}: put the model's own tokenizer.model in the checkpoint directory")
 
 
 def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Config] = None,
@@ -204,6 +251,7 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     with open_safetensors(weights_path) as f:
         check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                          source=str(weights_path))
+        check_float_dtypes(f, weights_path)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key in f.keys():  # one tensor at a time: memory stays at the model's size
@@ -214,6 +262,18 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
             model.reset_adapter()
         keep_adapter_float32(model)
     return model
+
+
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def check_float_dtypes(f: Any, path: Path) -> None:
+    """Refuse a safetensors file (open as ``f``) whose tensors are not float32, float16 or bfloat16."""
+    for key in f.keys():
+        dtype = f.get_slice(key).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: {key} is stored as {dtype}, not float32, float16 or bfloat16 (quantized or "
+                            "converted by another tool?): convert the weights again with scripts/convert_checkpoint.py")
 
 
 def keep_adapter_float32(model: nn.Module) -> None:
@@ -262,15 +322,23 @@ def adapter_config(path: Path, base: Config) -> Config:
     if diff:
         raise UserError(f"{path} was trained for base {saved_name or '?'} but the checkpoint is {base.name or '?'}: "
                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
-    if set(saved_adapter) != set(base.adapter_shape()):
+    if set(saved_adapter) != set(base.adapter_shape()) or not all(type(v) is int for v in saved_adapter.values()):
         raise UserError(f"{path}: unexpected adapter metadata {saved_adapter}")
-    return replace(base, **saved_adapter)
+    config = replace(base, **saved_adapter)
+    with open_safetensors(path) as f:  # only the header: the declared shape must be the stored one
+        check_state_dict(AdapterGPT, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
+                         source=str(path), only_adapter=True)
+    return config
 
 
 def load_adapter(model: GPT, path: Path) -> None:
     """Load an adapter file into ``model`` strictly: every adapter key present, no other key, same shapes."""
     state_dict = read_safetensors(path)
     check_state_dict(type(model), model.config, shapes_of(state_dict), source=str(path), only_adapter=True)
+    for key, tensor in state_dict.items():
+        if not tensor.isfinite().all():
+            raise UserError(f"{path}: {key} holds nan or inf values (saved from a diverged training?): use an "
+                            "adapter of an earlier step")
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in state_dict:

@@ -42,6 +42,11 @@ class Config:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise UserError(f"the head size n_embd / n_head = {self.n_embd} / {self.n_head} = "
+                            f"{self.n_embd // self.n_head} must be even (rotary embeddings turn pairs of values)")
+        if self.adapter_prompt_length < 1:
+            raise UserError(f"adapter_prompt_length ({self.adapter_prompt_length}) must be at least 1")
         if not 0 <= self.adapter_start_layer <= self.n_layer:
             raise UserError(f"adapter_start_layer ({self.adapter_start_layer}) must lie in [0, n_layer={self.n_layer}]")
 
@@ -68,16 +73,22 @@ class Config:
             path = path / CONFIG_FILE
         if not path.is_file():
             raise UserError(f"{path} not found: a checkpoint directory must hold {CONFIG_FILE} (run scripts/convert_checkpoint.py)")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml_mapping(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown config keys {unknown}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+            raise UserError(f"{path} is not a valid model config: {err}") from None
 
     def save(self, directory: Path) -> None:
-        """Write this config as ``model_config.yaml`` into ``directory``."""
-        (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        """Write this config as ``model_config.yaml`` into ``directory`` (atomically)."""
+        from lit_adapter.checkpoint import atomic_path  # checkpoint imports this module
+
+        with atomic_path(Path(directory) / CONFIG_FILE) as tmp:
+            tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
@@ -88,6 +99,24 @@ class Config:
     def adapter_shape(self) -> dict:
         """The fields that define the adapter's parameters."""
         return {"adapter_prompt_length": self.adapter_prompt_length, "adapter_start_layer": self.adapter_start_layer}
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping in a YAML file (plain YAML only: tags that would build objects are refused), or a ``UserError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, expected a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"{path} is not a readable plain-YAML file ({detail})") from None
+    if not isinstance(values, dict):
+        what = "empty" if values is None else f"a YAML {type(values).__name__}"
+        raise UserError(f"{path} is {what}, expected a mapping of keys to values (regenerate it)")
+    return values
 
 
 def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:

@@ -360,9 +360,21 @@ def check_meta_weights(weights: StateDict, config: Config, source: str) -> None:
             raise UserError(f"{source}: {key} has shape {tuple(weights[key].shape)}, {config.name} needs {shape}")
 
 
+def check_weight_dtypes(weights: StateDict, source: str, dtype: Optional[torch.dtype]) -> None:
+    """Refuse integer (quantized) weights, and float64 ones unless ``dtype`` says what to store them as."""
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{source}: {key} holds {tensor.dtype} values (quantized weights?); only float "
+                            "weights can be converted: start from the unquantized checkpoint")
+        if tensor.dtype == torch.float64 and dtype is None:
+            raise UserError(f"{source}: {key} is float64, which the model does not run in: pass --dtype float32 "
+                            "(or bfloat16, float16) to store it converted")
+
+
 def meta_to_lit(weights: StateDict, config: Config, source: str, dtype: Optional[torch.dtype] = None) -> StateDict:
     """Our state dict from weights under Meta's names (checked first), cast to ``dtype`` if given."""
     check_meta_weights(weights, config, source)
+    check_weight_dtypes(weights, source, dtype)
 
     def get(key: str) -> torch.Tensor:
         return weights[key].to(dtype=dtype)

@@ -4,6 +4,7 @@ The one-token step has fixed shapes, so ``torch.compile(mode="reduce-overhead")`
 graph; sampling stays on the device (no host synchronisation inside the step).
 """
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Callable, Iterator, Literal, Optional, TextIO
 
 import torch
 
-from lit_adapter.checkpoint import adapter_config, load_adapter, load_config, load_model
+from lit_adapter.checkpoint import (adapter_config, check_tokenizer_fits, load_adapter, load_config,
+                                    load_model)
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.prompts import alpaca_prompt
@@ -26,7 +28,9 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # scaled after subtracting the maximum: a tiny temperature then gives -inf, never nan (inf - inf)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -145,7 +149,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     """
     if max_new_tokens < 1 or num_samples < 1:
         raise UserError("max_new_tokens and num_samples must be at least 1")
-    if temperature < 0 or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
+    if not 0 <= temperature < math.inf or not 0 < top_p <= 1 or (top_k is not None and top_k < 1):
         raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
     device = default_device()
     dtype = DTYPES[precision or default_precision(device)]
@@ -156,6 +160,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if adapter_path is not None:
         config = adapter_config(adapter_path, config)
     tokenizer = Tokenizer(checkpoint_dir)
+    check_tokenizer_fits(tokenizer, config)
     prompt_ids = tokenizer.encode(prompt if adapter_path is None else alpaca_prompt(prompt), bos=True)
     if prompt_ids.numel() + max_new_tokens > config.block_size:
         raise UserError(f"the prompt is {prompt_ids.numel()} tokens; with max_new_tokens={max_new_tokens} it exceeds "

@@ -5,6 +5,8 @@ the schedule, the accumulation, the adapter files and the sample response are th
 """
 
 import math
+import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -17,17 +19,20 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import check_can_create, load_config, load_model, save_adapter, torch_load
-from lit_adapter.cli import exit_on_user_error
+from lit_adapter.checkpoint import (check_can_create, check_tokenizer_fits, load_config, load_model, save_adapter,
+                                    torch_load)
+from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training import (ADAPTER_FILE, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
-                                  build_optimizer, build_scheduler, check_data_fits, loss_fn,
-                                  prepare_for_training, sample_response)
+                                  adopt_hyperparameters, build_optimizer, build_scheduler, check_data_fits,
+                                  check_enough_batches, check_train_args, loss_fn, prepare_for_training,
+                                  resumed_message, sample_response)
 
 
 OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
@@ -80,6 +85,7 @@ class AdapterModule(L.LightningModule):
         self._step_loss = torch.zeros(())
         self._reset_step_metrics()
         self._val_losses: list[torch.Tensor] = []
+        self.interrupted = False  # by Ctrl-C (see main)
 
     # ------------------------------------------------------------------------------------------ the model
 
@@ -110,7 +116,10 @@ class AdapterModule(L.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, AlpacaDataModule):
             datamodule.setup(stage)
-            check_data_fits(datamodule, self.tokenizer, load_config(self.checkpoint_dir))
+            config = load_config(self.checkpoint_dir)
+            check_tokenizer_fits(self.tokenizer, config)
+            check_data_fits(datamodule, self.tokenizer, config)
+            check_enough_batches(datamodule, self._trainer.world_size, "--trainer.devices x --trainer.num_nodes")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
@@ -158,8 +167,12 @@ class AdapterModule(L.LightningModule):
         return loss
 
     def on_train_start(self) -> None:
+        """Reset the step metrics; a resumed run takes this run's learning rate and weight decay (and says so)."""
         self._reset_step_metrics()
         self._last_step = self.trainer.global_step
+        if self.trainer.ckpt_path is not None:
+            changes = adopt_hyperparameters(self.trainer.optimizers[0], self.lr_schedulers(), self.train_args)
+            self.print(resumed_message(Path(self.trainer.ckpt_path), self.global_step, changes))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's mean loss over its micro-batches and all ranks; a loss that is not finite stops the run before
@@ -224,6 +237,9 @@ class AdapterModule(L.LightningModule):
             save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, state_dict=adapter)
         self.trainer.strategy.barrier()
         self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter's weights: the frozen base stays in checkpoint_dir."""
@@ -301,7 +317,9 @@ class AdapterCLI(LightningCLI):
         parser.link_arguments("model.train.micro_batch_size", "data.micro_batch_size")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="Resume from this Lightning checkpoint (a .ckpt of a run's checkpoints/: adapter, "
-                                 "optimizer, schedule and data position), with the same devices and batch sizes.")
+                                 "optimizer, schedule and data position), or last (the newest .ckpt below "
+                                 "--trainer.default_root_dir), with the same devices and batch sizes; the learning "
+                                 "rate and weight decay may change.")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer of the command line, with the settings that follow from the model's arguments."""
@@ -310,8 +328,7 @@ class AdapterCLI(LightningCLI):
         train, eval = model.train_args, model.eval_args
         if eval.interval < 1 or eval.max_batches < 1:
             raise UserError("model.eval.interval and model.eval.max_batches must be at least 1")
-        if train.max_steps is not None and train.max_steps < 1:
-            raise UserError("model.train.max_steps must be at least 1")
+        check_train_args(train, prefix="model.train.")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
         check_can_create(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
         overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
@@ -372,19 +389,31 @@ def requested_devices(devices: Any, accelerator: Any) -> int:
     return int(text)
 
 
-def check_ckpt_path(ckpt_path: Optional[str]) -> None:
-    """Refuse a ``--ckpt_path`` file that is missing, unreadable or carries code before the model is built.
+def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]:
+    """The checkpoint file that ``--ckpt_path`` means, checked before the model is built; only files are read.
 
-    Lightning's own names ("last", "best", "hpc", "registry..."), URLs and (sharded) checkpoint directories are left
-    to Lightning.
+    "last" is the newest .ckpt below ``root_dir`` (the runs of --trainer.default_root_dir): none is an error, not a
+    fresh start. Directories (distributed checkpoints, whose .metadata is a pickle that could run code), URLs and
+    Lightning's other names are refused; a file is loaded as tensors only, so a truncated one or one that carries
+    code fails in one line.
     """
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") \
-            or "://" in ckpt_path or Path(ckpt_path).is_dir():
-        return
-    if not Path(ckpt_path).is_file():
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(root_dir.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path last: no checkpoint (.ckpt) below {root_dir}; pass one, or leave "
+                            "--ckpt_path out to start afresh")
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise UserError(f"--ckpt_path {ckpt_path} is a directory (a distributed checkpoint?): only single .ckpt files "
+                        "are read, as tensors (a distributed checkpoint's .metadata is a pickle that can run code)")
+    if not path.is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
-                        "directory of an earlier run)")
-    torch_load(ckpt_path)  # a one-line error for a truncated file or a pickle that would run code
+                        "directory of an earlier run, or last)")
+    torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
+    return ckpt_path
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -406,6 +435,10 @@ def main(args: Optional[list[str]] = None) -> None:
     """
     with exit_on_user_error(OUT_OF_MEMORY_HINT):
         cli = AdapterCLI(args=args)
-        ckpt_path = cli.config.get("ckpt_path")
-        check_ckpt_path(ckpt_path)
-        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+        ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), Path(cli.trainer.default_root_dir))
+        try:
+            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exit:  # Lightning ends Ctrl-C with 1 and SIGTERM with 0: the shell's statuses instead
+            if isinstance(exit, SIGTERMException):
+                sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_INTERRUPTED if cli.model.interrupted else exit.code)

@@ -34,6 +34,10 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> torch.Tensor:
         """Token ids of ``text`` (int64), optionally led by BOS and closed by EOS."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. undecodable bytes of a command line, kept as surrogates
+            raise UserError(f"the text is not valid UTF-8 (at character {err.start}): pass UTF-8 text") from None
         ids = self.processor.EncodeAsIds(text)
         if bos:
             ids = [self.bos_id] + ids
