@@ -115,11 +115,19 @@ def current_umask() -> int:
     return mask
 
 
+def require_file(path: Path, what: str = "", hint: str = "") -> None:
+    """A one-line ``UserError`` unless ``path`` is a file: it is missing, or a directory where a file is expected."""
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise UserError(f"{label} is a directory, expected a file{hint}")
+    if not path.is_file():
+        raise UserError(f"{label} not found{hint}")
+
+
 def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` restricted to tensors and plain containers; pickles that would run code are refused."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found")
+    require_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as err:
@@ -149,8 +157,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def open_safetensors(path: Path) -> Iterator[Any]:
     """A lazy reader of a safetensors file (``keys()``, ``get_slice(k).get_shape()``, ``get_tensor(k)``, ``metadata()``)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found")
+    require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
@@ -303,8 +310,7 @@ def save_adapter(path: Path, model: Optional[nn.Module], config: Config, extra_m
 def adapter_config(path: Path, base: Config) -> Config:
     """``base`` with the adapter shape recorded in the adapter file at ``path``; a file made for another base is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"adapter file {path} not found")
+    require_file(path, "adapter file")
     if zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a readable safetensors file but a PyTorch file: for a training state, run "
                         f"scripts/extract_adapter.py --state_path {path} and pass the adapter.safetensors it writes")

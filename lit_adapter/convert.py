@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import preview_keys, read_safetensors, torch_load
+from lit_adapter.checkpoint import preview_keys, read_safetensors, require_file, torch_load
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -223,8 +223,7 @@ def convert_llama2c(path: Path, vocab_size: Optional[int] = None,
     A ``vocab_size`` (the tokenizer's) other than the model's is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found (llama2.c checkpoints are a .bin or .pt file)")
+    require_file(path, hint=" (llama2.c checkpoints are a .bin or .pt file)")
     # both readers map the file without reading the weights yet
     weights, config = _read_llama2c_pt(path) if zipfile.is_zipfile(path) else _read_llama2c_bin(path)
     check_vocab_size(config, vocab_size, str(path))
