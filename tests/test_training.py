@@ -193,7 +193,10 @@ def test_interrupt_and_resume_give_the_same_weights_and_optimizer_state(assets, 
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(training, "evaluate", evaluate_then_interrupt)
-    pieces = train(assets, "small", tmp_path / "pieces", **options)
+    pieces = tmp_path / "pieces"
+    with pytest.raises(SystemExit) as exit_info:  # saved, but not a success
+        train(assets, "small", pieces, **options)
+    assert exit_info.value.code == 128 + signal.SIGTERM
     monkeypatch.setattr(training, "evaluate", evaluate)
     assert sorted(p.name for p in pieces.glob("step-*")) == ["step-000005"]
     assert not (pieces / ADAPTER_FILE).exists()
@@ -234,7 +237,7 @@ def test_sigterm_saves_a_resumable_state_and_exits(assets, tmp_path):
                 assert time.monotonic() < deadline, "no training state after 3 minutes"
                 time.sleep(0.2)
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 0
+            assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 128 + signal.SIGTERM  # `finetune && ...` stops
         finally:
             if process.poll() is None:
                 process.kill()
