@@ -26,7 +26,7 @@ DecodeFn = Callable[..., torch.Tensor]
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
     """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 is greedy."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that it would be 0 in float32: greedy
         return logits.argmax(dim=-1, keepdim=True)
     # scaled after subtracting the maximum: a tiny temperature then gives -inf, never nan (inf - inf)
     logits = logits.float()

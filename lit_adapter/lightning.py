@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -85,7 +86,6 @@ class AdapterModule(L.LightningModule):
         self._step_loss = torch.zeros(())
         self._reset_step_metrics()
         self._val_losses: list[torch.Tensor] = []
-        self.interrupted = False  # by Ctrl-C (see main)
 
     # ------------------------------------------------------------------------------------------ the model
 
@@ -237,9 +237,6 @@ class AdapterModule(L.LightningModule):
             save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, state_dict=adapter)
         self.trainer.strategy.barrier()
         self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.interrupted = isinstance(exception, KeyboardInterrupt)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter's weights: the frozen base stays in checkpoint_dir."""
@@ -441,4 +438,4 @@ def main(args: Optional[list[str]] = None) -> None:
         except SystemExit as exit:  # Lightning ends Ctrl-C with 1 and SIGTERM with 0: the shell's statuses instead
             if isinstance(exit, SIGTERMException):
                 sys.exit(128 + signal.SIGTERM)
-            sys.exit(EXIT_INTERRUPTED if cli.model.interrupted else exit.code)
+            sys.exit(EXIT_INTERRUPTED if cli.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)
