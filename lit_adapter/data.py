@@ -79,7 +79,7 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # a complete value, then more: not a truncated file
             raise UserError(f"{path} holds several JSON values one after another (JSON Lines?), expected one JSON "
-                            f"list of records (the second value starts at line {err.lineno} column {err.colno})") from None
+                            f"list of records (the second starts at line {err.lineno} column {err.colno})") from None
         index = _broken_record_index(text)
         where = f", in record {index}" if index is not None else ""
         raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}{where}); "

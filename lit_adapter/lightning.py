@@ -15,6 +15,7 @@ from typing import Any, Optional, get_args
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -23,8 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import (check_can_create, check_tokenizer_fits, load_config, load_model, save_adapter,
-                                    torch_load)
+from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, load_config, load_model,
+                                    save_adapter, torch_load)
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
@@ -354,7 +355,8 @@ class AdapterCLI(LightningCLI):
             raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
                             f"{', '.join(get_args(Precision))}")
         overrides.update({"precision": None, **trainer_precision(precision)})
-        if "plugins" in overrides and config.get("plugins"):
+        overrides["plugins"] = overrides.get("plugins", []) + [AtomicCheckpointIO()]
+        if config.get("plugins"):
             plugins = config["plugins"]
             overrides["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + overrides["plugins"]
         try:
@@ -371,6 +373,14 @@ class AdapterCLI(LightningCLI):
         trainer.accumulate_grad_batches = accumulate
         trainer.val_check_interval = eval.interval * accumulate
         return trainer
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every file here: complete or not at all, one line on a full disk."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_path(Path(path)) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
 
 
 def requested_devices(devices: Any, accelerator: Any) -> int:

@@ -355,8 +355,8 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     llama2c = torch.load(shared_file("tinystories_llama2c_500iter/ckpt.pt"), map_location="cpu", weights_only=True)
     for dtype in (torch.int8, torch.float64):
         a[f"{dtype}_pt".removeprefix("torch.")] = path = tmp / f"{dtype}.pt"
-        torch.save({"model": {k: v.to(dtype) for k, v in llama2c["model"].items()}, "model_args": llama2c["model_args"]},
-                   path)
+        weights = {k: v.to(dtype) for k, v in llama2c["model"].items()}
+        torch.save({"model": weights, "model_args": llama2c["model_args"]}, path)
     for name, change in (("ckpt_int8", None), ("ckpt_tagged", "n_layer: !!python/object/apply:os.system ['true']\n"),
                          ("ckpt_empty_config", ""), ("ckpt_llama_tok", None)):
         a[name] = tmp / name

@@ -60,6 +60,14 @@ def finetune(assets: dict, out_dir: Path, **options) -> None:
                                     "out_dir": out_dir, **RUN, **options}))
 
 
+def trainer_args(assets: dict, root: Path, *extra: str) -> list[str]:
+    """finetune/adapter_trainer.py's command line for one step."""
+    return ["--model.checkpoint_dir", str(assets["checkpoint"]), "--data.data_dir", str(assets["data"]),
+            "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--model.train.max_steps", "1",
+            "--model.train.global_batch_size", "4", "--model.eval.max_new_tokens", "1", *extra]
+
+
 def exits_with(status: int, capsys, function, *args, **kwargs) -> list[str]:
     """Call ``function``, which must exit with ``status``; return its stderr lines (checked: no traceback, and for a
     user error exactly one ``error:`` line, the last)."""
@@ -180,7 +188,8 @@ def half_then_no_space(tensors, filename, metadata=None):
     no_space()
 
 
-@pytest.mark.parametrize("writer", ["convert-weights", "convert-tokenizer", "prepare", "extract", "finetune-state"])
+@pytest.mark.parametrize("writer", ["convert-weights", "convert-tokenizer", "prepare", "extract", "finetune-state",
+                                    "trainer-checkpoint"])
 def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, capsys, monkeypatch, writer):
     out = tmp_path / "out"
     if writer.startswith("convert"):
@@ -199,14 +208,20 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
         monkeypatch.setattr(checkpoint, "save_file", half_then_no_space)
         call = (run_cli, script("scripts/extract_adapter.py")["extract_adapter"],
                 ["--state_path", str(tmp_path / "run" / "step-000001"), "--output_path", str(out / "a.safetensors")])
-    else:
+    elif writer == "finetune-state":
         monkeypatch.setattr(torch, "save", no_space)
         call = (finetune, assets, out)
+    else:
+        monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save",
+                            lambda checkpoint, path: half_then_no_space(None, path))
+        monkeypatch.setattr(sys, "argv", sys.argv[:1])
+        call = (lightning.main, trainer_args(assets, out, "--model.out_dir", str(tmp_path / "adapter")))
     lines = exits_with(1, capsys, *call)
     assert "no space left on device" in lines[-1] and lines[-1].startswith("error: cannot write "), lines[-1]
-    visible = visible_files(out) if out.exists() else []
+    visible = [name for name in visible_files(out) if name != "config.yaml"] if out.exists() else []  # LightningCLI's
     if writer == "finetune-state":  # the step's adapter is there, but no state that --resume would take
-        assert visible == ["hyperparameters.yaml", "step-000001/adapter.safetensors", "step-000001/hyperparameters.yaml"]
+        assert visible == ["hyperparameters.yaml", "step-000001/adapter.safetensors",
+                           "step-000001/hyperparameters.yaml"]
     else:
         assert visible == []
     assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]
@@ -238,10 +253,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_quietly(assets, tmp_path, capsys
         exits_with(EXIT_INTERRUPTED, capsys, finetune, assets, tmp_path / "out")
     else:
         monkeypatch.setattr(sys, "argv", sys.argv[:1])
-        exits_with(EXIT_INTERRUPTED, capsys, lightning.main, [
-            "--model.checkpoint_dir", str(assets["checkpoint"]), "--data.data_dir", str(assets["data"]),
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu", "--trainer.logger", "false",
-            "--model.train.max_steps", "1", "--model.train.global_batch_size", "4"])
+        exits_with(EXIT_INTERRUPTED, capsys, lightning.main, trainer_args(assets, tmp_path))
 
 
 # ------------------------------------------------------------------------------ 12. multi-process errors print once
