@@ -533,7 +533,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed" or "32-true".
             Default: bf16-true on GPUs that support it, else 32-true.
         resume: Continue from a training state: a step-NNNNNN directory or its training_state.pt, or "auto" for the
-            latest one in out_dir (starts fresh if there is none).
+            latest one in out_dir (starts fresh if there is none). The adapter, optimizer moments, schedule position,
+            data position and random state continue; train.learning_rate, weight_decay, the schedule's shape,
+            clipping, evaluation and saving may change (what changed is printed); devices, micro_batch_size and
+            seed may not. An out_dir holds one run: a fresh run needs one without training states.
         save_interval: Save the adapter and a resumable training state every this many optimizer steps (and at the end).
         seed: Random seed (data order and adapter initialisation).
         compile: Compile each transformer block with torch.compile (default: on GPU).
