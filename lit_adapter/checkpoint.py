@@ -227,7 +227,8 @@ def preview_keys(keys: list[str], n: int = 3) -> str:
 def load_config(checkpoint_dir: Path) -> Config:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {checkpoint_dir} not found (create it with scripts/convert_checkpoint.py)")
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "not found"
+        raise UserError(f"checkpoint directory {checkpoint_dir} {what} (create it with scripts/convert_checkpoint.py)")
     return Config.from_file(checkpoint_dir / CONFIG_FILE)
 
 

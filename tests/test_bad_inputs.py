@@ -239,6 +239,8 @@ ROWS = [
         r"error: {tmp} is a directory, expected a file \(llama2\.c checkpoints are a \.bin or \.pt file\)$"),
     row("prepare-directory-for-data-file", prepare("--data_file", "{tmp}"), 1,
         r"error: cannot read {tmp} as UTF-8 text"),
+    row("generate-file-for-the-checkpoint-dir", generate("--checkpoint_dir", "{afile}"), 1,
+        r"error: checkpoint directory {afile} is a file, not a directory \(create it with"),
     row("adapter-directory-for-a-file", generate_adapter("--adapter_path", "{tmp}"), 1,
         r"error: adapter file {tmp} is a directory, expected a file$"),
     row("generate-non-utf8-prompt", generate("--prompt", "caf\udce9"), 1,
