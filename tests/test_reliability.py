@@ -129,6 +129,19 @@ def test_a_stopped_run_saves_its_state_and_exits_non_zero(assets, tmp_path, caps
                                   "step-000001/hyperparameters.yaml", f"step-000001/{STATE_FILE}"]
 
 
+def test_a_trainer_run_stopped_by_sigterm_exits_143(assets, tmp_path, capsys, monkeypatch):
+    on_batch_end = lightning.AdapterModule.on_train_batch_end
+
+    def then_sigterm(self, *args) -> None:
+        on_batch_end(self, *args)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(lightning.AdapterModule, "on_train_batch_end", then_sigterm)
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    exits_with(128 + signal.SIGTERM, capsys, lightning.main,
+               trainer_args(assets, tmp_path, "--model.train.max_steps", "3"))  # Lightning's own status is 0
+
+
 # ------------------------------------------------------------------------------ 5. a prepared set is whole or refused
 
 def test_a_preparation_stopped_between_its_files_is_refused_by_readers(assets, tmp_path, monkeypatch):
