@@ -2,9 +2,10 @@
 its error line, and no traceback.
 
 A user error exits with 1 and prints one line, ``error: <what> ... <what to do>``, as the last line of stderr (before
-it may stand progress bars and Lightning's info lines, never another error). A command line that jsonargparse cannot
-parse exits with 2 and says why on its ``error:`` line. Files that carry code are refused without running it: the
-pickles below would create a marker file if they were ever unpickled unsafely.
+it may stand progress bars and Lightning's info lines, never another error; a run of two processes prints it once).
+A command line that jsonargparse cannot parse exits with 2 and says why on its ``error:`` line. Files that carry code
+are refused without running it: the pickles below (also a distributed checkpoint's ``.metadata``) would create a
+marker file if they were ever unpickled unsafely.
 
 The real 260K TinyStories checkpoint and a few Alpaca records are prepared once; the rows then run in parallel.
 """
@@ -186,6 +187,8 @@ ROWS = [
     row("finetune-fewer-batches-than-devices", finetune("--data_dir", "{data_one}", "--devices", "2",
                                                         "--train.global_batch_size", "8"), 1,
         r"error: {data_one} has 1 training samples, 1 micro-batches of 4: fewer than the 2 devices \(--devices\)"),
+    row("trainer-fewer-batches-than-devices", trainer("--data.data_dir", "{data_one}", "--trainer.devices", "2"), 1,
+        r"error: {data_one} has 1 training samples, 1 micro-batches of 4: fewer than the 2 devices \(--trainer\.devices"),
     # 5. a half-written set of prepared files
     row("finetune-half-prepared-data", finetune("--data_dir", "{data_mixed}"), 1,
         r"error: {data_mixed}/train\.pt is not the file that {data_mixed}/prep_config\.yaml describes \(a "
