@@ -58,16 +58,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.remove(tmp)
 
 
+DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
+NEARLY_FULL_BYTES = 1 << 20
+
+
 @contextmanager
 def disk_full_is_user_error(path: Path) -> Iterator[None]:
     """Turn a full disk (or quota) while writing ``path`` into a one-line ``UserError``."""
     try:
         yield
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not ran_out_of_space(err, path.parent):
             raise
-        raise UserError(f"cannot write {path}: no space left on device ({os.strerror(err.errno)}); free some "
-                        "space or choose another location (nothing partial was left)") from None
+        raise UserError(f"cannot write {path}: no space left on device; free some space or choose another location "
+                        "(nothing partial was left)") from None
+
+
+def ran_out_of_space(err: Exception, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or EDQUOT, said in the message (safetensors), or a failure of
+    torch's zip writer (whose message does not say why) on a disk with (almost) no room left."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(err) for m in DISK_FULL_MESSAGES):
+        return True
+    return isinstance(err, RuntimeError) and free_bytes(directory) < NEARLY_FULL_BYTES
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes that this user can still write in ``directory``'s file system."""
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
 
 
 @contextmanager
@@ -84,6 +102,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             yield tmp
             os.chmod(tmp, 0o777 & ~current_umask())
             os.replace(tmp, path)  # replaces an empty directory
+    except UserError as err:  # name the files where the user will look for them
+        raise UserError(str(err).replace(str(tmp), str(path))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

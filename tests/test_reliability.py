@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from conftest import ROOT, shared_file
 from lit_adapter import checkpoint, lightning, training
@@ -192,13 +193,20 @@ def test_a_tiny_temperature_samples_the_most_likely_token(temperature):
 
 # ------------------------------------------------------------------------------ 10. a full disk
 
+# how the writers fail on a real full disk (a small tmpfs): the OS, safetensors, and torch's zip writer, whose message
+# does not say why (the disk is then found full)
 def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def half_then_no_space(tensors, filename, metadata=None):
     Path(filename).write_bytes(b"\0" * 100)
-    no_space()
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def torch_save_on_a_full_disk(obj, path, *args, **kwargs):
+    Path(path).write_bytes(b"\0" * 100)
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
 
 @pytest.mark.parametrize("writer", ["convert-weights", "convert-tokenizer", "prepare", "extract", "finetune-state",
@@ -212,7 +220,8 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
                 ["--format", "llama2c", "--checkpoint_path", str(shared_file("stories260K/stories260K.bin")),
                  "--output_dir", str(out)])
     elif writer == "prepare":
-        monkeypatch.setattr(torch, "save", no_space)
+        monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+        monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
         call = (run_cli, script("scripts/prepare_alpaca.py")["main"],
                 ["--destination_dir", str(out), "--checkpoint_dir", str(assets["checkpoint"]), "--data_file",
                  str(assets["records"]), "--val_size", "2"])
@@ -222,7 +231,8 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
         call = (run_cli, script("scripts/extract_adapter.py")["extract_adapter"],
                 ["--state_path", str(tmp_path / "run" / "step-000001"), "--output_path", str(out / "a.safetensors")])
     elif writer == "finetune-state":
-        monkeypatch.setattr(torch, "save", no_space)
+        monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+        monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
         call = (finetune, assets, out)
     else:
         monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save",
@@ -238,6 +248,14 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
     else:
         assert visible == []
     assert not [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")]
+
+
+def test_only_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
+    assert checkpoint.ran_out_of_space(OSError(errno.EDQUOT, "quota"), tmp_path)
+    assert not checkpoint.ran_out_of_space(OSError(errno.EIO, "I/O error"), tmp_path)
+    assert not checkpoint.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)  # room left: a bug
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
+    assert checkpoint.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)
 
 
 # ------------------------------------------------------------------------------ 11. one line, not a traceback
