@@ -71,7 +71,7 @@ def disk_full_is_user_error(path: Path) -> Iterator[None]:
         if not ran_out_of_space(err, path.parent):
             raise
         raise UserError(f"cannot write {path}: no space left on device; free some space or choose another location "
-                        "(nothing partial was left)") from None
+                        "(the unfinished file was removed)") from None
 
 
 def ran_out_of_space(err: Exception, directory: Path) -> bool:
