@@ -419,7 +419,10 @@ def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]
     if not path.is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
                         "directory of an earlier run, or last)")
-    torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
+    checkpoint = torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
+    if not isinstance(checkpoint, dict) or not {"state_dict", "model_config", "loops"} <= checkpoint.keys():
+        raise UserError(f"--ckpt_path {ckpt_path} is not a checkpoint of finetune/adapter_trainer.py (a training "
+                        "state of finetune/adapter.py resumes with finetune/adapter.py --resume)")
     return ckpt_path
 
 

@@ -183,6 +183,9 @@ ROWS = [
         r"error: --ckpt_path {dcp_dir} is a directory \(a distributed checkpoint\?\): only single \.ckpt files are "
         r"read, as tensors"),
     row("trainer-ckpt-pickle-with-code", trainer("--ckpt_path", "{evil_pt}"), 1, r"error: {evil_pt} " + REFUSED),
+    row("trainer-ckpt-is-a-fabric-state", trainer("--ckpt_path", "{state}"), 1,
+        r"error: --ckpt_path {state} is not a checkpoint of finetune/adapter_trainer\.py \(a training state of "
+        r"finetune/adapter\.py resumes with finetune/adapter\.py --resume\)$"),
     # 3. fewer micro-batches than devices
     row("finetune-fewer-batches-than-devices", finetune("--data_dir", "{data_one}", "--devices", "2",
                                                         "--train.global_batch_size", "8"), 1,
