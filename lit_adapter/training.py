@@ -122,7 +122,7 @@ def check_train_args(args: TrainArgs, prefix: str = "train.") -> None:
     """Refuse hyperparameters that cannot train (``prefix`` names them as on the command line)."""
     problems = [f"{name} must be {rule}" for name, bad, rule in (
         ("learning_rate", not 0 < args.learning_rate < math.inf, "positive"),
-        ("min_lr", not 0 <= args.min_lr <= args.learning_rate, "in [0, learning_rate]"),
+        ("min_lr", not 0 <= args.min_lr <= max(args.learning_rate, 0), "in [0, learning_rate]"),
         ("weight_decay", not 0 <= args.weight_decay < math.inf, "zero or positive"),
         ("max_grad_norm", args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf,
          "positive (or null: no clipping)"),

@@ -169,6 +169,8 @@ def test_user_errors_end_with_one_line_and_exit_code_1(assets, tmp_path, capsys)
     assert "absent" in line, line
     line = user_error(cli_args(assets, tmp_path, "--trainer.precision", "16-mixed"), capsys)
     assert "bf16-true, bf16-mixed, 32-true" in line, line
+    line = user_error(cli_args(assets, tmp_path, "--model.train.learning_rate", "-1"), capsys)
+    assert line == "error: model.train.learning_rate must be positive", line
 
 
 def test_help_explains_every_option(capsys):

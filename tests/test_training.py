@@ -303,6 +303,22 @@ def test_bad_options_exit_1_with_one_error_line(assets, tmp_path, capsys, option
     assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("max_grad_norm", -1, "train.max_grad_norm must be positive (or null: no clipping)"),
+    ("epochs", 0, "train.epochs must be at least 1"),
+    ("log_interval", 0, "train.log_interval must be at least 1"),
+    ("learning_rate", -0.01, "train.learning_rate must be positive"),
+    ("weight_decay", -1, "train.weight_decay must be zero or positive"),
+    ("warmup_steps", -1, "train.warmup_steps must be zero or positive"),
+])
+def test_values_that_cannot_train_are_refused_in_one_line(assets, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit:
+        train(assets, "small", tmp_path, **{**SMALL_RUN, f"train.{option}": value})
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
 def test_extract_adapter_writes_the_adapter_saved_beside_the_state(small_run, tmp_path, capsys):
     extract = script("scripts/extract_adapter.py")["extract_adapter"]
     saved = small_run / "step-000002" / ADAPTER_FILE
