@@ -12,8 +12,7 @@ from typing import Callable, Iterator, Literal, Optional, TextIO
 
 import torch
 
-from lit_adapter.checkpoint import (adapter_config, check_tokenizer_fits, load_adapter, load_config,
-                                    load_model)
+from lit_adapter.checkpoint import adapter_config, check_tokenizer_fits, load_adapter, load_config, load_model
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.prompts import alpaca_prompt
