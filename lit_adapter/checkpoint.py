@@ -5,6 +5,7 @@ A checkpoint directory holds ``model.safetensors`` (base weights), ``model_confi
 Everything we read is safetensors or ``torch.load(weights_only=True)``: a file that carries code is refused.
 """
 
+import errno
 import json
 import os
 import pickle
@@ -47,14 +48,65 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise UserError(f"cannot write {path}: {reason}; choose another location") from None
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give them the usual mode
-        os.replace(tmp, path)
+        with disk_full_is_user_error(path):
+            yield Path(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes files private; give them the usual mode
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
+NEARLY_FULL_BYTES = 1 << 20
+
+
+@contextmanager
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing ``path`` into a one-line ``UserError``."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not ran_out_of_space(err, path.parent):
+            raise
+        raise UserError(f"cannot write {path}: no space left on device; free some space or choose another location "
+                        "(the unfinished file was removed)") from None
+
+
+def ran_out_of_space(err: Exception, directory: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC or EDQUOT, said in the message (safetensors), or a failure of
+    torch's zip writer (whose message does not say why) on a disk with (almost) no room left."""
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(err) for m in DISK_FULL_MESSAGES):
+        return True
+    return isinstance(err, RuntimeError) and free_bytes(directory) < NEARLY_FULL_BYTES
+
+
+def free_bytes(directory: Path) -> int:
+    """Bytes that this user can still write in ``directory``'s file system."""
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path`` that becomes ``path`` in one rename on success (else it is removed).
+
+    ``path`` must be absent or empty: a reader sees no directory or the complete one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        with disk_full_is_user_error(path):
+            yield tmp
+            os.chmod(tmp, 0o777 & ~current_umask())
+            os.replace(tmp, path)  # replaces an empty directory
+    except UserError as err:  # name the files where the user will look for them
+        raise UserError(str(err).replace(str(tmp), str(path))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_can_create(directory: Path, option: str) -> None:
@@ -84,11 +136,19 @@ def current_umask() -> int:
     return mask
 
 
+def require_file(path: Path, what: str = "", hint: str = "") -> None:
+    """A one-line ``UserError`` unless ``path`` is a file: it is missing, or a directory where a file is expected."""
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise UserError(f"{label} is a directory, expected a file{hint}")
+    if not path.is_file():
+        raise UserError(f"{label} not found{hint}")
+
+
 def torch_load(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """``torch.load`` restricted to tensors and plain containers; pickles that would run code are refused."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found")
+    require_file(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, SafetensorError) as err:
@@ -118,8 +178,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def open_safetensors(path: Path) -> Iterator[Any]:
     """A lazy reader of a safetensors file (``keys()``, ``get_slice(k).get_shape()``, ``get_tensor(k)``, ``metadata()``)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found")
+    require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             yield f
@@ -136,16 +195,28 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 def save_checkpoint_dir(state_dict: dict[str, torch.Tensor], config: Config,
                         tokenizer: Optional[Path | TokenizerFiles], output_dir: Path) -> None:
     """Write a converted base model: weights, config and (if given) the tokenizer: its files, or a tokenizer file or
-    folder whose tokenizer files are copied."""
+    folder whose tokenizer files are copied.
+
+    A new (or empty) ``output_dir`` appears complete or not at all; in a used one, each file is replaced atomically.
+    """
     output_dir = Path(output_dir)
     check_can_create(output_dir, "output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
     check_state_dict(GPT, config, shapes_of(state_dict), source="converted weights")
-    with atomic_path(output_dir / WEIGHTS_FILE) as tmp:
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        write_checkpoint_files(state_dict, config, tokenizer, output_dir)
+        return
+    with atomic_dir(output_dir) as tmp:
+        write_checkpoint_files(state_dict, config, tokenizer, tmp)
+
+
+def write_checkpoint_files(state_dict: dict[str, torch.Tensor], config: Config,
+                           tokenizer: Optional[Path | TokenizerFiles], directory: Path) -> None:
+    """Weights, config and tokenizer into ``directory``, each file atomically."""
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, tmp)
-    config.save(output_dir)
+    config.save(directory)
     if tokenizer is not None:
-        save_tokenizer_files(tokenizer if isinstance(tokenizer, dict) else tokenizer_files(tokenizer), output_dir)
+        save_tokenizer_files(tokenizer if isinstance(tokenizer, dict) else tokenizer_files(tokenizer), directory)
 
 
 def shapes_of(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -176,13 +247,16 @@ def preview_keys(keys: list[str], n: int = 3) -> str:
 def load_config(checkpoint_dir: Path) -> Config:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {checkpoint_dir} not found (create it with scripts/convert_checkpoint.py)")
-    try:
-        return Config.from_file(checkpoint_dir / CONFIG_FILE)
-    except UserError:
-        raise
-    except (TypeError, AttributeError, ValueError) as err:
-        raise UserError(f"{checkpoint_dir / CONFIG_FILE} is not a valid model config: {err}") from None
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "not found"
+        raise UserError(f"checkpoint directory {checkpoint_dir} {what} (create it with scripts/convert_checkpoint.py)")
+    return Config.from_file(checkpoint_dir / CONFIG_FILE)
+
+
+def check_tokenizer_fits(tokenizer: Any, config: Config) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model {config.name or ''} knows "
+                        f"{config.vocab_size}: put the model's own tokenizer.model in the checkpoint directory")
 
 
 def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Config] = None,
@@ -205,6 +279,7 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     with open_safetensors(weights_path) as f:
         check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                          source=str(weights_path))
+        check_float_dtypes(f, weights_path)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key in f.keys():  # one tensor at a time: memory stays at the model's size
@@ -215,6 +290,18 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
             model.reset_adapter()
         keep_adapter_float32(model)
     return model
+
+
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+def check_float_dtypes(f: Any, path: Path) -> None:
+    """Refuse a safetensors file (open as ``f``) whose tensors are not float32, float16 or bfloat16."""
+    for key in f.keys():
+        dtype = f.get_slice(key).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"{path}: {key} is stored as {dtype}, not float32, float16 or bfloat16 (quantized or "
+                            "converted by another tool?): convert the weights again with scripts/convert_checkpoint.py")
 
 
 def keep_adapter_float32(model: nn.Module) -> None:
@@ -245,8 +332,7 @@ def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_
 def adapter_config(path: Path, base: Config) -> Config:
     """``base`` with the adapter shape recorded in the adapter file at ``path``; a file made for another base is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"adapter file {path} not found")
+    require_file(path, "adapter file")
     if zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a readable safetensors file but a PyTorch file: for a training state, run "
                         f"scripts/extract_adapter.py --state_path {path} and pass the adapter.safetensors it writes")
@@ -264,9 +350,13 @@ def adapter_config(path: Path, base: Config) -> Config:
     if diff:
         raise UserError(f"{path} was trained for base {saved_name or '?'} but the checkpoint is {base.name or '?'}: "
                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
-    if set(saved_adapter) != set(base.adapter_shape()):
+    if set(saved_adapter) != set(base.adapter_shape()) or not all(type(v) is int for v in saved_adapter.values()):
         raise UserError(f"{path}: unexpected adapter metadata {saved_adapter}")
-    return replace(base, **saved_adapter)
+    config = replace(base, **saved_adapter)
+    with open_safetensors(path) as f:  # only the header: the declared shape must be the stored one
+        check_state_dict(AdapterGPT, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
+                         source=str(path), only_adapter=True)
+    return config
 
 
 def adapter_prompt_style(path: Path) -> PromptStyle:
@@ -282,6 +372,10 @@ def read_adapter(model: GPT, path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file, checked strictly against ``model``: every adapter key, no other, same shapes."""
     state_dict = read_safetensors(path)
     check_state_dict(type(model), model.config, shapes_of(state_dict), source=str(path), only_adapter=True)
+    for key, tensor in state_dict.items():
+        if not tensor.isfinite().all():
+            raise UserError(f"{path}: {key} holds nan or inf values (saved from a diverged training?): use an "
+                            "adapter of an earlier step")
     return state_dict
 
 

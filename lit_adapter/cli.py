@@ -1,9 +1,10 @@
 """Running a typed function as a command-line tool (jsonargparse), with user errors reported in one line."""
 
 import json
+import os
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import torch
 from jsonargparse import CLI, set_parsing_settings
@@ -26,11 +27,12 @@ def exit_on_user_error(out_of_memory_hint: str = OUT_OF_MEMORY_HINT) -> Iterator
     try:
         yield
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(str(err))
     except torch.OutOfMemoryError as err:
-        print(f"error: {out_of_memory_message(err, out_of_memory_hint)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        fail(out_of_memory_message(err, out_of_memory_hint))
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
+        fail("the output was closed before it ended (e.g. by | head); stopped")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
@@ -46,6 +48,19 @@ def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: 
         args = gather_values(args, option)
     with exit_on_user_error():
         return CLI(function, as_positional=False, args=args)
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: message`` (once: on the first process of a multi-process run) and exit with status 1."""
+    if process_rank() == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def process_rank() -> int:
+    """This process's global rank as Lightning knows it (0 where Lightning is not in use)."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")  # not imported here: it is slow to load
+    return getattr(getattr(rank_zero, "rank_zero_only", None), "rank", None) or 0
 
 
 def gather_values(args: list[str], option: str) -> list[str]:

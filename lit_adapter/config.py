@@ -53,6 +53,11 @@ class Config:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise UserError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise UserError(f"the head size n_embd / n_head = {self.n_embd} / {self.n_head} = "
+                            f"{self.n_embd // self.n_head} must be even (rotary embeddings turn pairs of values)")
+        if self.adapter_prompt_length < 1:
+            raise UserError(f"adapter_prompt_length ({self.adapter_prompt_length}) must be at least 1")
         if not 0 <= self.adapter_start_layer <= self.n_layer:
             raise UserError(f"adapter_start_layer ({self.adapter_start_layer}) must lie in [0, n_layer={self.n_layer}]")
 
@@ -79,17 +84,23 @@ class Config:
             path = path / CONFIG_FILE
         if not path.is_file():
             raise UserError(f"{path} not found: a checkpoint directory must hold {CONFIG_FILE} (run scripts/convert_checkpoint.py)")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = read_yaml_mapping(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"{path}: unknown config keys {unknown}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
+            raise UserError(f"{path} is not a valid model config: {err}") from None
 
     def save(self, directory: Path) -> None:
-        """Write this config as ``model_config.yaml`` into ``directory`` (its adapter shape is only the default
-        that fine-tuning's ``--adapter.*`` options override)."""
-        (Path(directory) / CONFIG_FILE).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        """Write this config as ``model_config.yaml`` into ``directory``, atomically (its adapter shape is only
+        the default that fine-tuning's ``--adapter.*`` options override)."""
+        from lit_adapter.checkpoint import atomic_path  # checkpoint imports this module
+
+        with atomic_path(Path(directory) / CONFIG_FILE) as tmp:
+            tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
 
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
@@ -116,6 +127,24 @@ PAPER_ADAPTED_SHARE = 30 / 32
 def paper_start_layer(n_layer: int) -> int:
     """The first adapted layer when the paper's share of the top layers is adapted (at least one layer)."""
     return n_layer - max(1, int(PAPER_ADAPTED_SHARE * n_layer)) if n_layer else 0
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """The mapping in a YAML file (plain YAML only: tags that would build objects are refused), or a ``UserError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, expected a YAML file")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())
+        raise UserError(f"{path} is not a readable plain-YAML file ({detail})") from None
+    if not isinstance(values, dict):
+        what = "empty" if values is None else f"a YAML {type(values).__name__}"
+        raise UserError(f"{path} is {what}, expected a mapping of keys to values (regenerate it)")
+    return values
 
 
 def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Literal, Optional, get_args
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import preview_keys, read_safetensors, torch_load
+from lit_adapter.checkpoint import preview_keys, read_safetensors, require_file, torch_load
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import llama3_scaled_frequencies
@@ -250,8 +250,7 @@ def convert_llama2c(path: Path, vocab_size: Optional[int] = None,
     A ``vocab_size`` (the tokenizer's) other than the model's is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found (llama2.c checkpoints are a .bin or .pt file)")
+    require_file(path, hint=" (llama2.c checkpoints are a .bin or .pt file)")
     # both readers map the file without reading the weights yet
     weights, config = _read_llama2c_pt(path) if zipfile.is_zipfile(path) else _read_llama2c_bin(path)
     check_vocab_size(config, vocab_size, str(path))
@@ -538,9 +537,21 @@ def check_meta_weights(weights: StateDict, config: Config, source: str) -> None:
             raise UserError(f"{source}: {key} has shape {tuple(weights[key].shape)}, {config.name} needs {shape}")
 
 
+def check_weight_dtypes(weights: StateDict, source: str, dtype: Optional[torch.dtype]) -> None:
+    """Refuse integer (quantized) weights, and float64 ones unless ``dtype`` says what to store them as."""
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{source}: {key} holds {tensor.dtype} values (quantized weights?); only float "
+                            "weights can be converted: start from the unquantized checkpoint")
+        if tensor.dtype == torch.float64 and dtype is None:
+            raise UserError(f"{source}: {key} is float64, which the model does not run in: pass --dtype float32 "
+                            "(or bfloat16, float16) to store it converted")
+
+
 def meta_to_lit(weights: StateDict, config: Config, source: str, dtype: Optional[torch.dtype] = None) -> StateDict:
     """Our state dict from weights under Meta's names (checked first), cast to ``dtype`` if given."""
     check_meta_weights(weights, config, source)
+    check_weight_dtypes(weights, source, dtype)
 
     def get(key: str) -> torch.Tensor:
         return weights[key].to(dtype=dtype)

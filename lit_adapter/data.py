@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from lit_adapter.checkpoint import atomic_path, torch_load
+from lit_adapter.config import read_yaml_mapping
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import ROLES, PromptStyle, adds_bos, check_prompt_style, sample_segments
 from lit_adapter.tokenizer import Tokenizer
@@ -288,13 +289,38 @@ def prepare_alpaca(records: Sequence[dict], tokenizer: Tokenizer, destination_di
         "tokenizer": _describe_tokenizer(tokenizer),
         "lengths": lengths,
         "truncated": truncated,
+        "files": {f"{name}.pt": file_fingerprint(destination_dir / f"{name}.pt") for name in SPLITS},
     }
+    # written last, it makes the set: readers accept only split files that match its fingerprints
     with atomic_path(destination_dir / PREP_CONFIG_FILE) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     print("tokens per sample: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
     print(f"truncated {truncated} of {len(samples)} samples to max_seq_length={max_seq_length}")
     print(f"wrote {config['train_samples']} train and {val_size} val samples to {destination_dir}")
     return config
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_prepared_set(data_dir: Path, prep_config: dict[str, Any]) -> None:
+    """Refuse split files that are not those ``prep_config.yaml`` describes (a run of prepare_alpaca.py that was
+    stopped half-way, or files mixed from several runs)."""
+    recorded = prep_config.get("files")
+    if not isinstance(recorded, dict) or set(recorded) != {f"{name}.pt" for name in SPLITS}:
+        raise UserError(f"{data_dir / PREP_CONFIG_FILE} does not list the split files (written by an older version, "
+                        "or edited): run scripts/prepare_alpaca.py again")
+    for name, fingerprint in recorded.items():
+        if file_fingerprint(data_dir / name) != fingerprint:
+            raise UserError(f"{data_dir / name} is not the file that {data_dir / PREP_CONFIG_FILE} describes (a "
+                            "preparation stopped half-way, or files of different runs): run scripts/prepare_alpaca.py "
+                            "again")
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
@@ -544,8 +570,10 @@ class AlpacaDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first "
                                 f"(with --destination_dir {self.data_dir})")
+        prep_config = read_yaml_mapping(self.data_dir / PREP_CONFIG_FILE)
+        check_prepared_set(self.data_dir, prep_config)
         self.splits = {name: torch_load(self.data_dir / f"{name}.pt") for name in SPLITS}
-        self.prep_config = yaml.safe_load((self.data_dir / PREP_CONFIG_FILE).read_text())
+        self.prep_config = prep_config
 
     @property
     def prompt_style(self) -> PromptStyle:

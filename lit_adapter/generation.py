@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, Iterator, Literal, Optional, Seque
 import torch
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import adapter_prompt_style, load_config, load_model, read_adapter
+from lit_adapter.checkpoint import adapter_prompt_style, check_tokenizer_fits, load_config, load_model, read_adapter
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.prompts import Message, PromptStyle, encode_prompt, user_message
@@ -32,9 +32,11 @@ DecodeFn = Callable[..., torch.Tensor]
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
     """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 is greedy."""
-    if temperature == 0:
+    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that it would be 0 in float32: greedy
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    # scaled after subtracting the maximum: a tiny temperature then gives -inf, never nan (inf - inf)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -275,6 +277,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if paths:
         config, names = adapter_set_config(paths, config)
     tokenizer = Tokenizer(checkpoint_dir)
+    check_tokenizer_fits(tokenizer, config)
     if requests_path is not None:
         requests = read_requests(requests_path, defaults)
     else:

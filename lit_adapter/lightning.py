@@ -5,6 +5,8 @@ the schedule, the accumulation, the adapter files and the sample response are th
 """
 
 import math
+import signal
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -13,22 +15,27 @@ from typing import Any, Optional, get_args
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import check_can_create, load_config, load_model, save_adapter, torch_load
-from lit_adapter.cli import exit_on_user_error
+from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, load_config, load_model,
+                                    save_adapter, torch_load)
+from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import PromptStyle
 from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training import (ADAPTER_FILE, AdapterArgs, EvalArgs, TrainArgs, accumulation_steps, adapter_and_optimizer_state,
-                                  build_optimizer, build_scheduler, check_data_fits, loss_fn,
-                                  prepare_for_training, sample_response)
+from lit_adapter.training import (ADAPTER_FILE, AdapterArgs, EvalArgs, TrainArgs, accumulation_steps,
+                                  adapter_and_optimizer_state, adopt_hyperparameters, build_optimizer, build_scheduler,
+                                  check_data_fits, check_enough_samples, check_train_args, loss_fn,
+                                  prepare_for_training, resumed_message, sample_response)
 
 
 OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
@@ -116,7 +123,10 @@ class AdapterModule(L.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, AlpacaDataModule):
             datamodule.setup(stage)
-            check_data_fits(datamodule, self.tokenizer, load_config(self.checkpoint_dir))
+            config = load_config(self.checkpoint_dir)
+            check_tokenizer_fits(self.tokenizer, config)
+            check_data_fits(datamodule, self.tokenizer, config)
+            check_enough_samples(datamodule, self.train_args.global_batch_size, "--model.train.global_batch_size")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
@@ -171,8 +181,12 @@ class AdapterModule(L.LightningModule):
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_train_start(self) -> None:
+        """Reset the step metrics; a resumed run takes this run's learning rate and weight decay (and says so)."""
         self._reset_step_metrics()
         self._last_step = self.trainer.global_step
+        if self.trainer.ckpt_path is not None:
+            changes = adopt_hyperparameters(self.trainer.optimizers[0], self.lr_schedulers(), self.train_args)
+            self.print(resumed_message(Path(self.trainer.ckpt_path), self.global_step, changes))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's loss over its micro-batches and all ranks; a loss that is not finite stops the run before
@@ -317,7 +331,9 @@ class AdapterCLI(LightningCLI):
         parser.link_arguments("model.train.global_batch_size", "data.global_batch_size")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                             help="Resume from this Lightning checkpoint (a .ckpt of a run's checkpoints/: adapter, "
-                                 "optimizer, schedule and data position), with the same devices and batch sizes.")
+                                 "optimizer, schedule and data position), or last (the newest .ckpt below "
+                                 "--trainer.default_root_dir), with the same devices and batch sizes; the learning "
+                                 "rate and weight decay may change.")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer of the command line, with the settings that follow from the model's arguments."""
@@ -326,8 +342,7 @@ class AdapterCLI(LightningCLI):
         train, eval = model.train_args, model.eval_args
         if eval.interval < 1 or eval.max_batches < 1:
             raise UserError("model.eval.interval and model.eval.max_batches must be at least 1")
-        if train.max_steps is not None and train.max_steps < 1:
-            raise UserError("model.train.max_steps must be at least 1")
+        check_train_args(train, prefix="model.train.")
         if train.micro_batch_tokens is not None:
             raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
                             "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
@@ -360,7 +375,8 @@ class AdapterCLI(LightningCLI):
                             f"{', '.join(p for p in get_args(Precision) if p != 'fp8-base')} (fp8-base: "
                             "finetune/adapter.py)")
         overrides.update({"precision": None, **trainer_precision(precision)})
-        if "plugins" in overrides and config.get("plugins"):
+        overrides["plugins"] = overrides.get("plugins", []) + [AtomicCheckpointIO()]
+        if config.get("plugins"):
             plugins = config["plugins"]
             overrides["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + overrides["plugins"]
         try:
@@ -379,6 +395,14 @@ class AdapterCLI(LightningCLI):
         return trainer
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every file here: complete or not at all, one line on a full disk."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_path(Path(path)) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
 def requested_devices(devices: Any, accelerator: Any) -> int:
     """How many devices on each node ``--trainer.devices`` asks for (a number, a list of indices, or "auto")."""
     if isinstance(devices, (list, tuple)):
@@ -392,19 +416,34 @@ def requested_devices(devices: Any, accelerator: Any) -> int:
     return int(text)
 
 
-def check_ckpt_path(ckpt_path: Optional[str]) -> None:
-    """Refuse a ``--ckpt_path`` file that is missing, unreadable or carries code before the model is built.
+def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]:
+    """The checkpoint file that ``--ckpt_path`` means, checked before the model is built; only files are read.
 
-    Lightning's own names ("last", "best", "hpc", "registry..."), URLs and (sharded) checkpoint directories are left
-    to Lightning.
+    "last" is the newest .ckpt below ``root_dir`` (the runs of --trainer.default_root_dir): none is an error, not a
+    fresh start. Directories (distributed checkpoints, whose .metadata is a pickle that could run code), URLs and
+    Lightning's other names are refused; a file is loaded as tensors only, so a truncated one or one that carries
+    code fails in one line.
     """
-    if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry") \
-            or "://" in ckpt_path or Path(ckpt_path).is_dir():
-        return
-    if not Path(ckpt_path).is_file():
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(root_dir.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path last: no checkpoint (.ckpt) below {root_dir}; pass one, or leave "
+                            "--ckpt_path out to start afresh")
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise UserError(f"--ckpt_path {ckpt_path} is a directory (a distributed checkpoint?): only single .ckpt files "
+                        "are read, as tensors (a distributed checkpoint's .metadata is a pickle that can run code)")
+    if not path.is_file():
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
-                        "directory of an earlier run)")
-    torch_load(ckpt_path)  # a one-line error for a truncated file or a pickle that would run code
+                        "directory of an earlier run, or last)")
+    checkpoint = torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
+    if not isinstance(checkpoint, dict) or not {"state_dict", "model_config", "loops"} <= checkpoint.keys():
+        raise UserError(f"--ckpt_path {ckpt_path} is not a checkpoint of finetune/adapter_trainer.py (a training "
+                        "state of finetune/adapter.py resumes with finetune/adapter.py --resume)")
+    return ckpt_path
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -426,6 +465,10 @@ def main(args: Optional[list[str]] = None) -> None:
     """
     with exit_on_user_error(OUT_OF_MEMORY_HINT):
         cli = AdapterCLI(args=args)
-        ckpt_path = cli.config.get("ckpt_path")
-        check_ckpt_path(ckpt_path)
-        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+        ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), Path(cli.trainer.default_root_dir))
+        try:
+            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exit:  # Lightning ends Ctrl-C with 1 and SIGTERM with 0: the shell's statuses instead
+            if isinstance(exit, SIGTERMException):
+                sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_INTERRUPTED if cli.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)

@@ -1,6 +1,7 @@
 """Many prompts and several adapters on one base: request files, adapter sets, batches, conversations."""
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
@@ -38,8 +39,9 @@ def check_request(request: Request) -> None:
         raise UserError(f"{', '.join(wrong)} must be numbers (max_new_tokens and top_k whole numbers)")
     if request.max_new_tokens < 1:
         raise UserError("max_new_tokens must be at least 1")
-    if request.temperature < 0 or not 0 < request.top_p <= 1 or (request.top_k is not None and request.top_k < 1):
-        raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
+    if not 0 <= request.temperature < math.inf or not 0 < request.top_p <= 1 or \
+            (request.top_k is not None and request.top_k < 1):
+        raise UserError("need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
 
 
 def read_requests(path: Path, defaults: Request) -> list[Request]:

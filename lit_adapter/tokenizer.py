@@ -63,6 +63,10 @@ class Tokenizer:
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
         """Token ids of ``text`` (int64); BOS leads where ``bos`` (default: ``add_bos``) unless the text starts with it."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. undecodable bytes of a command line, kept as surrogates
+            raise UserError(f"the text is not valid UTF-8 (at character {err.start}): pass UTF-8 text") from None
         ids = self.backend.encode(text)
         if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
@@ -124,15 +128,17 @@ def tokenizer_files(path: Path, convert_tiktoken: bool = False) -> TokenizerFile
 
 
 def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
-    """Copy or write the tokenizer files into a converted checkpoint directory."""
+    """Copy or write the tokenizer files into a converted checkpoint directory, each atomically."""
+    from lit_adapter.checkpoint import atomic_path  # checkpoint imports this module
+
     for name, source in files.items():
         destination = Path(output_dir) / name
-        if isinstance(source, str):
-            destination.write_text(source)
-        elif isinstance(source, bytes):
-            destination.write_bytes(source)
-        elif not (destination.exists() and destination.samefile(source)):
-            destination.write_bytes(Path(source).read_bytes())
+        if isinstance(source, Path) and destination.exists() and destination.samefile(source):
+            continue
+        content = source.encode() if isinstance(source, str) else source if isinstance(source, bytes) \
+            else Path(source).read_bytes()
+        with atomic_path(destination) as tmp:
+            tmp.write_bytes(content)
 
 
 def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:

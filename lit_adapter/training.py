@@ -4,14 +4,19 @@
 optimizer, schedule and adapter files, so no training logic exists twice.
 """
 
+import fcntl
 import math
 import re
 import shutil
 import signal
+import sys
 import time
+import uuid
+import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -28,8 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable, num_trainable_params
-from lit_adapter.checkpoint import atomic_path, check_can_create, load_config, load_model, save_adapter, torch_load
-from lit_adapter.config import Config
+from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, load_config, load_model,
+                                   preview_keys, save_adapter, torch_load)
+from lit_adapter.cli import process_rank
+from lit_adapter.config import Config, read_yaml_mapping
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
@@ -136,6 +143,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_ste
         optimizer, lambda step: lr_factor(step, args.warmup_steps, total_steps, min_ratio))
 
 
+def check_train_args(args: TrainArgs, prefix: str = "train.") -> None:
+    """Refuse hyperparameters that cannot train (``prefix`` names them as on the command line)."""
+    problems = [f"{name} must be {rule}" for name, bad, rule in (
+        ("learning_rate", not 0 < args.learning_rate < math.inf, "positive"),
+        ("min_lr", not 0 <= args.min_lr <= max(args.learning_rate, 0), "in [0, learning_rate]"),
+        ("weight_decay", not 0 <= args.weight_decay < math.inf, "zero or positive"),
+        ("max_grad_norm", args.max_grad_norm is not None and not 0 < args.max_grad_norm < math.inf,
+         "positive (or null: no clipping)"),
+        ("epochs", args.epochs < 1, "at least 1"),
+        ("max_steps", args.max_steps is not None and args.max_steps < 1, "at least 1 (or null: use epochs)"),
+        ("warmup_steps", args.warmup_steps < 0, "zero or positive"),
+        ("log_interval", args.log_interval < 1, "at least 1")) if bad]
+    if problems:
+        raise UserError(f"{prefix}{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
 def accumulation_steps(args: TrainArgs, devices: int) -> int:
     """Check the batch sizes; return the micro-batches per optimizer step on each device that a fixed
     micro_batch_size gives (global batch / (micro batch x devices); with micro_batch_tokens they vary: 0)."""
@@ -207,7 +230,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     The state's data position counts optimizer steps, so it only means the same with the same ``data_layout``
     (global batch size, seed); another one is refused. Devices and micro-batches may change.
     """
-    state = torch_load(path)
+    state = read_training_state(path)
     saved_layout = {key: state["progress"].get(key) for key in data_layout}
     if saved_layout != data_layout:
         raise UserError(f"{path} was written with {saved_layout}, but this run has {data_layout}: resume with "
@@ -229,6 +252,40 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     return state["progress"]
 
 
+STATE_KEYS = {"adapter", "optimizer", "scheduler", "progress", "rng", "model_config"}
+
+
+def read_training_state(path: Path) -> dict:
+    """A training state of finetune/adapter.py; any other file is refused in one line."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+        missing = sorted(STATE_KEYS - state.keys()) if isinstance(state, dict) else "a dict of its parts"
+        raise UserError(f"{path} is not a training state of finetune/adapter.py (it lacks {missing})")
+    return state
+
+
+def adopt_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, train: TrainArgs) -> list[str]:
+    """Make a resumed optimizer and schedule use this run's learning rate and weight decay; list what changed.
+
+    The schedule keeps its position: the learning rate goes on along this run's warm-up and cosine curve.
+    """
+    old = {"learning_rate": scheduler.base_lrs[0], "weight_decay": optimizer.param_groups[0]["weight_decay"]}
+    new = {"learning_rate": train.learning_rate, "weight_decay": train.weight_decay}
+    scheduler.base_lrs = [train.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=train.learning_rate, lr=train.learning_rate * factor(scheduler.last_epoch),
+                     weight_decay=train.weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return [f"{key} {old[key]:g} -> {new[key]:g}" for key in old if old[key] != new[key]]
+
+
+def resumed_message(path: Path, step: int, changes: list[str]) -> str:
+    """What a resumed run continues, and which hyperparameters it changes."""
+    changed = f"; changed from now on: {', '.join(changes)}" if changes else ""
+    return (f"Resumed from {path} at step {step}: adapter, optimizer moments, schedule position, data position and "
+            f"random state continue{changed}")
+
+
 def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
     """The training state to resume from: a file or step directory, or with "auto" the latest in ``out_dir``."""
     if resume in (None, False):
@@ -241,7 +298,58 @@ def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Op
     path = path / STATE_FILE if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"--resume {resume}: no training state found at {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"--resume {resume}: {path} is not a training state (pass a step-NNNNNN directory of "
+                        "finetune/adapter.py or its training_state.pt)")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- one run per folder
+
+RUN_LOCK = ".run.lock"
+
+
+@contextmanager
+def claim_out_dir(out_dir: Path, state_path: Optional[Path]) -> Iterator[Optional[str]]:
+    """Hold ``out_dir`` for this run; yield the run id that its states record (in the hyperparameters beside them).
+
+    A second live run in the folder is refused (an ``flock`` that ends with the process, even when killed), and
+    so is mixing runs: a fresh run needs a folder without training states, a resumed one a folder whose states
+    are all of the run it resumes. Only the first process of a multi-process run claims the folder.
+    """
+    if process_rank() != 0:
+        yield None
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / RUN_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another run is writing to {out_dir} now: wait for it to end, or choose another "
+                            "--out_dir") from None
+        yield check_one_run(out_dir, state_path)
+
+
+def check_one_run(out_dir: Path, state_path: Optional[Path]) -> str:
+    """The run id of this run: new, or that of the resumed state; refuse states of another run in ``out_dir``."""
+    runs = {p.name: run_id_of(p) for p in sorted(out_dir.glob("step-*")) if (p / STATE_FILE).is_file()}
+    if state_path is None:
+        if runs:
+            raise UserError(f"{out_dir} already holds the training states of a run (up to {max(runs)}): continue "
+                            "it with --resume auto, or choose another --out_dir")
+        return uuid.uuid4().hex
+    run_id = run_id_of(state_path.parent)
+    others = sorted(name for name, other in runs.items() if other != run_id)
+    if others:
+        raise UserError(f"{out_dir} holds training states of another run than {state_path} ({preview_keys(others)}): "
+                        "resume into that run's own --out_dir, or choose an empty one")
+    return run_id
+
+
+def run_id_of(step_dir: Path) -> Optional[str]:
+    """The run id recorded beside a training state (None for states of older versions)."""
+    path = step_dir / HPARAMS_FILE
+    return read_yaml_mapping(path).get("run_id") if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- the Fabric loop
@@ -252,12 +360,18 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.signum = signal.SIGINT
         self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def request(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + self.signum
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -398,9 +512,9 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                 stopping = fabric.strategy.reduce_boolean_decision(stop.requested, all=False)
                 if stopping or step % save_interval == 0:
                     save(out_dir / f"step-{step:06d}")
-                if stopping:
+                if stopping:  # not a success: `finetune && generate` must not go on with an older adapter
                     fabric.print(f"\nStopped at step {step}; resume with --resume auto (state in {out_dir}/step-{step:06d})")
-                    return
+                    sys.exit(stop.exit_status)
         final_dir = out_dir / f"step-{progress['step']:06d}"
         save(final_dir)
         if fabric.is_global_zero:
@@ -453,7 +567,10 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
             "fp8-base" (bf16-true with the blocks' linear weights in float8 and FP8 matmuls; Hopper GPUs, not fsdp).
             Default: bf16-true on GPUs that support it, else 32-true.
         resume: Continue from a training state: a step-NNNNNN directory or its training_state.pt, or "auto" for the
-            latest one in out_dir (starts fresh if there is none).
+            latest one in out_dir (starts fresh if there is none). The adapter, optimizer moments, schedule position,
+            data position and random state continue; train.learning_rate, weight_decay, the schedule's shape,
+            clipping, evaluation and saving may change (what changed is printed); devices, micro_batch_size and
+            seed may not. An out_dir holds one run: a fresh run needs one without training states.
         save_interval: Save the adapter and a resumable training state every this many optimizer steps (and at the end).
         seed: Random seed (data order and adapter initialisation).
         compile: Compile each transformer block with torch.compile (default: on GPU).
@@ -467,8 +584,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
 
     if save_interval < 1 or eval.interval < 1 or eval.max_batches < 1:
         raise UserError("save_interval, eval.interval and eval.max_batches must be at least 1")
-    if train.max_steps is not None and train.max_steps < 1:
-        raise UserError("train.max_steps must be at least 1")
+    check_train_args(train)
     accumulation_steps(train, devices)
     if precision == "fp8-base" and strategy == "fsdp":
         raise UserError("--precision fp8-base does not shard: use --strategy auto or ddp (the FP8 7B base fits a GPU)")
@@ -478,43 +594,58 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
     config = adapter.apply(load_config(checkpoint_dir))  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
-
-    try:
-        fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
-                        loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
-    except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
-        raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
-                        f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
-    fabric.launch()
-    fabric.seed_everything(seed)
-    compile = fabric.device.type == "cuda" if compile is None else compile
-
-    tokenizer = Tokenizer(checkpoint_dir)
     # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
     data = AlpacaDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
                             seed=seed, pad_to_multiple_of=8)
     data.setup()
-    check_data_fits(data, tokenizer, config)
+    check_enough_samples(data, train.global_batch_size, "--train.global_batch_size")
 
-    device = torch.device("cpu") if strategy == "fsdp" else fabric.device
-    # its fresh adapter comes from the seeded generator: the same prompts on every rank
-    model = load_model(checkpoint_dir, adapter=True, config=config, device=device, dtype=base_dtype(precision))
-    raw_model = quantize_base(model, precision, device)
-    model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
-    fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters ({raw_model.config.n_adapter_layers}"
-                 f" layers x {raw_model.config.adapter_prompt_length} prompts + gates)")
-    total_steps = planned_steps(train, len(data.splits["train"]))
-    scheduler = build_scheduler(optimizer, train, total_steps)
+    with claim_out_dir(out_dir, state_path) as run_id:
+        hparams["run_id"] = run_id
+        try:
+            fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
+                            loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
+        except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
+            raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
+                            f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
+        fabric.launch()
+        fabric.seed_everything(seed)
+        compile = fabric.device.type == "cuda" if compile is None else compile
 
-    data_layout = {"global_batch_size": train.global_batch_size, "seed": seed}
-    progress = {"step": 0, **data_layout}
-    if state_path is not None:
-        progress = load_training_state(state_path, raw_model, optimizer, scheduler, data_layout)
-        fabric.print(f"Resumed from {state_path} at step {progress['step']}")
-    if fabric.is_global_zero:
-        save_hparams(out_dir, hparams)
-    fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
-        hparams, progress, total_steps, train_loss_fn)
+        tokenizer = Tokenizer(checkpoint_dir)
+        check_tokenizer_fits(tokenizer, config)
+        check_data_fits(data, tokenizer, config)
+
+        device = torch.device("cpu") if strategy == "fsdp" else fabric.device
+        # its fresh adapter comes from the seeded generator: the same prompts on every rank
+        model = load_model(checkpoint_dir, adapter=True, config=config, device=device, dtype=base_dtype(precision))
+        raw_model = quantize_base(model, precision, device)
+        model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
+        fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters "
+                     f"({raw_model.config.n_adapter_layers} layers x {raw_model.config.adapter_prompt_length} prompts "
+                     "+ gates)")
+        total_steps = planned_steps(train, len(data.splits["train"]))
+        scheduler = build_scheduler(optimizer, train, total_steps)
+
+        data_layout = {"global_batch_size": train.global_batch_size, "seed": seed}
+        progress = {"step": 0, **data_layout}
+        if state_path is not None:
+            progress = load_training_state(state_path, raw_model, optimizer, scheduler, data_layout)
+            changes = adopt_hyperparameters(optimizer, scheduler, train)
+            fabric.print(resumed_message(state_path, progress["step"], changes))
+        if fabric.is_global_zero:
+            save_hparams(out_dir, hparams)
+        fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
+            hparams, progress, total_steps, train_loss_fn)
+
+
+def check_enough_samples(data: AlpacaDataModule, global_batch_size: int, option: str) -> None:
+    """The training set must fill an optimizer step (else every step would repeat samples, and the Trainer's epochs
+    would hold no step)."""
+    samples = len(data.splits["train"])
+    if samples < global_batch_size:
+        raise UserError(f"{data.data_dir} has {samples} training samples, fewer than one optimizer step of "
+                        f"{global_batch_size} ({option}): lower it, or prepare more data")
 
 
 def check_data_fits(data: AlpacaDataModule, tokenizer: Tokenizer, config: Config) -> None:

@@ -11,33 +11,46 @@ from lit_adapter.checkpoint import check_state_dict, save_adapter, shapes_of, to
 from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.prompts import PromptStyle
 from lit_adapter.training import ADAPTER_FILE, STATE_FILE
 
 
 def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> None:
-    """Write the adapter weights of a resumable training state to a .safetensors file for generate/adapter.py.
+    """Write the adapter weights of a training state to a .safetensors file for generate/adapter.py.
 
     Args:
-        state_path: A training state from finetune/adapter.py: a step-NNNNNN directory or the training_state.pt in it.
+        state_path: A training state from finetune/adapter.py (a step-NNNNNN directory or the training_state.pt in
+            it), or a Lightning checkpoint (.ckpt) from finetune/adapter_trainer.py.
         output_path: The adapter file to write (replaced atomically if it exists). Default: adapter.safetensors
             beside the training state.
     """
     state_path = Path(state_path)
     if state_path.is_dir():
         state_path = state_path / STATE_FILE
-    state = torch_load(state_path)
-    if not isinstance(state, dict) or not {"adapter", "model_config"} <= state.keys():
-        raise UserError(f"{state_path} is not a training state of finetune/adapter.py "
-                        "(it has no 'adapter' and 'model_config')")
+    adapter, model_config, prompt_style = read_adapter_and_config(state_path)
     try:
-        config = Config(**state["model_config"])
+        config = Config(**model_config)
     except TypeError as err:
         raise UserError(f"{state_path} holds an unreadable model config: {err}") from None
-    check_state_dict(AdapterGPT, config, shapes_of(state["adapter"]), source=str(state_path), only_adapter=True)
+    check_state_dict(AdapterGPT, config, shapes_of(adapter), source=str(state_path), only_adapter=True)
     output_path = Path(output_path) if output_path is not None else state_path.parent / ADAPTER_FILE
-    save_adapter(output_path, None, config, state.get("prompt_style", "alpaca"), state_dict=state["adapter"])
-    print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in state['adapter'].values()):,} parameters) "
+    save_adapter(output_path, None, config, prompt_style, state_dict=adapter)
+    print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in adapter.values()):,} parameters) "
           f"to {output_path}")
+
+
+def read_adapter_and_config(path: Path) -> tuple[dict, dict, PromptStyle]:
+    """The adapter weights, model config and prompt style of a Fabric training state or of a Trainer checkpoint
+    (states from before prompt styles existed: alpaca)."""
+    state = torch_load(path)
+    if isinstance(state, dict) and {"state_dict", "model_config"} <= state.keys():  # the Trainer's .ckpt
+        adapter = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
+    elif isinstance(state, dict) and {"adapter", "model_config"} <= state.keys():
+        adapter = state["adapter"]
+    else:
+        raise UserError(f"{path} is not a training state of finetune/adapter.py nor a checkpoint of "
+                        "finetune/adapter_trainer.py (it has no adapter weights and model config)")
+    return adapter, state["model_config"], state.get("prompt_style", "alpaca")
 
 
 if __name__ == "__main__":

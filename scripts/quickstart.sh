@@ -29,8 +29,10 @@ python scripts/convert_checkpoint.py --format llama2c --checkpoint_path "$model"
   --output_dir "$work/checkpoints/stories260K"
 python scripts/prepare_alpaca.py --checkpoint_dir "$work/checkpoints/stories260K" --destination_dir "$work/data/alpaca" \
   ${alpaca:+--data_file "$alpaca"} --val_size 35 --max_seq_length 512 --skip_bad_records true
+# --resume auto: a rerun continues (or re-finishes) the run in out/adapter, which holds one run only
 python finetune/adapter.py --config finetune/configs/stories260k_quick.yaml \
-  --checkpoint_dir "$work/checkpoints/stories260K" --data_dir "$work/data/alpaca" --out_dir "$work/out/adapter"
+  --checkpoint_dir "$work/checkpoints/stories260K" --data_dir "$work/data/alpaca" --out_dir "$work/out/adapter" \
+  --resume auto
 python generate/adapter.py --checkpoint_dir "$work/checkpoints/stories260K" \
   --adapter_path "$work/out/adapter/adapter.safetensors" --temperature 0 --max_new_tokens 60 \
   --prompt "Give three tips for staying healthy."

@@ -2,18 +2,21 @@
 its error line, and no traceback.
 
 A user error exits with 1 and prints one line, ``error: <what> ... <what to do>``, as the last line of stderr (before
-it may stand progress bars and Lightning's info lines, never another error). A command line that jsonargparse cannot
-parse exits with 2 and says why on its ``error:`` line. Files that carry code are refused without running it: the
-pickles below would create a marker file if they were ever unpickled unsafely.
+it may stand progress bars and Lightning's info lines, never another error; a run of two processes prints it once).
+A command line that jsonargparse cannot parse exits with 2 and says why on its ``error:`` line. Files that carry code
+are refused without running it: the pickles below (also a distributed checkpoint's ``.metadata``) would create a
+marker file if they were ever unpickled unsafely.
 
 The real 260K TinyStories checkpoint and a few Alpaca records are prepared once; the rows then run in parallel.
 """
 
 import json
 import os
+import pickle
 import re
 import runpy
 import shutil
+import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +27,7 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
@@ -224,6 +228,81 @@ ROWS = [
     row("extract-pickle-with-code", extract("--state_path", "{evil_state}"), 1, r"error: {evil_state} " + REFUSED),
     row("extract-output-below-a-file", extract("--state_path", "{state}", "--output_path", "{afile}/a.safetensors"), 1,
         r"error: cannot write {afile}/a\.safetensors: {afile} is a file, not a directory; choose another location$"),
+    # 1. nothing that is loaded runs code: a distributed checkpoint's .metadata pickle, a .ckpt pickle
+    row("trainer-distributed-checkpoint-dir", trainer("--ckpt_path", "{dcp_dir}", "--trainer.strategy", "fsdp"), 1,
+        r"error: --ckpt_path {dcp_dir} is a directory \(a distributed checkpoint\?\): only single \.ckpt files are "
+        r"read, as tensors"),
+    row("trainer-ckpt-pickle-with-code", trainer("--ckpt_path", "{evil_pt}"), 1, r"error: {evil_pt} " + REFUSED),
+    row("trainer-ckpt-is-a-fabric-state", trainer("--ckpt_path", "{state}"), 1,
+        r"error: --ckpt_path {state} is not a checkpoint of finetune/adapter_trainer\.py \(a training state of "
+        r"finetune/adapter\.py resumes with finetune/adapter\.py --resume\)$"),
+    # 3. fewer samples than an optimizer step (the plan deals every step's samples to all devices)
+    row("finetune-fewer-batches-than-devices", finetune("--data_dir", "{data_one}", "--devices", "2",
+                                                        "--train.global_batch_size", "8"), 1,
+        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 \(--train\.global_batch_size\)"),
+    row("trainer-fewer-batches-than-devices", trainer("--data.data_dir", "{data_one}", "--trainer.devices", "2"), 1,
+        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 64 "
+        r"\(--model\.train\.global_batch_size\)"),
+    # 5. a half-written set of prepared files
+    row("finetune-half-prepared-data", finetune("--data_dir", "{data_mixed}"), 1,
+        r"error: {data_mixed}/train\.pt is not the file that {data_mixed}/prep_config\.yaml describes \(a "
+        r"preparation stopped half-way"),
+    # 6. one run per folder
+    row("finetune-fresh-run-in-a-used-folder", finetune("--out_dir", "{used_out}"), 1,
+        r"error: {used_out} already holds the training states of a run \(up to step-000001\): continue it with "
+        r"--resume auto"),
+    row("finetune-resume-into-another-runs-folder", finetune("--out_dir", "{used_out}", "--resume", "{state}"), 1,
+        r"error: {used_out} holds training states of another run than {state} \(step-000001\)"),
+    # 7. values that cannot train (those of finetune/adapter.py: tests/test_training.py, in-process)
+    row("convert-odd-head-size", convert("--checkpoint_path", "{odd_heads_bin}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {odd_heads_bin}: the head size n_embd / n_head = 12 / 4 = 3 must be even"),
+    row("convert-int8-weights", convert("--checkpoint_path", "{int8_pt}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {int8_pt}: tok_embeddings\.weight holds torch\.int8 values \(quantized weights\?\)"),
+    row("convert-float64-weights", convert("--checkpoint_path", "{float64_pt}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {float64_pt}: tok_embeddings\.weight is float64, which the model does not run in: pass --dtype "
+        r"float32"),
+    row("generate-int8-checkpoint", generate("--checkpoint_dir", "{ckpt_int8}"), 1,
+        r"error: {ckpt_int8}/model\.safetensors: embed\.weight is stored as I8, not float32"),
+    # 8. non-finite values
+    row("adapter-with-nan-values", generate_adapter("--adapter_path", "{nan_adapter}"), 1,
+        r"error: {nan_adapter}: blocks\.\d\.attn\.adapter_\w+ holds nan or inf values"),
+    # 9. metadata that would make the loader allocate
+    row("adapter-huge-declared-prompt-length", generate_adapter("--adapter_path", "{huge_adapter}"), 1,
+        r"error: {huge_adapter}: blocks\.\d\.attn\.adapter_prompt has shape \(10, 64\), the model expects "
+        r"\(1000000000000, 64\)$"),
+    # 11. one line instead of a traceback
+    row("generate-config-with-yaml-tag", generate("--checkpoint_dir", "{ckpt_tagged}"), 1,
+        r"error: {ckpt_tagged}/model_config\.yaml is not a readable plain-YAML file \(could not determine a "
+        r"constructor for the tag"),
+    row("generate-empty-config", generate("--checkpoint_dir", "{ckpt_empty_config}"), 1,
+        r"error: {ckpt_empty_config}/model_config\.yaml is empty, expected a mapping"),
+    row("finetune-prep-config-with-yaml-tag", finetune("--data_dir", "{data_tagged}"), 1,
+        r"error: {data_tagged}/prep_config\.yaml is not a readable plain-YAML file"),
+    row("prepare-config-with-yaml-tag", prepare("--checkpoint_dir", "{ckpt_tagged}"), 1,
+        r"error: {ckpt_tagged}/model_config\.yaml is not a readable plain-YAML file"),
+    row("convert-directory-for-a-file", convert("--checkpoint_path", "{tmp}", "--tokenizer_path", "{tok512}"), 1,
+        r"error: {tmp} is a directory, expected a file \(llama2\.c checkpoints are a \.bin or \.pt file\)$"),
+    row("prepare-directory-for-data-file", prepare("--data_file", "{tmp}"), 1,
+        r"error: cannot read {tmp} as UTF-8 text"),
+    row("generate-file-for-the-checkpoint-dir", generate("--checkpoint_dir", "{afile}"), 1,
+        r"error: checkpoint directory {afile} is a file, not a directory \(create it with"),
+    row("adapter-directory-for-a-file", generate_adapter("--adapter_path", "{tmp}"), 1,
+        r"error: adapter file {tmp} is a directory, expected a file$"),
+    row("generate-non-utf8-prompt", generate("--prompt", "caf\udce9"), 1,
+        r"error: the text is not valid UTF-8 \(at character 3\): pass UTF-8 text$"),
+    row("finetune-resume-from-an-adapter-file", finetune("--resume", "{tiny_adapter}"), 1,
+        r"error: --resume {tiny_adapter}: {tiny_adapter} is not a training state \(pass a step-NNNNNN directory"),
+    row("finetune-resume-from-another-pt", finetune("--resume", "{not_a_state}"), 1,
+        r"error: {not_a_state} is not a training state of finetune/adapter\.py \(it lacks \['adapter'"),
+    row("generate-tokenizer-larger-than-model", generate("--checkpoint_dir", "{ckpt_llama_tok}"), 1,
+        r"error: {ckpt_llama_tok}/tokenizer\.model has 32000 tokens but the model stories260K knows 512"),
+    row("finetune-tokenizer-larger-than-model", finetune("--checkpoint_dir", "{ckpt_llama_tok}"), 1,
+        r"error: {ckpt_llama_tok}/tokenizer\.model has 32000 tokens but the model stories260K knows 512"),
+    row("prepare-json-lines", prepare("--data_file", "{jsonl}"), 1,
+        r"error: {jsonl} holds several JSON values one after another \(JSON Lines\?\), expected one JSON list"),
+    # 12. the Trainer route
+    row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
+        r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
 ]
 
 
@@ -302,10 +381,61 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     save_adapter(good_adapter, model, model.config)
     a["truncated_adapter"] = tmp / "truncated_adapter.safetensors"
     a["truncated_adapter"].write_bytes(good_adapter.read_bytes()[:-100])
+    add_reliability_assets(a, records)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
     return a
+
+
+def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
+    """Files for the rows of the reliability classes: code-carrying, mixed, damaged and odd inputs."""
+    tmp, ckpt = a["tmp"], a["ckpt"]
+    a["dcp_dir"] = tmp / "distributed.ckpt"
+    a["dcp_dir"].mkdir()
+    (a["dcp_dir"] / ".metadata").write_bytes(pickle.dumps(WritesAFile(a["marker"])))
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_alpaca.py"))["main"]
+    (tmp / "three.json").write_text(json.dumps(records[:3]))
+    a["data_one"] = tmp / "data_one"
+    prepare(destination_dir=a["data_one"], checkpoint_dir=ckpt, data_file=tmp / "three.json", val_size=2)
+    a["data_mixed"], a["data_tagged"] = tmp / "data_mixed", tmp / "data_tagged"
+    shutil.copytree(a["data"], a["data_mixed"])
+    shutil.copyfile(a["data_one"] / "train.pt", a["data_mixed"] / "train.pt")
+    shutil.copytree(a["data"], a["data_tagged"])
+    prep_config = a["data_tagged"] / "prep_config.yaml"
+    prep_config.write_text("source: !!python/object/apply:os.system ['true']\n" + prep_config.read_text())
+    a["used_out"] = tmp / "used_out"
+    (a["used_out"] / "step-000001").mkdir(parents=True)
+    shutil.copyfile(a["state"], a["used_out"] / "step-000001" / "training_state.pt")
+    (a["used_out"] / "step-000001" / "hyperparameters.yaml").write_text("run_id: another\n")
+
+    a["odd_heads_bin"] = tmp / "odd_heads.bin"
+    a["odd_heads_bin"].write_bytes(struct.pack("7i", 12, 32, 1, 4, 4, 512, 16) + bytes(4096))
+    llama2c = torch.load(shared_file("tinystories_llama2c_500iter/ckpt.pt"), map_location="cpu", weights_only=True)
+    for dtype in (torch.int8, torch.float64):
+        a[f"{dtype}_pt".removeprefix("torch.")] = path = tmp / f"{dtype}.pt"
+        weights = {k: v.to(dtype) for k, v in llama2c["model"].items()}
+        torch.save({"model": weights, "model_args": llama2c["model_args"]}, path)
+    for name, change in (("ckpt_int8", None), ("ckpt_tagged", "n_layer: !!python/object/apply:os.system ['true']\n"),
+                         ("ckpt_empty_config", ""), ("ckpt_llama_tok", None)):
+        a[name] = tmp / name
+        shutil.copytree(ckpt, a[name])
+        if change is not None:
+            (a[name] / CONFIG_FILE).write_text(change)
+    weights = load_file(ckpt / "model.safetensors")
+    save_file({**weights, "embed.weight": weights["embed.weight"].to(torch.int8)}, a["ckpt_int8"] / "model.safetensors")
+    shutil.copyfile(a["llama_tok"], a["ckpt_llama_tok"] / "tokenizer.model")
+
+    model = load_model(ckpt, adapter=True)
+    a["nan_adapter"], a["huge_adapter"] = tmp / "nan_adapter.safetensors", tmp / "huge_adapter.safetensors"
+    save_adapter(a["nan_adapter"], None, model.config,
+                 state_dict={k: torch.full_like(v, float("nan")) for k, v in adapter_state_dict(model).items()})
+    save_adapter(a["huge_adapter"], model, model.config, extra_metadata={"adapter": json.dumps(
+        {"adapter_prompt_length": 10**12, "adapter_start_layer": model.config.adapter_start_layer})})
+    a["not_a_state"] = tmp / "not_a_state.pt"
+    torch.save({"weights": torch.zeros(2)}, a["not_a_state"])
+    a["jsonl"] = tmp / "records.jsonl"
+    a["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
 
 
 def run_row(row: Row, assets: dict[str, Path]) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ import yaml
 
 from conftest import ROOT, shared_file
 from lit_adapter.checkpoint import read_safetensors, read_safetensors_metadata, torch_load
-from lit_adapter.training import ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, STEP_DIR, find_resume_state
+from lit_adapter.training import ADAPTER_FILE, HPARAMS_FILE, RUN_LOCK, STATE_FILE, STEP_DIR, find_resume_state
 
 STEPS = 20
 OPTIONS = {"accelerator": "cpu", "save_interval": 1, "train.max_steps": STEPS, "train.global_batch_size": 8,
@@ -145,6 +145,8 @@ def check_every_visible_file_is_complete(out_dir: Path) -> list[Path]:
     partial = []
     for directory in [out_dir, *sorted(out_dir.glob("step-*"))]:
         for path in sorted(p for p in directory.iterdir() if p.is_file()):
+            if path.name == RUN_LOCK:
+                continue
             if path.name.endswith(".tmp"):
                 assert path.name.startswith("."), path
                 partial.append(path)

@@ -1,6 +1,7 @@
 """The LightningModule route (lit_adapter/lightning.py, finetune/adapter_trainer.py) on the real TinyStories 260K
 model and the first Alpaca records: it starts from the base model, shares the Fabric loop's optimizer and schedule,
-learns, resumes exactly from a Lightning checkpoint, and runs FSDP2 over two CPU processes."""
+learns, resumes exactly from a Lightning checkpoint (also as "last", with a new learning rate), its checkpoints
+convert to adapter files, and it runs FSDP2 over two CPU processes."""
 
 import os
 import re
@@ -170,6 +171,8 @@ def test_user_errors_end_with_one_line_and_exit_code_1(assets, tmp_path, capsys)
     assert "absent" in line, line
     line = user_error(cli_args(assets, tmp_path, "--trainer.precision", "16-mixed"), capsys)
     assert "bf16-true, bf16-mixed, 32-true" in line, line
+    line = user_error(cli_args(assets, tmp_path, "--model.train.learning_rate", "-1"), capsys)
+    assert line == "error: model.train.learning_rate must be positive", line
 
 
 def test_help_explains_every_option(capsys):
@@ -320,3 +323,26 @@ def test_fsdp_on_two_cpu_processes_matches_one_process_and_resumes(assets, tmp_p
                                                             ("0,1,", "gpu", 2), ("auto", "cpu", 1)])
 def test_requested_devices(devices, accelerator, expected):
     assert requested_devices(devices, accelerator) == expected
+
+
+def test_a_trainer_checkpoint_is_extracted_and_resumed_as_last_with_a_new_learning_rate(assets, tmp_path, capsys):
+    """generate/adapter.py sends a .ckpt to scripts/extract_adapter.py, which converts it; --ckpt_path last finds the
+    newest checkpoint of the root directory and says what continues and what changed."""
+    common = ("--model.train.global_batch_size", "4", "--model.train.micro_batch_size", "4",
+              "--model.train.learning_rate", "0.05")
+    first = fit(cli_args(assets, tmp_path, *common, "--trainer.max_steps", "1"))
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    extract = runpy.run_path(str(ROOT / "scripts" / "extract_adapter.py"))["extract_adapter"]
+    extract(ckpt, tmp_path / "extracted.safetensors")
+    extracted = load_file(tmp_path / "extracted.safetensors")
+    assert extracted.keys() == adapter_weights(first.model).keys()
+    for name, weight in adapter_weights(first.model).items():
+        torch.testing.assert_close(extracted[name], weight, rtol=0, atol=0)
+
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(cli_args(assets, tmp_path, *common, "--trainer.max_steps", "2", "--model.train.learning_rate", "0.01",
+                      "--ckpt_path", "last"))
+    output = capsys.readouterr().out
+    assert (f"Resumed from {ckpt} at step 1: adapter, optimizer moments, schedule position, data position and random "
+            "state continue; changed from now on: learning_rate 0.05 -> 0.01") in output, output

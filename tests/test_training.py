@@ -194,7 +194,10 @@ def test_interrupt_and_resume_give_the_same_weights_and_optimizer_state(assets, 
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(training, "evaluate", evaluate_then_interrupt)
-    pieces = train(assets, "small", tmp_path / "pieces", **options)
+    pieces = tmp_path / "pieces"
+    with pytest.raises(SystemExit) as exit_info:  # saved, but not a success
+        train(assets, "small", pieces, **options)
+    assert exit_info.value.code == 128 + signal.SIGTERM
     monkeypatch.setattr(training, "evaluate", evaluate)
     assert sorted(p.name for p in pieces.glob("step-*")) == ["step-000005"]
     assert not (pieces / ADAPTER_FILE).exists()
@@ -234,7 +237,7 @@ def test_sigterm_saves_a_resumable_state_and_exits(assets, tmp_path):
                 assert time.monotonic() < deadline, "no training state after 3 minutes"
                 time.sleep(0.2)
             process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 0
+            assert process.wait(timeout=SUBPROCESS_TIMEOUT) == 128 + signal.SIGTERM  # `finetune && ...` stops
         finally:
             if process.poll() is None:
                 process.kill()
@@ -344,6 +347,22 @@ def test_bad_options_exit_1_with_one_error_line(assets, tmp_path, capsys, option
     assert exit.value.code == 1
     stderr = capsys.readouterr().err.strip().splitlines()
     assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("max_grad_norm", -1, "train.max_grad_norm must be positive (or null: no clipping)"),
+    ("epochs", 0, "train.epochs must be at least 1"),
+    ("log_interval", 0, "train.log_interval must be at least 1"),
+    ("learning_rate", -0.01, "train.learning_rate must be positive"),
+    ("weight_decay", -1, "train.weight_decay must be zero or positive"),
+    ("warmup_steps", -1, "train.warmup_steps must be zero or positive"),
+])
+def test_values_that_cannot_train_are_refused_in_one_line(assets, tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit:
+        train(assets, "small", tmp_path, **{**SMALL_RUN, f"train.{option}": value})
+    assert exit.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]
+    assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
 def test_extract_adapter_writes_the_adapter_saved_beside_the_state(small_run, tmp_path, capsys):
