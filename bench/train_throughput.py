@@ -162,7 +162,7 @@ def main(preset: str = "llama-7b", precision: Precision = "bf16-true", micro_bat
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{device_name}, torch {torch.__version__}, {preset}, {precision}, compile={compile}, "
           f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s)")
-    print(f"| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
+    print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
 

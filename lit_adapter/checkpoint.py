@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
