@@ -147,9 +147,11 @@ def read_yaml_mapping(path: Path) -> dict:
     return values
 
 
-def _llama2c_hidden(dim: int, multiple_of: int = 32) -> int:
-    """llama2.c's SwiGLU width: 2/3 of 4*dim, rounded up to ``multiple_of``."""
+def swiglu_hidden_size(dim: int, multiple_of: int = 32, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """The SwiGLU width in Meta's and llama2.c's code: 2/3 of 4 * dim, scaled, rounded up to ``multiple_of``."""
     hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
@@ -206,11 +208,11 @@ PRESETS = {
         # karpathy/llama2.c TinyStories models (tied embeddings)
         Config("stories260K", block_size=512, vocab_size=512, n_layer=5, n_head=8, n_kv_head=4, n_embd=64,
                intermediate_size=172, norm_eps=1e-5, tie_embeddings=True),
-        Config("stories15M", block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=_llama2c_hidden(288),
+        Config("stories15M", block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=swiglu_hidden_size(288),
                norm_eps=1e-5, tie_embeddings=True),
-        Config("stories42M", block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=_llama2c_hidden(512),
+        Config("stories42M", block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=swiglu_hidden_size(512),
                norm_eps=1e-5, tie_embeddings=True),
-        Config("stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=_llama2c_hidden(768),
+        Config("stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=swiglu_hidden_size(768),
                norm_eps=1e-5, tie_embeddings=True),
         # a few-thousand-parameter model for tests
         Config("tiny", block_size=128, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lit_adapter.checkpoint import preview_keys, read_safetensors, require_file, torch_load
-from lit_adapter.config import PRESETS, Config
+from lit_adapter.config import PRESETS, Config, swiglu_hidden_size
 from lit_adapter.errors import UserError
 from lit_adapter.model import llama3_scaled_frequencies
 from lit_adapter.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, Tokenizer, TokenizerFiles,
@@ -480,14 +480,6 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
 
 
 # ---- shared: config, key and shape checks, the mapping onto our names
-
-
-def swiglu_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
-    """The SwiGLU width in Meta's and llama2.c's code: 2/3 of 4 * dim, scaled, rounded up to ``multiple_of``."""
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> Config:

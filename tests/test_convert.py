@@ -14,8 +14,8 @@ from conftest import ROOT, shared_file
 from safetensors.torch import load_file, save_file
 
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint_dir
-from lit_adapter.config import CONFIG_FILE, Config
-from lit_adapter.convert import convert, convert_hf, convert_llama2c, convert_meta, meta_config, swiglu_hidden_size
+from lit_adapter.config import CONFIG_FILE, Config, swiglu_hidden_size
+from lit_adapter.convert import convert, convert_hf, convert_llama2c, convert_meta, meta_config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
