@@ -229,15 +229,27 @@ def check_state_dict(model_class: Type[GPT], config: Config, shapes: dict[str, t
     """Raise a one-line ``UserError`` unless ``shapes`` (name -> shape) has exactly the model's keys and shapes."""
     with torch.device("meta"):
         reference = model_class(config).state_dict()
-    reference = {k: v for k, v in reference.items() if is_adapter_param(k) == only_adapter}
-    missing = sorted(set(reference) - set(shapes))
-    unexpected = sorted(set(shapes) - set(reference))
+    reference = {k: tuple(v.shape) for k, v in reference.items() if is_adapter_param(k) == only_adapter}
+    missing, unexpected, wrong = compare_shapes(reference, shapes)
     if missing or unexpected:
         raise UserError(f"{source} does not fit the model {config.name or ''}: "
                         f"missing keys [{preview_keys(missing)}], unexpected keys [{preview_keys(unexpected)}]")
-    for key, shape in shapes.items():
-        if tuple(shape) != tuple(reference[key].shape):
-            raise UserError(f"{source}: {key} has shape {tuple(shape)}, the model expects {tuple(reference[key].shape)}")
+    if wrong:
+        key, shape, expected = wrong[0]
+        raise UserError(f"{source}: {key} has shape {shape}, the model expects {expected}")
+
+
+ShapeMismatch = tuple[str, tuple[int, ...], tuple[int, ...]]
+
+
+def compare_shapes(expected: dict[str, tuple[int, ...]],
+                   found: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[ShapeMismatch]]:
+    """The keys missing from ``found``, those it has in excess, and (key, found shape, expected shape) of the
+    common keys whose shapes differ (in ``found``'s order)."""
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    wrong = [(key, tuple(shape), tuple(expected[key])) for key, shape in found.items()
+             if key in expected and tuple(shape) != tuple(expected[key])]
+    return missing, unexpected, wrong
 
 
 def preview_keys(keys: list[str], n: int = 3) -> str:

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Literal, Optional, get_args
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import preview_keys, read_safetensors, require_file, torch_load
+from lit_adapter.checkpoint import (compare_shapes, preview_keys, read_safetensors, require_file, shapes_of,
+                                    torch_load)
 from lit_adapter.config import PRESETS, Config, swiglu_hidden_size
 from lit_adapter.errors import UserError
 from lit_adapter.model import llama3_scaled_frequencies
@@ -518,15 +519,14 @@ def meta_shapes(config: Config) -> dict[str, tuple[int, ...]]:
 
 def check_meta_weights(weights: StateDict, config: Config, source: str) -> None:
     """A one-line ``UserError`` unless ``weights`` has exactly the Meta-named keys and shapes of ``config``."""
-    expected = meta_shapes(config)
-    missing, unknown = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    missing, unknown, wrong = compare_shapes(meta_shapes(config), shapes_of(weights))
     if missing or unknown:
         problems = [f"{what} keys {preview_keys(keys)}"
                     for what, keys in (("missing", missing), ("unknown", unknown)) if keys]
         raise UserError(f"{source} does not fit {config.name}: {'; '.join(problems)}")
-    for key, shape in expected.items():
-        if tuple(weights[key].shape) != shape:
-            raise UserError(f"{source}: {key} has shape {tuple(weights[key].shape)}, {config.name} needs {shape}")
+    if wrong:
+        key, shape, expected = wrong[0]
+        raise UserError(f"{source}: {key} has shape {shape}, {config.name} needs {expected}")
 
 
 def check_weight_dtypes(weights: StateDict, source: str, dtype: Optional[torch.dtype]) -> None:

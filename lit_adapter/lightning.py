@@ -24,8 +24,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, load_config, load_model,
-                                    save_adapter, torch_load)
+from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, compare_shapes, load_config,
+                                    load_model, save_adapter, shapes_of, torch_load)
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
@@ -271,9 +271,8 @@ class AdapterModule(L.LightningModule):
         """Refuse a checkpoint whose adapter does not fit; make the data continue where the checkpoint left it."""
         if "state_dict" in checkpoint:  # (ModelParallelStrategy has loaded and removed it already)
             expected = {name: tuple(p.shape) for name, p in self.named_parameters() if is_adapter_param(name)}
-            found = {name: tuple(v.shape) for name, v in checkpoint["state_dict"].items()}
-            missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-            shapes = [f"{k} {found[k]} (expected {v})" for k, v in expected.items() if found.get(k, v) != v]
+            missing, unexpected, wrong = compare_shapes(expected, shapes_of(checkpoint["state_dict"]))
+            shapes = [f"{key} {shape} (expected {wanted})" for key, shape, wanted in wrong]
             if missing or unexpected or shapes:
                 raise UserError(f"the checkpoint's weights do not fit this adapter: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
