@@ -20,13 +20,12 @@ from lit_adapter.adapter import AdapterGPT
 from lit_adapter.checkpoint import adapter_prompt_style, check_tokenizer_fits, load_config, load_model, read_adapter
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
+from lit_adapter.precision import GenerationPrecision, base_dtype, default_precision
 from lit_adapter.prompts import Message, PromptStyle, encode_prompt, user_message
 from lit_adapter.serving import (Request, adapter_index, adapter_set_config, batches, check_request, read_requests,
                                  write_results)
 from lit_adapter.tokenizer import Tokenizer
 
-Precision = Literal["bf16-true", "16-true", "32-true"]
-DTYPES = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "32-true": torch.float32}
 DecodeFn = Callable[..., torch.Tensor]
 
 
@@ -219,17 +218,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def default_precision(device: torch.device) -> Precision:
-    if device.type == "cuda":
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "32-true"
-
-
 def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "Once upon a time",
          adapter_path: Optional[Path | list[Path]] = None, adapter: Optional[str] = None,
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
-         top_p: float = 1.0, seed: int = 1234, num_samples: int = 1, precision: Optional[Precision] = None,
+         top_p: float = 1.0, seed: int = 1234, num_samples: int = 1, precision: Optional[GenerationPrecision] = None,
          compile: bool = False, cuda_graph: bool = True,
          prompt_style: Optional[Literal["plain", "alpaca", "chat"]] = None) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
@@ -267,7 +260,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if interactive and requests_path is not None:
         raise UserError("--interactive and --requests_path exclude each other: chat, or answer a file")
     device = default_device()
-    dtype = DTYPES[precision or default_precision(device)]
+    dtype = base_dtype(precision or default_precision(device.type == "cuda", gpu_without_bf16="16-true"))
     torch.manual_seed(seed)
 
     start = time.perf_counter()

@@ -30,7 +30,8 @@ from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import PromptStyle
-from lit_adapter.strategies import Precision, base_dtype, trainer_precision, trainer_strategy
+from lit_adapter.precision import TrainingPrecision, base_dtype, default_precision
+from lit_adapter.strategies import trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training import (ADAPTER_FILE, AdapterArgs, EvalArgs, TrainArgs, accumulation_steps,
                                   adapter_and_optimizer_state, adopt_hyperparameters, build_optimizer, build_scheduler,
@@ -367,11 +368,11 @@ class AdapterCLI(LightningCLI):
             overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
         precision = config.get("precision")
         if precision is None:
-            on_gpu = config.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-            precision = "bf16-true" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
-        if precision not in get_args(Precision) or precision == "fp8-base":
+            precision = default_precision(config.get("accelerator") in ("auto", "gpu", "cuda")
+                                          and torch.cuda.is_available())
+        if precision not in get_args(TrainingPrecision) or precision == "fp8-base":
             raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
-                            f"{', '.join(p for p in get_args(Precision) if p != 'fp8-base')} (fp8-base: "
+                            f"{', '.join(p for p in get_args(TrainingPrecision) if p != 'fp8-base')} (fp8-base: "
                             "finetune/adapter.py)")
         overrides.update({"precision": None, **trainer_precision(precision)})
         overrides["plugins"] = overrides.get("plugins", []) + [AtomicCheckpointIO()]

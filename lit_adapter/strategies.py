@@ -17,7 +17,8 @@ from lightning.pytorch.plugins.precision import HalfPrecision as TrainerHalfPrec
 from lightning.pytorch.strategies import ModelParallelStrategy as TrainerModelParallel
 from torch.distributed.device_mesh import DeviceMesh
 
-Precision = Literal["bf16-true", "bf16-mixed", "32-true", "fp8-base"]
+from lit_adapter.precision import TrainingPrecision
+
 StrategyName = Literal["auto", "ddp", "fsdp"]
 
 
@@ -56,12 +57,7 @@ class TrainerFrozenHalfPrecision(TrainerHalfPrecision):
         return nullcontext()
 
 
-def base_dtype(precision: Precision) -> torch.dtype:
-    """The dtype the frozen base model is loaded in."""
-    return torch.bfloat16 if precision in ("bf16-true", "fp8-base") else torch.float32
-
-
-def quantize_base(model: nn.Module, precision: Precision, device: torch.device) -> nn.Module:
+def quantize_base(model: nn.Module, precision: TrainingPrecision, device: torch.device) -> nn.Module:
     """Store the frozen blocks' linear layers in FP8 where ``precision`` asks for it (refused off Hopper GPUs)."""
     if precision == "fp8-base":
         from lit_adapter.fp8 import check_fp8_device, quantize_frozen_linears
@@ -94,7 +90,7 @@ def fabric_strategy(name: StrategyName, devices: int = 1) -> Union[str, FabricMo
     return name
 
 
-def fabric_precision(precision: Precision) -> dict:
+def fabric_precision(precision: TrainingPrecision) -> dict:
     """Keyword arguments for ``Fabric`` that implement ``precision``."""
     if precision in ("bf16-true", "fp8-base"):
         return {"plugins": FabricFrozenHalfPrecision("bf16-true")}
@@ -107,7 +103,7 @@ def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, Trainer
     return name
 
 
-def trainer_precision(precision: Precision) -> dict:
+def trainer_precision(precision: TrainingPrecision) -> dict:
     """Keyword arguments for ``Trainer`` that implement ``precision``."""
     if precision == "bf16-true":
         return {"plugins": [TrainerFrozenHalfPrecision("bf16-true")]}

@@ -42,8 +42,8 @@ from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT
 from lit_adapter.prompts import PromptStyle, encode_prompt, user_message
-from lit_adapter.strategies import (Precision, StrategyName, base_dtype, fabric_precision, fabric_strategy,
-                                    quantize_base)
+from lit_adapter.precision import TrainingPrecision, base_dtype, default_precision
+from lit_adapter.strategies import StrategyName, fabric_precision, fabric_strategy, quantize_base
 from lit_adapter.tokenizer import Tokenizer
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -550,7 +550,7 @@ def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tok
 
 def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path = Path("data/alpaca"),
          out_dir: Path = Path("out/adapter/alpaca"), accelerator: str = "auto", devices: int = 1,
-         strategy: StrategyName = "auto", precision: Optional[Precision] = None,
+         strategy: StrategyName = "auto", precision: Optional[TrainingPrecision] = None,
          resume: Union[bool, Literal["auto"], Path] = False, save_interval: int = 1000, seed: int = 1337,
          compile: Optional[bool] = None, activation_checkpointing: bool = False,
          adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(), eval: EvalArgs = EvalArgs()) -> None:
@@ -589,7 +589,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     if precision == "fp8-base" and strategy == "fsdp":
         raise UserError("--precision fp8-base does not shard: use --strategy auto or ddp (the FP8 7B base fits a GPU)")
     check_can_create(out_dir, "--out_dir")
-    precision = precision or ("bf16-true" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true")
+    precision = precision or default_precision(torch.cuda.is_available())
     hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
     config = adapter.apply(load_config(checkpoint_dir))  # a shape that does not fit fails before any loading

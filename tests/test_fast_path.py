@@ -16,7 +16,8 @@ from lit_adapter.adapter import AdapterGPT, is_adapter_param
 from lit_adapter.checkpoint import load_adapter, load_model, read_safetensors, save_adapter, save_checkpoint_dir
 from lit_adapter.config import Config
 from lit_adapter.data import IGNORE_INDEX
-from lit_adapter.strategies import base_dtype, fabric_precision
+from lit_adapter.precision import base_dtype
+from lit_adapter.strategies import fabric_precision
 from lit_adapter.training import TrainArgs, accumulate_gradients, apply_gradients, setup_training
 from tests.test_model import random_model
 
