@@ -1,4 +1,5 @@
-"""Checkpoint files: the converted base model directory, adapter-only files, training states, atomic writes.
+"""Every file name and format on disk: the converted base model directory, adapter-only files, training states
+(with their hyperparameters), and the atomic writes they all go through.
 
 A checkpoint directory holds ``model.safetensors`` (base weights), ``model_config.yaml`` and the tokenizer files
 (``tokenizer.json`` with ``tokenizer_config.json``, or a SentencePiece ``tokenizer.model``).
@@ -14,14 +15,18 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Type
+from typing import Any, Iterator, Optional, Type, Union
 
 import torch
 import torch.nn as nn
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.config import CONFIG_FILE, Config
@@ -32,6 +37,11 @@ from lit_adapter.tokenizer import TokenizerFiles, save_tokenizer_files, tokenize
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "training_state.pt"
+HPARAMS_FILE = "hyperparameters.yaml"
+STEP_DIR = re.compile(r"step-(\d+)$")
+RUN_LOCK = ".run.lock"
 
 
 @contextmanager
@@ -399,3 +409,102 @@ def load_adapter(model: GPT, path: Path) -> None:
         for name, param in model.named_parameters():
             if name in state_dict:
                 param.copy_(state_dict[name])
+
+
+# ---------------------------------------------------------------------------------------------- training states
+# finetune/adapter.py writes out_dir/step-NNNNNN/ (STEP_DIR) with the adapter, the hyperparameters and the state
+# to resume from; out_dir itself gets the final adapter and hyperparameters, and the RUN_LOCK of the live run.
+
+
+def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) adapter weights and optimizer state, whatever the strategy."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, progress: dict, config: Config, hparams: dict, is_rank_zero: bool,
+                        prompt_style: PromptStyle) -> None:
+    """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically)."""
+    adapter, optimizer_state = adapter_and_optimizer_state(model, optimizer)
+    if not is_rank_zero:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter)
+    save_hparams(directory, hparams)
+    state = {
+        "adapter": adapter,
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "progress": progress,
+        "rng": {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "model_config": asdict(config),
+        "prompt_style": prompt_style,
+    }
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(state, tmp)
+
+
+def save_hparams(directory: Path, hparams: dict) -> None:
+    with atomic_path(directory / HPARAMS_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(hparams, sort_keys=False))
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        data_layout: dict) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG from a training state file; return its progress.
+
+    The state's data position counts optimizer steps, so it only means the same with the same ``data_layout``
+    (global batch size, seed); another one is refused. Devices and micro-batches may change.
+    """
+    state = read_training_state(path)
+    saved_layout = {key: state["progress"].get(key) for key in data_layout}
+    if saved_layout != data_layout:
+        raise UserError(f"{path} was written with {saved_layout}, but this run has {data_layout}: resume with "
+                        "the same --train.global_batch_size and --seed")
+    options = StateDictOptions(full_state_dict=True, strict=False)  # the frozen base is not in the state
+    try:
+        keys = set_model_state_dict(model, state["adapter"], options=options)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path} does not fit this model and optimizer: {str(err).splitlines()[0]}") from None
+    missing = [key for key in keys.missing_keys if is_adapter_param(key)]
+    if missing or keys.unexpected_keys:
+        raise UserError(f"{path} does not fit this model's adapter: missing {missing[:3]}, "
+                        f"unexpected {keys.unexpected_keys[:3]}")
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["progress"]
+
+
+STATE_KEYS = {"adapter", "optimizer", "scheduler", "progress", "rng", "model_config"}
+
+
+def read_training_state(path: Path) -> dict:
+    """A training state of finetune/adapter.py; any other file is refused in one line."""
+    state = torch_load(path)
+    if not isinstance(state, dict) or not STATE_KEYS <= state.keys():
+        missing = sorted(STATE_KEYS - state.keys()) if isinstance(state, dict) else "a dict of its parts"
+        raise UserError(f"{path} is not a training state of finetune/adapter.py (it lacks {missing})")
+    return state
+
+
+def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
+    """The training state to resume from: a file or step directory, or with "auto" the latest in ``out_dir``."""
+    if resume in (None, False):
+        return None
+    if resume in ("auto", True):
+        steps = sorted((int(m.group(1)), p) for p in out_dir.glob("step-*")
+                       if (m := STEP_DIR.search(p.name)) and (p / STATE_FILE).is_file())
+        return steps[-1][1] / STATE_FILE if steps else None
+    path = Path(resume)
+    path = path / STATE_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"--resume {resume}: no training state found at {path}")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"--resume {resume}: {path} is not a training state (pass a step-NNNNNN directory of "
+                        "finetune/adapter.py or its training_state.pt)")
+    return path

@@ -459,7 +459,7 @@ class EpochMicroBatchSampler(Sampler[Step]):
     def __init__(self, plan: StepPlan, epoch: int = 0, skip: int = 0) -> None:
         super().__init__()
         self.plan, self.epoch, self._resume_at = plan, epoch, (epoch, skip)
-        self.accumulate = -(-plan.step_size // (plan.num_replicas * plan.micro_batch_size))
+        self.accumulate = micro_batches_per_step(plan.step_size, plan.micro_batch_size, plan.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -473,6 +473,12 @@ class EpochMicroBatchSampler(Sampler[Step]):
         items = (([batch], tokens) for step in range(self.plan.first_step(self.epoch), self.plan.first_step(self.epoch + 1))
                  for batches, tokens in [self.plan.step(step)] for batch in batches)
         return itertools.islice(items, skip, None)
+
+
+def micro_batches_per_step(step_size: int, micro_batch_size: int, replicas: int) -> int:
+    """Micro-batches of ``micro_batch_size`` that each of ``replicas`` takes per optimizer step of ``step_size``
+    samples (the gradient accumulation; a partial last one counts)."""
+    return -(-step_size // (replicas * micro_batch_size))
 
 
 def collate(samples: Sequence[Sample], pad_id: int = 0, ignore_index: int = IGNORE_INDEX,

@@ -1,7 +1,6 @@
-"""The LightningModule route: ``AdapterModule`` wraps the model, loss, optimizer and schedule of ``training.py``
-for the Lightning ``Trainer``; ``AdapterCLI`` runs it with ``data.AlpacaDataModule`` from the command line
-(``finetune/adapter_trainer.py``). Nothing here trains differently from the Fabric loop: the loss, the optimizer,
-the schedule, the accumulation, the adapter files and the sample response are the functions of ``training.py``.
+"""The Trainer route: ``AdapterModule`` drives the shared ``recipe`` (model preparation, loss, optimizer, schedule,
+accumulation, sample response) for the Lightning ``Trainer``; ``AdapterCLI`` runs it with ``data.AlpacaDataModule``
+from the command line (``finetune/adapter_trainer.py``). Nothing here trains differently from the Fabric loop.
 """
 
 import math
@@ -24,19 +23,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import (atomic_path, check_can_create, check_tokenizer_fits, compare_shapes, load_config,
-                                    load_model, save_adapter, shapes_of, torch_load)
+from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_and_optimizer_state, atomic_path, check_can_create,
+                                    check_tokenizer_fits, compare_shapes, load_config, load_model, save_adapter,
+                                    shapes_of, torch_load)
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import PromptStyle
 from lit_adapter.precision import TrainingPrecision, base_dtype, default_precision
+from lit_adapter.prompts import PromptStyle
+from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, accumulation_steps, adopt_hyperparameters,
+                                build_optimizer, build_scheduler, check_data_fits, check_enough_samples,
+                                check_train_args, loss_fn, prepare_for_training, resumed_message, sample_response)
 from lit_adapter.strategies import trainer_precision, trainer_strategy
 from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training import (ADAPTER_FILE, AdapterArgs, EvalArgs, TrainArgs, accumulation_steps,
-                                  adapter_and_optimizer_state, adopt_hyperparameters, build_optimizer, build_scheduler,
-                                  check_data_fits, check_enough_samples, check_train_args, loss_fn,
-                                  prepare_for_training, resumed_message, sample_response)
 
 
 OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
@@ -45,7 +44,7 @@ OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch st
 
 
 class AdapterModule(L.LightningModule):
-    """A LLaMA-Adapter on a frozen base model, trained with the loss, optimizer and schedule of ``training.py``.
+    """A LLaMA-Adapter on a frozen base model, trained with the loss, optimizer and schedule of ``recipe``.
 
     The base is loaded in ``configure_model`` (on the strategy's device, in the precision's dtype, sharded with
     FSDP2 under ``ModelParallelStrategy``); only the adapter's prompts and gates train and only they are written

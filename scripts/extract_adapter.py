@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import check_state_dict, save_adapter, shapes_of, torch_load
+from lit_adapter.checkpoint import ADAPTER_FILE, STATE_FILE, check_state_dict, save_adapter, shapes_of, torch_load
 from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import PromptStyle
-from lit_adapter.training import ADAPTER_FILE, STATE_FILE
 
 
 def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> None:

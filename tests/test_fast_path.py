@@ -17,8 +17,9 @@ from lit_adapter.checkpoint import load_adapter, load_model, read_safetensors, s
 from lit_adapter.config import Config
 from lit_adapter.data import IGNORE_INDEX
 from lit_adapter.precision import base_dtype
+from lit_adapter.recipe import TrainArgs
 from lit_adapter.strategies import fabric_precision
-from lit_adapter.training import TrainArgs, accumulate_gradients, apply_gradients, setup_training
+from lit_adapter.training import accumulate_gradients, apply_gradients, setup_training
 from tests.test_model import random_model
 
 CONFIG = Config("fast-path", block_size=64, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,

@@ -10,7 +10,7 @@ from lit_adapter.adapter import AdapterAttention
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.fp8 import FP8_MAX, Fp8Linear, check_fp8_device, quantize_frozen_linears, quantize_rows
-from lit_adapter.training import loss_fn
+from lit_adapter.recipe import loss_fn
 
 
 def test_row_quantization_error_is_within_e4m3_rounding():

@@ -22,13 +22,12 @@ import yaml
 from safetensors import SafetensorError
 
 from conftest import ROOT, shared_file
-from lit_adapter import checkpoint, lightning, training
-from lit_adapter.checkpoint import torch_load
+from lit_adapter import checkpoint, lightning, recipe, training
+from lit_adapter.checkpoint import HPARAMS_FILE, RUN_LOCK, STATE_FILE, torch_load
 from lit_adapter.cli import EXIT_INTERRUPTED, fail, run_cli
 from lit_adapter.data import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.generation import sample
-from lit_adapter.training import HPARAMS_FILE, RUN_LOCK, STATE_FILE
 
 RUN = {"accelerator": "cpu", "train.max_steps": 2, "train.global_batch_size": 4, "train.micro_batch_size": 4,
        "train.learning_rate": 0.05, "train.warmup_steps": 1, "save_interval": 1, "eval.interval": 1000,
@@ -108,7 +107,7 @@ def test_resume_says_what_continues_and_follows_a_new_learning_rate(assets, tmp_
     state = torch_load(out / "step-000003" / STATE_FILE)
     (group,) = state["optimizer"]["param_groups"]
     assert state["scheduler"]["base_lrs"] == [0.01] and group["initial_lr"] == 0.01 and group["weight_decay"] == 0.1
-    factor = training.lr_factor(3, warmup_steps=1, total_steps=3)
+    factor = recipe.lr_factor(3, warmup_steps=1, total_steps=3)
     assert group["lr"] == pytest.approx(0.01 * factor)
 
 

@@ -25,15 +25,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, shared_file
-from lit_adapter import generation, training
-from lit_adapter.adapter import is_adapter_param
-from lit_adapter.checkpoint import (adapter_config, load_adapter, load_config, load_model, read_safetensors,
-                                    read_safetensors_metadata, save_adapter, torch_load)
+from lit_adapter import generation, recipe, training
+from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
+from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, adapter_config, load_adapter, load_config,
+                                    load_model, read_safetensors, read_safetensors_metadata, save_adapter, torch_load)
 from lit_adapter.cli import run_cli
 from lit_adapter.data import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
-from lit_adapter.training import ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, loss_fn
+from lit_adapter.recipe import loss_fn
 
 SEED = 1337  # main's default seed, so the data order below is the one training sees
 MICRO_BATCH = 4
@@ -221,7 +221,7 @@ def test_resume_refuses_another_data_layout(assets, small_run, tmp_path):
     with pytest.raises(UserError, match="global_batch_size"):
         training.main(checkpoint_dir=assets["checkpoint"], data_dir=assets["small"], out_dir=tmp_path,
                       accelerator="cpu", resume=small_run / "step-000002",
-                      train=training.TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4))
+                      train=recipe.TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4))
 
 
 def test_sigterm_saves_a_resumable_state_and_exits(assets, tmp_path):
@@ -296,7 +296,7 @@ def test_token_budget_step_gradient_equals_the_fixed_batches(assets):
 
     fabric = Fabric(accelerator="cpu", devices=1)
     model = load_model(assets["checkpoint"], adapter=True)
-    training.mark_only_adapter_trainable(model)
+    mark_only_adapter_trainable(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("adapter_gate"):
@@ -403,7 +403,7 @@ def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
     from lit_adapter.adapter import AdapterGPT
     from lit_adapter.config import Config
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.training import compile_for_training, sample_response
+    from lit_adapter.recipe import compile_for_training, sample_response
 
     torch._dynamo.reset()
     model = AdapterGPT(Config.from_name("tiny"))
