@@ -7,7 +7,7 @@ Several adapters share the one base: --adapter_path a.safetensors b.safetensors,
 from pathlib import Path
 
 from lit_adapter.cli import run_cli
-from lit_adapter.generation import main
+from lit_adapter.serving import main
 
 
 def adapter(adapter_path: list[Path] | Path = Path("out/adapter/alpaca/adapter.safetensors"), **kwargs) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from conftest import ROOT, shared_file
-from lit_adapter import generation
+from lit_adapter import serving
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
@@ -61,7 +61,7 @@ def test_compiled_greedy_decoding_equals_eager_and_ignores_stale_cache(model_cla
     prompt = torch.randint(0, TINY.vocab_size, (7,), generator=generator)
     other_prompt = torch.randint(0, TINY.vocab_size, (3,), generator=generator)
     new_tokens = 40
-    model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)  # as generation.main sizes it
+    model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)  # as serving.main sizes it
 
     eager = list(generate(model, prompt, new_tokens, temperature=0))
     assert len(eager) == new_tokens and len(set(eager)) > 5
@@ -467,7 +467,7 @@ def test_generate_base_prints_the_reference_continuation(stories):
 
 def test_main_with_num_samples_reuses_the_cache(stories, capsys):
     expected, _ = reference_text(stories, "Once upon a time", 30)
-    texts = generation.main(checkpoint_dir=stories["checkpoint"], prompt="Once upon a time", temperature=0,
+    texts = serving.main(checkpoint_dir=stories["checkpoint"], prompt="Once upon a time", temperature=0,
                             max_new_tokens=30, num_samples=3)
     assert texts == [expected] * 3
     assert capsys.readouterr().out == (expected + "\n") * 3
@@ -476,7 +476,7 @@ def test_main_with_num_samples_reuses_the_cache(stories, capsys):
 def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, capsys):
     instruction = "Tell me a story about a dog."
     expected, _ = reference_text(stories, alpaca_prompt(instruction), 40)
-    base = generation.main(checkpoint_dir=stories["checkpoint"], prompt=alpaca_prompt(instruction), temperature=0,
+    base = serving.main(checkpoint_dir=stories["checkpoint"], prompt=alpaca_prompt(instruction), temperature=0,
                            max_new_tokens=40)
     assert base == [expected]
     result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
@@ -540,7 +540,7 @@ def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stori
     for request, answer in zip(requests, answers):
         if "temperature" in request:
             continue
-        alone = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=paths[request.get("adapter")],
+        alone = serving.main(checkpoint_dir=stories["checkpoint"], adapter_path=paths[request.get("adapter")],
                                 prompt=request["prompt"], temperature=0,
                                 max_new_tokens=request.get("max_new_tokens", 30))
         assert answer["response"] == alone[0], request
@@ -594,7 +594,7 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
 def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, monkeypatch, capsys):
     first, second = "Tell me a story about a cat.", "What did the cat eat?"
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{second}\n\nnot read\n"))
-    replies = generation.main(checkpoint_dir=stories["checkpoint"], adapter_path=stories["adapter"], interactive=True,
+    replies = serving.main(checkpoint_dir=stories["checkpoint"], adapter_path=stories["adapter"], interactive=True,
                               temperature=0, max_new_tokens=25)
     # zero gates: the base model's greedy continuation of the whole conversation in the Alpaca style
     expected_first = reference_text(stories, alpaca_prompt(first), 25)[0]

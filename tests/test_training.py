@@ -25,7 +25,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, shared_file
-from lit_adapter import generation, recipe, training
+from lit_adapter import recipe, serving, training
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
 from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, adapter_config, load_adapter, load_config,
                                     load_model, read_safetensors, read_safetensors_metadata, save_adapter, torch_load)
@@ -172,7 +172,7 @@ def test_training_lowers_val_loss_and_changes_greedy_answers(assets, long_run, t
     def greedy(adapter_path: Optional[Path]) -> str:
         """What generate/adapter.py (generate/base.py without an adapter) answers with --temperature 0."""
         prompt = instruction if adapter_path else alpaca_prompt(instruction)
-        return generation.main(checkpoint_dir=assets["checkpoint"], adapter_path=adapter_path, prompt=prompt,
+        return serving.main(checkpoint_dir=assets["checkpoint"], adapter_path=adapter_path, prompt=prompt,
                                temperature=0, max_new_tokens=40)[0]
 
     trained, untrained, base = greedy(adapter_path), greedy(tmp_path / "zero_gates.safetensors"), greedy(None)
