@@ -15,9 +15,9 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Type, Union
+from typing import Any, Callable, Iterator, Optional, Type, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,7 @@ from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.prompts import PromptStyle, check_prompt_style
-from lit_adapter.tokenizer import TokenizerFiles, save_tokenizer_files, tokenizer_files
+from lit_adapter.tokenizer import Tokenizer, TokenizerFiles, save_tokenizer_files, tokenizer_files
 
 WEIGHTS_FILE = "model.safetensors"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"
@@ -275,11 +275,31 @@ def load_config(checkpoint_dir: Path) -> Config:
     return Config.from_file(checkpoint_dir / CONFIG_FILE)
 
 
-def check_tokenizer_fits(tokenizer: Any, config: Config) -> None:
+def check_tokenizer_fits(tokenizer: Tokenizer, config: Config) -> None:
     """Refuse a tokenizer with ids the model has no embedding for."""
     if tokenizer.vocab_size > config.vocab_size:
         raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model {config.name or ''} knows "
                         f"{config.vocab_size}: put the model's own tokenizer.model in the checkpoint directory")
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """A converted base model directory, opened once: its config and its tokenizer, checked to fit each other.
+
+    The weights are read when the model is built: ``load_model(base.directory, config=base.config, ...)``.
+    """
+
+    directory: Path
+    config: Config
+    tokenizer: Tokenizer
+
+
+def open_checkpoint(directory: Path, shape: Callable[[Config], Config] = lambda config: config) -> BaseCheckpoint:
+    """Read the config of ``directory`` (changed by ``shape``, e.g. to an adapter's shape) and its tokenizer."""
+    config = shape(load_config(directory))
+    tokenizer = Tokenizer(directory)
+    check_tokenizer_fits(tokenizer, config)
+    return BaseCheckpoint(Path(directory), config, tokenizer)
 
 
 def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Config] = None,

@@ -23,8 +23,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_and_optimizer_state, atomic_path, check_can_create,
-                                    check_tokenizer_fits, compare_shapes, load_config, load_model, save_adapter,
+from lit_adapter.checkpoint import (ADAPTER_FILE, BaseCheckpoint, adapter_and_optimizer_state, atomic_path,
+                                    check_can_create, compare_shapes, load_model, open_checkpoint, save_adapter,
                                     shapes_of, torch_load)
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
@@ -35,7 +35,6 @@ from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, accumulation_s
                                 build_optimizer, build_scheduler, check_data_fits, check_enough_samples,
                                 check_train_args, loss_fn, prepare_for_training, resumed_message, sample_response)
 from lit_adapter.strategies import trainer_precision, trainer_strategy
-from lit_adapter.tokenizer import Tokenizer
 
 
 OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
@@ -84,7 +83,7 @@ class AdapterModule(L.LightningModule):
         # checkpoints hold the adapter only: the frozen base comes from checkpoint_dir (see on_load_checkpoint)
         self.strict_loading = False
         self.model: Optional[AdapterGPT] = None
-        self.tokenizer: Optional[Tokenizer] = None
+        self._base: Optional[BaseCheckpoint] = None
         self.train_loss_fn = loss_fn  # compiled in configure_model where asked
         self.total_steps: Optional[int] = None
         self._last_step = 0
@@ -103,8 +102,7 @@ class AdapterModule(L.LightningModule):
         root_device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         sharded = self.device_mesh is not None
         # FSDP: every rank loads the (memory-mapped) base on the CPU and keeps only its shard
-        config = self.adapter_args.apply(load_config(self.checkpoint_dir))
-        model = load_model(self.checkpoint_dir, adapter=True, config=config, device="cpu" if sharded else root_device,
+        model = load_model(self.checkpoint_dir, adapter=True, config=self.base.config, device="cpu" if sharded else root_device,
                            dtype=dtype)
         compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
         self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
@@ -113,22 +111,26 @@ class AdapterModule(L.LightningModule):
 
             shard_model(model, self.device_mesh)
         self.model = model
-        self.tokenizer = self.tokenizer or Tokenizer(self.checkpoint_dir)
         self.print(f"{num_trainable_params(model):,} trainable adapter parameters "
                    f"({model.config.n_adapter_layers} layers x {model.config.adapter_prompt_length} prompts + gates)")
 
     def setup(self, stage: str) -> None:
         """Check, before any work, that the data fits the model and that the output directory is writable."""
-        self.tokenizer = self.tokenizer or Tokenizer(self.checkpoint_dir)
+        base = self.base
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, AlpacaDataModule):
             datamodule.setup(stage)
-            config = load_config(self.checkpoint_dir)
-            check_tokenizer_fits(self.tokenizer, config)
-            check_data_fits(datamodule, self.tokenizer, config)
+            check_data_fits(datamodule, base.tokenizer, base.config)
             check_enough_samples(datamodule, self.train_args.global_batch_size, "--model.train.global_batch_size")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
+
+    @property
+    def base(self) -> BaseCheckpoint:
+        """The base checkpoint directory, opened once: its config with this adapter's shape, and its tokenizer."""
+        if self._base is None:
+            self._base = open_checkpoint(self.checkpoint_dir, self.adapter_args.apply)
+        return self._base
 
     @property
     def prompt_style(self) -> PromptStyle:
@@ -238,7 +240,7 @@ class AdapterModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         instruction = self.eval_args.instruction
-        response = sample_response(self.model, self.tokenizer, instruction, self.eval_args.max_new_tokens,
+        response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)
         self.print(f"\nstep {self.global_step}: val loss {val_loss.item():.4f}\n{instruction}\n> {response}")
 

@@ -15,8 +15,8 @@ from typing import Collection, Iterator, Literal, Optional, Sequence
 import torch
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import (adapter_config, adapter_prompt_style, atomic_path, check_tokenizer_fits,
-                                    load_config, load_model, read_adapter)
+from lit_adapter.checkpoint import (adapter_config, adapter_prompt_style, atomic_path, load_model, open_checkpoint,
+                                    read_adapter)
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.generation import (DecodeFn, GraphDecode, compile_decode, decode_one_token, generate, generate_batch,
@@ -190,13 +190,12 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     torch.manual_seed(seed)
 
     start = time.perf_counter()
-    config = load_config(checkpoint_dir)
+    base = open_checkpoint(checkpoint_dir)
+    config, tokenizer = base.config, base.tokenizer
     paths = [adapter_path] if isinstance(adapter_path, (str, Path)) else list(adapter_path or [])
     names: list[str] = []
     if paths:
         config, names = adapter_set_config(paths, config)
-    tokenizer = Tokenizer(checkpoint_dir)
-    check_tokenizer_fits(tokenizer, config)
     if requests_path is not None:
         requests = read_requests(requests_path, defaults)
     else:

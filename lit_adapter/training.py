@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from lit_adapter.adapter import num_trainable_params
 from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, RUN_LOCK, STATE_FILE, atomic_path, check_can_create,
-                                    check_tokenizer_fits, find_resume_state, load_config, load_model,
-                                    load_training_state, preview_keys, save_hparams, save_training_state)
+                                    find_resume_state, load_model, load_training_state, open_checkpoint, preview_keys,
+                                    save_hparams, save_training_state)
 from lit_adapter.cli import process_rank
 from lit_adapter.config import read_yaml_mapping
 from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
@@ -287,7 +287,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     precision = precision or default_precision(torch.cuda.is_available())
     hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path) else v)
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
-    config = adapter.apply(load_config(checkpoint_dir))  # a shape that does not fit fails before any loading
+    base = open_checkpoint(checkpoint_dir, adapter.apply)  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
     # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
     data = AlpacaDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
@@ -307,13 +307,11 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         fabric.seed_everything(seed)
         compile = fabric.device.type == "cuda" if compile is None else compile
 
-        tokenizer = Tokenizer(checkpoint_dir)
-        check_tokenizer_fits(tokenizer, config)
-        check_data_fits(data, tokenizer, config)
+        check_data_fits(data, base.tokenizer, base.config)
 
         device = torch.device("cpu") if strategy == "fsdp" else fabric.device
         # its fresh adapter comes from the seeded generator: the same prompts on every rank
-        model = load_model(checkpoint_dir, adapter=True, config=config, device=device, dtype=base_dtype(precision))
+        model = load_model(checkpoint_dir, adapter=True, config=base.config, device=device, dtype=base_dtype(precision))
         raw_model = quantize_base(model, precision, device)
         model, optimizer, train_loss_fn = setup_training(fabric, model, train, compile, activation_checkpointing)
         fabric.print(f"{num_trainable_params(raw_model):,} trainable adapter parameters "
@@ -330,7 +328,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
             fabric.print(resumed_message(state_path, progress["step"], changes))
         if fabric.is_global_zero:
             save_hparams(out_dir, hparams)
-        fit(fabric, model, raw_model, optimizer, scheduler, data, tokenizer, train, eval, out_dir, save_interval,
+        fit(fabric, model, raw_model, optimizer, scheduler, data, base.tokenizer, train, eval, out_dir, save_interval,
             hparams, progress, total_steps, train_loss_fn)
 
 
