@@ -27,10 +27,11 @@ from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.data import PREP_CONFIG_FILE, AlpacaDataModule, load_records, tokenize_sample  # noqa: E402
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
-from lit_adapter.strategies import Precision, fabric_precision  # noqa: E402
+from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
+from lit_adapter.recipe import TrainArgs  # noqa: E402
+from lit_adapter.strategies import fabric_precision  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
-from lit_adapter.training import (TrainArgs, accumulate_gradients, apply_gradients, setup_training,  # noqa: E402
-                                  validate)
+from lit_adapter.training import accumulate_gradients, apply_gradients, setup_training, validate  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA_SAMPLES = 52_002
@@ -60,10 +61,10 @@ def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_
     return directory
 
 
-def build(config: Config, precision: Precision, device: str, seed: int = 0) -> torch.nn.Module:
+def build(config: Config, precision: TrainingPrecision, device: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight adapter model (the same weights for the same seed), FP8 base where asked."""
     torch.manual_seed(seed)
-    dtype = torch.bfloat16 if precision in ("bf16-true", "fp8-base") else torch.float32
+    dtype = base_dtype(precision)
     model = random_model(config, adapter=True, device=device, dtype=dtype)
     if precision == "fp8-base":
         quantize_frozen_linears(model)
@@ -90,7 +91,7 @@ def timed(step: Callable[[], tuple[int, int]], warmup_steps: int, steps: int, ru
     return rates, real_rates, warmup
 
 
-def main(preset: str = "llama-7b", precision: Precision = "bf16-true", micro_batch_size: Optional[int] = 4,
+def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", micro_batch_size: Optional[int] = 4,
          seq_length: int = 512, alpaca: bool = False, global_batch_size: int = 64,
          micro_batch_tokens: Optional[int] = None, quality: bool = False, compile: bool = True,
          activation_checkpointing: bool = False, accelerator: str = "cuda",
