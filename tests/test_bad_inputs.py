@@ -34,8 +34,8 @@ from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.config import CONFIG_FILE, Config
-from lit_adapter.lightning import AdapterCLI
-from lit_adapter.lightning import main as trainer_main
+from lit_adapter.trainer_cli import AdapterCLI
+from lit_adapter.trainer_cli import main as trainer_main
 
 TIMEOUT = 120
 

@@ -22,7 +22,8 @@ from lit_adapter.adapter import is_adapter_param
 from lit_adapter.checkpoint import ADAPTER_FILE, load_adapter, load_model, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.data import AlpacaDataModule
-from lit_adapter.lightning import AdapterCLI, AdapterModule, main, requested_devices
+from lit_adapter.lightning import AdapterModule
+from lit_adapter.trainer_cli import AdapterCLI, main, requested_devices
 from lit_adapter.recipe import build_optimizer, build_scheduler, loss_fn
 from lit_adapter.strategies import TrainerFrozenHalfPrecision
 from tests.conftest import ROOT, shared_file

@@ -22,7 +22,7 @@ import yaml
 from safetensors import SafetensorError
 
 from conftest import ROOT, shared_file
-from lit_adapter import checkpoint, lightning, recipe, training
+from lit_adapter import checkpoint, lightning, recipe, trainer_cli, training
 from lit_adapter.checkpoint import HPARAMS_FILE, RUN_LOCK, STATE_FILE, torch_load
 from lit_adapter.cli import EXIT_INTERRUPTED, fail, run_cli
 from lit_adapter.data import AlpacaDataModule
@@ -138,7 +138,7 @@ def test_a_trainer_run_stopped_by_sigterm_exits_143(assets, tmp_path, capsys, mo
 
     monkeypatch.setattr(lightning.AdapterModule, "on_train_batch_end", then_sigterm)
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    exits_with(128 + signal.SIGTERM, capsys, lightning.main,
+    exits_with(128 + signal.SIGTERM, capsys, trainer_cli.main,
                trainer_args(assets, tmp_path, "--model.train.max_steps", "3"))  # Lightning's own status is 0
 
 
@@ -237,7 +237,7 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
         monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save",
                             lambda checkpoint, path: half_then_no_space(None, path))
         monkeypatch.setattr(sys, "argv", sys.argv[:1])
-        call = (lightning.main, trainer_args(assets, out, "--model.out_dir", str(tmp_path / "adapter")))
+        call = (trainer_cli.main, trainer_args(assets, out, "--model.out_dir", str(tmp_path / "adapter")))
     lines = exits_with(1, capsys, *call)
     assert "no space left on device" in lines[-1] and lines[-1].startswith("error: cannot write "), lines[-1]
     visible = [name for name in visible_files(out) if name != "config.yaml"] if out.exists() else []  # LightningCLI's
@@ -283,7 +283,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_quietly(assets, tmp_path, capsys
         exits_with(EXIT_INTERRUPTED, capsys, finetune, assets, tmp_path / "out")
     else:
         monkeypatch.setattr(sys, "argv", sys.argv[:1])
-        exits_with(EXIT_INTERRUPTED, capsys, lightning.main, trainer_args(assets, tmp_path))
+        exits_with(EXIT_INTERRUPTED, capsys, trainer_cli.main, trainer_args(assets, tmp_path))
 
 
 # ------------------------------------------------------------------------------ 12. multi-process errors print once

@@ -1,0 +1,209 @@
+"""The Trainer route's command line (``finetune/adapter_trainer.py`` runs ``main``): ``AdapterCLI`` builds the
+``Trainer`` for ``lightning.AdapterModule`` and ``data.AlpacaDataModule`` from the model's arguments, checks
+``--ckpt_path`` before any work, and ends with the shell's exit statuses.
+"""
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional, get_args
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_adapter.checkpoint import atomic_path, check_can_create, torch_load
+from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
+from lit_adapter.data import AlpacaDataModule
+from lit_adapter.errors import UserError
+from lit_adapter.lightning import AdapterModule
+from lit_adapter.precision import TrainingPrecision, default_precision
+from lit_adapter.recipe import accumulation_steps, check_train_args
+from lit_adapter.strategies import trainer_precision, trainer_strategy
+
+OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
+                      "--trainer.precision bf16-true, --model.activation_checkpointing true, or --trainer.strategy "
+                      "fsdp over more devices")
+
+
+class AdapterCLI(LightningCLI):
+    """``LightningCLI`` for ``AdapterModule`` and ``AlpacaDataModule`` whose Trainer is set from the model's arguments.
+
+    Derived from ``--model.train.*`` / ``--model.eval.*``, and therefore not options of their own: the data's micro
+    batch size, gradient accumulation (global_batch_size / (micro_batch_size x devices)), the validation interval
+    (eval.interval optimizer steps), ``use_distributed_sampler=False`` (the data module deals batches to ranks) and
+    the gradient clipping (train.max_grad_norm). ``--trainer.strategy fsdp`` is FSDP2
+    (``strategies.trainer_strategy``), ``--trainer.precision bf16-true`` keeps the adapter in float32
+    (``strategies.trainer_precision``).
+    """
+
+    DERIVED_TRAINER_ARGS = {"accumulate_grad_batches", "use_distributed_sampler", "val_check_interval",
+                            "gradient_clip_val", "gradient_clip_algorithm"}
+
+    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_kwargs", {"description": main.__doc__})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # config.yaml of the run, beside its logs
+        super().__init__(AdapterModule, AlpacaDataModule, args=args, run=False, auto_configure_optimizers=False,
+                         seed_everything_default=1337, trainer_defaults={
+                             "default_root_dir": "out/adapter_trainer/alpaca", "num_sanity_val_steps": 0,
+                             "check_val_every_n_epoch": None}, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # as LightningCLI does, less the Trainer options that are derived from the model's arguments
+        parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
+                                   sub_configs=True, skip=self.DERIVED_TRAINER_ARGS)
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
+        parser.add_lightning_class_args(self._model_class, "model")
+        parser.add_lightning_class_args(self._datamodule_class, "data")
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.train.micro_batch_size", "data.micro_batch_size")
+        parser.link_arguments("model.train.global_batch_size", "data.global_batch_size")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="Resume from this Lightning checkpoint (a .ckpt of a run's checkpoints/: adapter, "
+                                 "optimizer, schedule and data position), or last (the newest .ckpt below "
+                                 "--trainer.default_root_dir), with the same devices and batch sizes; the learning "
+                                 "rate and weight decay may change.")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer of the command line, with the settings that follow from the model's arguments."""
+        config = {**self.config_init.get("trainer", {}), **kwargs}
+        model: AdapterModule = self.model
+        train, eval = model.train_args, model.eval_args
+        if eval.interval < 1 or eval.max_batches < 1:
+            raise UserError("model.eval.interval and model.eval.max_batches must be at least 1")
+        check_train_args(train, prefix="model.train.")
+        if train.micro_batch_tokens is not None:
+            raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
+                            "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
+        accumulation_steps(train, 1)  # a bad batch size fails before any process starts
+        check_can_create(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
+        overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
+                                     "val_check_interval": eval.interval}
+        if config.get("max_steps", -1) == -1 and config.get("max_epochs") is None:
+            if train.max_steps is not None:
+                overrides["max_steps"] = train.max_steps
+            else:
+                overrides["max_epochs"] = train.epochs
+        if config.get("limit_val_batches") is None:
+            overrides["limit_val_batches"] = eval.max_batches
+        if config.get("log_every_n_steps") is None:
+            overrides["log_every_n_steps"] = train.log_interval
+        if config.get("logger") in (None, True):
+            overrides["logger"] = TensorBoardLogger(save_dir=config.get("default_root_dir") or ".", name="logs")
+        fsdp_size = None
+        if config.get("strategy") == "fsdp":
+            devices = requested_devices(config.get("devices", "auto"), config.get("accelerator", "auto"))
+            fsdp_size = devices * config.get("num_nodes", 1)
+            overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
+        precision = config.get("precision")
+        if precision is None:
+            precision = default_precision(config.get("accelerator") in ("auto", "gpu", "cuda")
+                                          and torch.cuda.is_available())
+        if precision not in get_args(TrainingPrecision) or precision == "fp8-base":
+            raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
+                            f"{', '.join(p for p in get_args(TrainingPrecision) if p != 'fp8-base')} (fp8-base: "
+                            "finetune/adapter.py)")
+        overrides.update({"precision": None, **trainer_precision(precision)})
+        overrides["plugins"] = overrides.get("plugins", []) + [AtomicCheckpointIO()]
+        if config.get("plugins"):
+            plugins = config["plugins"]
+            overrides["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + overrides["plugins"]
+        try:
+            trainer = super().instantiate_trainer(**overrides)
+        except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than devices
+            detail = str(err).strip().splitlines()[0]
+            raise UserError(f"cannot build the Trainer from the --trainer options: {detail}") from None
+        world_size = trainer.num_devices * trainer.num_nodes
+        if fsdp_size not in (None, world_size):
+            raise UserError(f"--trainer.devices {config.get('devices')} means {trainer.num_devices} devices here; "
+                            "pass their number")
+        # gradient accumulation and the validation interval (in micro-batches) depend on the number of devices
+        accumulate = accumulation_steps(train, world_size)
+        trainer.accumulate_grad_batches = accumulate
+        trainer.val_check_interval = eval.interval * accumulate
+        return trainer
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written like every file here: complete or not at all, one line on a full disk."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        with atomic_path(Path(path)) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def requested_devices(devices: Any, accelerator: Any) -> int:
+    """How many devices on each node ``--trainer.devices`` asks for (a number, a list of indices, or "auto")."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    text = str(devices).strip()
+    if text in ("auto", "-1"):
+        gpus = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        return torch.cuda.device_count() if gpus else 1
+    if "," in text:
+        return len([index for index in text.split(",") if index.strip()])
+    return int(text)
+
+
+def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]:
+    """The checkpoint file that ``--ckpt_path`` means, checked before the model is built; only files are read.
+
+    "last" is the newest .ckpt below ``root_dir`` (the runs of --trainer.default_root_dir): none is an error, not a
+    fresh start. Directories (distributed checkpoints, whose .metadata is a pickle that could run code), URLs and
+    Lightning's other names are refused; a file is loaded as tensors only, so a truncated one or one that carries
+    code fails in one line.
+    """
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        found = sorted(root_dir.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"--ckpt_path last: no checkpoint (.ckpt) below {root_dir}; pass one, or leave "
+                            "--ckpt_path out to start afresh")
+        ckpt_path = str(found[-1])
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise UserError(f"--ckpt_path {ckpt_path} is a directory (a distributed checkpoint?): only single .ckpt files "
+                        "are read, as tensors (a distributed checkpoint's .metadata is a pickle that can run code)")
+    if not path.is_file():
+        raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
+                        "directory of an earlier run, or last)")
+    checkpoint = torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
+    if not isinstance(checkpoint, dict) or not {"state_dict", "model_config", "loops"} <= checkpoint.keys():
+        raise UserError(f"--ckpt_path {ckpt_path} is not a checkpoint of finetune/adapter_trainer.py (a training "
+                        "state of finetune/adapter.py resumes with finetune/adapter.py --resume)")
+    return ckpt_path
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Fine-tune a LLaMA-Adapter on prepared Alpaca data with the Lightning Trainer (LightningCLI).
+
+    The same model, loss, optimizer, schedule and adapter files as finetune/adapter.py (Fabric). Example:
+    python finetune/adapter_trainer.py --model.checkpoint_dir checkpoints/stories260K --data.data_dir data/alpaca
+    --trainer.devices 2 --trainer.strategy fsdp --trainer.precision bf16-true --model.train.max_steps 1000.
+    --trainer.strategy fsdp is FSDP2 (every block sharded; the adapter is gathered to save). --trainer.precision is
+    one of bf16-true (the base stored and run in bfloat16, the adapter and its optimizer state in float32; the
+    default on GPUs with bfloat16), bf16-mixed and 32-true (the default elsewhere). Gradient accumulation
+    (model.train.global_batch_size / (micro_batch_size x devices)), the validation interval (model.eval.interval
+    optimizer steps) and gradient clipping (model.train.max_grad_norm) follow from the model's options; left
+    unset, so do --trainer.max_steps or --trainer.max_epochs (model.train.max_steps or epochs),
+    --trainer.limit_val_batches (model.eval.max_batches) and --trainer.log_every_n_steps (model.train.log_interval).
+    The logger is TensorBoard's, in <default_root_dir>/logs. The adapter goes to --model.out_dir (default: the log
+    directory, out/adapter_trainer/alpaca/logs/version_N); Lightning checkpoints (adapter and optimizer only) go to
+    its checkpoints/, and --ckpt_path resumes from one.
+    """
+    with exit_on_user_error(OUT_OF_MEMORY_HINT):
+        cli = AdapterCLI(args=args)
+        ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), Path(cli.trainer.default_root_dir))
+        try:
+            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+        except SystemExit as exit:  # Lightning ends Ctrl-C with 1 and SIGTERM with 0: the shell's statuses instead
+            if isinstance(exit, SIGTERMException):
+                sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_INTERRUPTED if cli.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)
