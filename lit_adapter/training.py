@@ -482,6 +482,8 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                             fabric.is_global_zero, data.prompt_style)
         fabric.barrier()
 
+    if progress["step"] == 0:  # the base model's figures (the gates start at zero), for the curve to start from
+        evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, data.prompt_style, 0)
     tokens, started = 0, time.perf_counter()
     try:
         while progress["step"] < total_steps:
@@ -507,7 +509,7 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                 tokens, started = 0, time.perf_counter()
             bar.update(1)
             if step % eval.interval == 0 or step == total_steps:
-                evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, step, data.prompt_style)
+                evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, data.prompt_style, step)
             if step < total_steps:
                 stopping = fabric.strategy.reduce_boolean_decision(stop.requested, all=False)
                 if stopping or step % save_interval == 0:
@@ -538,7 +540,7 @@ def diverged_message(loss: float, step: int, out_dir: Path) -> str:
 
 
 def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tokenizer: Tokenizer,
-             eval: EvalArgs, step: int, style: PromptStyle) -> None:
+             eval: EvalArgs, style: PromptStyle, step: int) -> None:
     """Log the validation loss and print the greedy response to the fixed instruction."""
     val_loss = validate(fabric, model, val_loader, eval.max_batches)
     fabric.log_dict({"val_loss": val_loss}, step=step)
