@@ -27,7 +27,7 @@ else
 fi
 
 python scripts/prepare_alpaca.py --checkpoint_dir "$checkpoint" --destination_dir "$work/data/alpaca" \
-  ${alpaca:+--data_file "$alpaca"} --val_size 35 --max_seq_length 256 --skip_bad_records true
+  ${alpaca:+--data_file "$alpaca"} --val_size 35 --max_seq_length 128 --skip_bad_records true
 python finetune/adapter.py --config finetune/configs/smollm2_quick.yaml --resume auto \
   --checkpoint_dir "$checkpoint" --data_dir "$work/data/alpaca" --out_dir "$work/out/adapter"
 echo "--- the base model, in the same Alpaca prompt:"
