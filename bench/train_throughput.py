@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.data import PREP_CONFIG_FILE, AlpacaDataModule, load_records, tokenize_sample  # noqa: E402
+from lit_adapter.data import AlpacaDataModule, load_records, tokenize_sample, write_prepared_set  # noqa: E402
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
 from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402
@@ -55,9 +54,7 @@ def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_
     real = [{k: torch.where(v >= 0, v % vocab_size, v) for k, v in s.items()} for s in real]
     draws = torch.randint(0, len(real), (dataset_size,), generator=torch.Generator().manual_seed(0)).tolist()
     samples, val_size = [real[i] for i in draws], min(2000, dataset_size // 20)
-    torch.save(samples[val_size:], directory / "train.pt")
-    torch.save(samples[:val_size], directory / "val.pt")
-    (directory / PREP_CONFIG_FILE).write_text(yaml.safe_dump({"tokenizer": {}}))
+    write_prepared_set(directory, {"train": samples[val_size:], "val": samples[:val_size]}, {"tokenizer": {}})
     return directory
 
 

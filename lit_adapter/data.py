@@ -272,12 +272,8 @@ def prepare_alpaca(records: Sequence[dict], tokenizer: Tokenizer, destination_di
         sample, was_truncated = tokenize_sample(records[index], tokenizer, max_seq_length, mask_prompt, style)
         samples.append(sample)
         truncated += was_truncated
-    destination_dir = Path(destination_dir)
-    for name, split in zip(SPLITS, (samples[val_size:], samples[:val_size])):
-        with atomic_path(destination_dir / f"{name}.pt") as tmp:
-            torch.save(split, tmp)
     lengths = length_stats([len(s["input_ids"]) for s in samples])
-    config = {
+    config = write_prepared_set(destination_dir, {"train": samples[val_size:], "val": samples[:val_size]}, {
         "source": str(source) if source else None,
         "train_samples": len(samples) - val_size,
         "val_samples": val_size,
@@ -289,14 +285,24 @@ def prepare_alpaca(records: Sequence[dict], tokenizer: Tokenizer, destination_di
         "tokenizer": _describe_tokenizer(tokenizer),
         "lengths": lengths,
         "truncated": truncated,
-        "files": {f"{name}.pt": file_fingerprint(destination_dir / f"{name}.pt") for name in SPLITS},
-    }
-    # written last, it makes the set: readers accept only split files that match its fingerprints
-    with atomic_path(destination_dir / PREP_CONFIG_FILE) as tmp:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    })
     print("tokens per sample: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
     print(f"truncated {truncated} of {len(samples)} samples to max_seq_length={max_seq_length}")
     print(f"wrote {config['train_samples']} train and {val_size} val samples to {destination_dir}")
+    return config
+
+
+def write_prepared_set(destination_dir: Path, splits: dict[str, list[Sample]], description: dict[str, Any]) -> dict:
+    """Write the split files, then ``prep_config.yaml``: ``description`` and the splits' fingerprints. Written last,
+    it makes the set: readers accept only split files that match it. Returns what it wrote."""
+    destination_dir = Path(destination_dir)
+    for name in SPLITS:
+        with atomic_path(destination_dir / f"{name}.pt") as tmp:
+            torch.save(splits[name], tmp)
+    config = {**description, "files": {f"{name}.pt": file_fingerprint(destination_dir / f"{name}.pt")
+                                       for name in SPLITS}}
+    with atomic_path(destination_dir / PREP_CONFIG_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
     return config
 
 

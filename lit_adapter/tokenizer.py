@@ -10,6 +10,7 @@ become a ``tokenizer.model`` built by ``sentencepiece_model``.
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -135,10 +136,11 @@ def save_tokenizer_files(files: TokenizerFiles, output_dir: Path) -> None:
         destination = Path(output_dir) / name
         if isinstance(source, Path) and destination.exists() and destination.samefile(source):
             continue
-        content = source.encode() if isinstance(source, str) else source if isinstance(source, bytes) \
-            else Path(source).read_bytes()
         with atomic_path(destination) as tmp:
-            tmp.write_bytes(content)
+            if isinstance(source, Path):
+                shutil.copyfile(source, tmp)
+            else:
+                tmp.write_bytes(source.encode() if isinstance(source, str) else source)
 
 
 def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:

@@ -176,6 +176,8 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                             fabric.is_global_zero, data.prompt_style)
         fabric.barrier()
 
+    if progress["step"] == 0:  # the base model's figures (the gates start at zero), for the curve to start from
+        evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, data.prompt_style, 0)
     tokens, started = 0, time.perf_counter()
     try:
         while progress["step"] < total_steps:
@@ -233,8 +235,7 @@ def diverged_message(loss: float, step: int, out_dir: Path) -> str:
 
 def evaluate(fabric: Any, model: nn.Module, raw_model: GPT, val_loader: Any, tokenizer: Tokenizer,
              eval: EvalArgs, style: PromptStyle, step: int) -> None:
-    """Log the validation loss and print the greedy response to the fixed instruction (``step`` last: tests
-    watch it)."""
+    """Log the validation loss and print the greedy response to the fixed instruction."""
     val_loss = validate(fabric, model, val_loader, eval.max_batches)
     fabric.log_dict({"val_loss": val_loss}, step=step)
     raw_model.eval()

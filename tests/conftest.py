@@ -1,5 +1,7 @@
 """Shared fixtures: paths to the real assets in ../shared/data (tests that need them skip where it is absent)."""
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +37,19 @@ def llama_tokenizer() -> Path:
 @pytest.fixture
 def alpaca_json() -> Path:
     return shared_file("alpaca/alpaca_data_first335.json")
+
+
+SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct GGUF converted by scripts/convert_checkpoint.py (once per test session)."""
+    gguf = shared_file(SMOLLM2_GGUF)
+    output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "gguf", "--checkpoint_path",
+                             str(gguf), "--output_dir", str(output_dir)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return output_dir

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
-from lit_adapter.checkpoint import load_model, save_adapter
+from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.config import CONFIG_FILE, Config
 from lit_adapter.trainer_cli import AdapterCLI
@@ -430,8 +430,10 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     a["nan_adapter"], a["huge_adapter"] = tmp / "nan_adapter.safetensors", tmp / "huge_adapter.safetensors"
     save_adapter(a["nan_adapter"], None, model.config,
                  state_dict={k: torch.full_like(v, float("nan")) for k, v in adapter_state_dict(model).items()})
-    save_adapter(a["huge_adapter"], model, model.config, extra_metadata={"adapter": json.dumps(
-        {"adapter_prompt_length": 10**12, "adapter_start_layer": model.config.adapter_start_layer})})
+    save_adapter(a["huge_adapter"], model, model.config)
+    huge = {**read_safetensors_metadata(a["huge_adapter"]), "adapter": json.dumps(
+        {"adapter_prompt_length": 10**12, "adapter_start_layer": model.config.adapter_start_layer})}
+    save_file(load_file(a["huge_adapter"]), a["huge_adapter"], metadata=huge)
     a["not_a_state"] = tmp / "not_a_state.pt"
     torch.save({"weights": torch.zeros(2)}, a["not_a_state"])
     a["jsonl"] = tmp / "records.jsonl"

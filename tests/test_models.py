@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, shared_file
+from conftest import ROOT, SMOLLM2_GGUF, shared_file
 from test_convert import lit_to_meta, randomize_
 
 from lit_adapter.checkpoint import load_model, save_checkpoint_dir
@@ -21,7 +21,6 @@ from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, llama3_scaled_frequencies
 from lit_adapter.tokenizer import Tokenizer, bytes_to_unicode, save_tokenizer_files
 
-SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 NEW_TOKENS = 40
 LLAMA3_TEXTS = [
@@ -269,14 +268,12 @@ def test_gguf_quantised_weights_and_llama31_rope_factors(tmp_path, tensor_type, 
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> dict:
+def smollm2(smollm2_checkpoint) -> dict:
     """The GGUF converted by scripts/convert_checkpoint.py, transformers' model of the same file, its greedy answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = shared_file(SMOLLM2_GGUF)
-    ours = tmp_path_factory.mktemp("smollm2") / "ours"
-    assert run_script("scripts/convert_checkpoint.py", "--format", "gguf", "--checkpoint_path", str(gguf),
-                      "--output_dir", str(ours)).returncode == 0
+    ours = smollm2_checkpoint
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = Tokenizer(ours)

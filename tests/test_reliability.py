@@ -213,8 +213,8 @@ def torch_save_on_a_full_disk(obj, path, *args, **kwargs):
 def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, capsys, monkeypatch, writer):
     out = tmp_path / "out"
     if writer.startswith("convert"):
-        target = "save_file" if writer == "convert-weights" else "shutil.copyfile"
-        monkeypatch.setattr(f"lit_adapter.checkpoint.{target}", half_then_no_space if "weights" in writer else no_space)
+        target = "checkpoint.save_file" if writer == "convert-weights" else "tokenizer.shutil.copyfile"
+        monkeypatch.setattr(f"lit_adapter.{target}", half_then_no_space if "weights" in writer else no_space)
         call = (run_cli, script("scripts/convert_checkpoint.py")["convert_checkpoint"],
                 ["--format", "llama2c", "--checkpoint_path", str(shared_file("stories260K/stories260K.bin")),
                  "--output_dir", str(out)])

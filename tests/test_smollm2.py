@@ -1,0 +1,105 @@
+"""A real current chat model end to end: SmolLM2-135M-Instruct (converted from its GGUF) fine-tuned on the real Alpaca
+records. The first validation loss is the base model's, 40 steps lower it by more than 3%, the adapter changes the
+greedy answer; chat-style samples learn exactly the assistant's tokens; generation follows the adapter's style.
+"""
+
+import pytest
+import torch
+from test_training import cli_args, logged
+
+from conftest import shared_file
+from lit_adapter import training
+from lit_adapter.checkpoint import adapter_prompt_style, load_model
+from lit_adapter.cli import run_cli
+from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, load_records, prepare_alpaca, tokenize_sample
+from lit_adapter.prompts import encode_prompt, user_message
+from lit_adapter.recipe import loss_fn
+from lit_adapter.serving import main as generate
+from lit_adapter.tokenizer import Tokenizer
+
+INSTRUCTION = "Give three tips for staying healthy."
+# the recipe of finetune/configs/smollm2_quick.yaml (the quick start), with short evaluation samples
+RUN = {"accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": 40, "train.global_batch_size": 8,
+       "train.micro_batch_size": 8, "train.learning_rate": 0.05, "train.warmup_steps": 4, "eval.interval": 20,
+       "eval.max_batches": 8, "eval.max_new_tokens": 8, "eval.instruction": INSTRUCTION, "save_interval": 1000}
+
+
+@pytest.fixture(scope="module")
+def alpaca(smollm2_checkpoint, tmp_path_factory) -> dict:
+    """The real records prepared for SmolLM2 in both prompt styles (samples cut at 128 tokens: quick CPU steps)."""
+    records, _ = load_records(shared_file("alpaca/alpaca_data_first335.json"), skip_bad_records=True)
+    tokenizer = Tokenizer(smollm2_checkpoint)
+    root = tmp_path_factory.mktemp("smollm2_data")
+    for style in ("alpaca", "chat"):
+        prepare_alpaca(records, tokenizer, root / style, val_size=35, max_seq_length=128, style=style)
+    return {"records": records, "tokenizer": tokenizer, **{style: root / style for style in ("alpaca", "chat")}}
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(smollm2_checkpoint, alpaca, tmp_path_factory) -> dict:
+    out_dir = tmp_path_factory.mktemp("smollm2_run")
+    torch.set_num_threads(2)
+    run_cli(training.main, cli_args({"checkpoint_dir": smollm2_checkpoint, "data_dir": alpaca["alpaca"],
+                                     "out_dir": out_dir, **RUN}))
+    return {"out_dir": out_dir, "val_loss": logged(out_dir, "val_loss")}
+
+
+def base_val_loss(checkpoint_dir, data_dir, max_batches: int) -> float:
+    """The base model's validation loss per answer token, computed here without the training code."""
+    model = load_model(checkpoint_dir).eval()
+    data = AlpacaDataModule(data_dir, global_batch_size=8, micro_batch_size=8)
+    total = count = 0.0
+    with torch.no_grad():
+        for i, (input_ids, targets) in enumerate(data.val_dataloader()):
+            if i == max_batches:
+                break
+            total += loss_fn(model(input_ids), targets, "sum").item()
+            count += (targets != IGNORE_INDEX).sum().item()
+    return total / count
+
+
+def test_first_validation_loss_is_the_base_models(smollm2_checkpoint, alpaca, fine_tuned):
+    expected = base_val_loss(smollm2_checkpoint, alpaca["alpaca"], RUN["eval.max_batches"])
+    assert fine_tuned["val_loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_forty_steps_lower_the_validation_loss_by_more_than_3_percent(fine_tuned):
+    curve = fine_tuned["val_loss"]
+    assert sorted(curve) == [0, 20, 40]
+    assert curve[40] < 0.97 * curve[0], curve
+
+
+def test_the_adapter_changes_the_greedy_answer(smollm2_checkpoint, fine_tuned, capsys):
+    options = {"checkpoint_dir": smollm2_checkpoint, "prompt": INSTRUCTION, "temperature": 0, "max_new_tokens": 40}
+    base = generate(prompt_style="alpaca", **options)[0]
+    adapted = generate(adapter_path=fine_tuned["out_dir"] / "adapter.safetensors", **options)[0]
+    assert adapter_prompt_style(fine_tuned["out_dir"] / "adapter.safetensors") == "alpaca"
+    assert base.strip() and adapted.strip() and adapted != base
+
+
+def test_chat_samples_learn_exactly_the_assistant_turns(alpaca):
+    tokenizer = alpaca["tokenizer"]
+    record = {"messages": [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."},
+                           {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]}
+    sample, truncated = tokenize_sample(record, tokenizer, 512, style="chat")
+    ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+    learned = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+    end = tokenizer.encode("<|im_end|>\n", bos=False).tolist()
+    assert learned == (tokenizer.encode("Blue.", bos=False).tolist() + end
+                       + tokenizer.encode("Red.", bos=False).tolist() + end)
+    # the prompt of the first answer is the model's own chat prompt, as generation writes it
+    prompt = encode_prompt("chat", tokenizer, [user_message("Name a color.")]).tolist()
+    assert ids[:len(prompt)] == prompt and not truncated
+
+
+def test_chat_prepared_data_records_its_style_and_masks_the_template(alpaca):
+    data = AlpacaDataModule(alpaca["chat"], global_batch_size=8, micro_batch_size=8)
+    data.setup()
+    assert data.prompt_style == "chat"
+    tokenizer = alpaca["tokenizer"]
+    im_end = tokenizer.encode("<|im_end|>", bos=False).tolist()
+    for sample in data.splits["val"]:
+        ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert tokenizer.decode(ids[:first]).endswith("assistant\n")  # the template's generation prompt is masked
+        assert im_end[0] in [label for label in labels if label != IGNORE_INDEX]  # the answer's end is learned
