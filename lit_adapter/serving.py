@@ -57,7 +57,7 @@ def check_request(request: Request) -> None:
         raise UserError("max_new_tokens must be at least 1")
     if not 0 <= request.temperature < math.inf or not 0 < request.top_p <= 1 or \
             (request.top_k is not None and request.top_k < 1):
-        raise UserError("need a finite temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
+        raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 1")
 
 
 def read_requests(path: Path, defaults: Request) -> list[Request]:

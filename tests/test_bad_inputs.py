@@ -241,7 +241,7 @@ ROWS = [
                                                         "--train.global_batch_size", "8"), 1,
         r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 \(--train\.global_batch_size\)"),
     row("trainer-fewer-batches-than-devices", trainer("--data.data_dir", "{data_one}", "--trainer.devices", "2"), 1,
-        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 64 "
+        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 "
         r"\(--model\.train\.global_batch_size\)"),
     # 5. a half-written set of prepared files
     row("finetune-half-prepared-data", finetune("--data_dir", "{data_mixed}"), 1,
@@ -298,8 +298,9 @@ ROWS = [
         r"error: {ckpt_llama_tok}/tokenizer\.model has 32000 tokens but the model stories260K knows 512"),
     row("finetune-tokenizer-larger-than-model", finetune("--checkpoint_dir", "{ckpt_llama_tok}"), 1,
         r"error: {ckpt_llama_tok}/tokenizer\.model has 32000 tokens but the model stories260K knows 512"),
-    row("prepare-json-lines", prepare("--data_file", "{jsonl}"), 1,
-        r"error: {jsonl} holds several JSON values one after another \(JSON Lines\?\), expected one JSON list"),
+    row("prepare-json-lines-with-a-broken-line", prepare("--data_file", "{jsonl}"), 1,
+        r"error: {jsonl} line 2 is not valid JSON \(Expecting property name enclosed in double quotes at column 2\); "
+        r"JSON Lines hold one record per line$"),
     # 12. the Trainer route
     row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
         r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
@@ -437,7 +438,7 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     a["not_a_state"] = tmp / "not_a_state.pt"
     torch.save({"weights": torch.zeros(2)}, a["not_a_state"])
     a["jsonl"] = tmp / "records.jsonl"
-    a["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    a["jsonl"].write_text(json.dumps(records[0]) + "\n{oops}\n")
 
 
 def run_row(row: Row, assets: dict[str, Path]) -> subprocess.CompletedProcess:
