@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -585,8 +586,12 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
         bad = tmp_path / f"bad{number}.jsonl"
         bad.write_text('{"prompt": "fine"}\n' + line + "\n")
         cases.append(([str(story_adapter), "--requests_path", str(bad)], rf"error: {bad} line 2:? {message}"))
-    for args, message in cases:
-        result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
+    def attempt(args: list[str]) -> subprocess.CompletedProcess:
+        return run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # each case is mostly interpreter start-up
+        results = list(pool.map(attempt, [args for args, _ in cases]))
+    for (args, message), result in zip(cases, results):
         assert result.returncode == 1 and result.stdout == "", result.stderr
         assert re.fullmatch(message, result.stderr.strip()), result.stderr
 
