@@ -16,6 +16,7 @@ setup(
         "jsonargparse[signatures]>=4.27",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "huggingface_hub>=0.23",
         "gguf>=0.10",
         "jinja2>=3.1",
         "protobuf",

@@ -37,6 +37,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 
 def check_prompt_style(style: str) -> PromptStyle:
+    """``style`` if it names a prompt style, else a one-line ``UserError``."""
     if style not in PROMPT_STYLES:
         raise UserError(f"unknown prompt style {style!r}: choose one of {', '.join(PROMPT_STYLES)}")
     return style
