@@ -417,22 +417,41 @@ class StepPlan:
         return samples
 
     def micro_batches(self, samples: Sequence[int]) -> list[list[int]]:
-        """This rank's share of a step's ``samples``, longest first, cut into micro-batches."""
+        """This rank's share of a step's ``samples``, longest first, cut into micro-batches.
+
+        With a token budget, the cut is evened out: the smallest budget that needs no more micro-batches than
+        ``micro_batch_tokens`` does is used, so no micro-batch is left nearly empty (a GPU idles on those).
+        """
         mine = sorted(samples, key=self.lengths.__getitem__, reverse=True)[self.rank::self.num_replicas]
+        batches = self._cut(mine, self.micro_batch_tokens)
+        if self.micro_batch_tokens is None or len(batches) == 1:
+            return batches
+        low, high = 1, self.micro_batch_tokens  # invariant: the budget ``high`` needs at most len(batches)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self._cut(mine, middle)) <= len(batches):
+                high = middle
+            else:
+                low = middle + 1
+        return self._cut(mine, high)
+
+    def _cut(self, samples: Sequence[int], budget: Optional[int]) -> list[list[int]]:
+        """``samples`` (longest first) in order, in micro-batches of at most ``micro_batch_size`` samples and
+        ``budget`` padded tokens (a longer sample alone)."""
         batches: list[list[int]] = []
-        for index in mine:
-            if batches and self._fits(batches[-1]):
+        for index in samples:
+            if batches and self._fits(batches[-1], budget):
                 batches[-1].append(index)
             else:
                 batches.append([index])
         return batches
 
-    def _fits(self, batch: list[int]) -> bool:
+    def _fits(self, batch: list[int], budget: Optional[int]) -> bool:
         """Whether one more sample, no longer than the batch's first, may join ``batch``."""
         if self.micro_batch_size is not None and len(batch) >= self.micro_batch_size:
             return False
         width = math.ceil((self.lengths[batch[0]] - 1) / self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return self.micro_batch_tokens is None or (len(batch) + 1) * width <= self.micro_batch_tokens
+        return budget is None or (len(batch) + 1) * width <= budget
 
     def step(self, step: int) -> Step:
         """This rank's micro-batches of ``step`` and the response tokens of the whole step."""

@@ -275,10 +275,17 @@ def test_steps_shuffle_per_epoch_group_lengths_and_fill_the_token_budget():
     spreads = [max(lengths[i] for i in plan.step_samples(k)) - min(lengths[i] for i in plan.step_samples(k))
                for k in range(31)]
     assert sum(spreads) / len(spreads) < 40  # sorted chunks of 1024 over lengths 20..619
-    batches, _ = plan.step(5)
-    widths = [max(lengths[i] - 1 for i in b) for b in batches]
-    assert [len(b) * w for b, w in zip(batches, widths)][:-1] > [4096 - w for w in widths][:-1]  # filled up
-    assert all(len(b) * w <= 4096 for b, w in zip(batches, widths))
+    for step in range(8):
+        batches, _ = plan.step(step)
+        tokens = [len(b) * max(lengths[i] - 1 for i in b) for b in batches]
+        assert max(tokens) <= 4096 and min(tokens) > 0.75 * max(tokens)  # within the budget, and even
+        filled = []  # [width, rows] of each micro-batch when every one is filled up to the budget
+        for i in sorted(plan.step_samples(step), key=lengths.__getitem__, reverse=True):
+            if filled and (filled[-1][1] + 1) * filled[-1][0] <= 4096:
+                filled[-1][1] += 1
+            else:
+                filled.append([lengths[i] - 1, 1])
+        assert len(batches) == len(filled)  # no more micro-batches than filling them up takes
     assert 2000 // 64 == plan.first_step(1) - 1 and plan.epoch_of(plan.first_step(1)) == 1
     with pytest.raises(UserError, match="multiple of the 3 ranks"):
         StepPlan(lengths, [1] * 2000, 64, num_replicas=3)
