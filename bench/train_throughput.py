@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.data import AlpacaDataModule, load_records, tokenize_sample, write_prepared_set  # noqa: E402
+from lit_adapter.data import (AlpacaDataModule, load_records, padding_fraction, tokenize_sample,  # noqa: E402
+                              write_prepared_set)
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
 from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402
@@ -95,7 +96,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json",
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
          warmup_steps: int = 10, steps: int = 10, runs: int = 5, quality_steps: int = 200,
-         eval_interval: int = 25) -> None:
+         eval_interval: int = 25, pad_to_multiple_of: int = 8, profile: bool = False) -> None:
     """Measure adapter training tokens/s on one device (random weights, AdamW), or FP8-vs-bf16 quality.
 
     Args:
@@ -119,6 +120,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         runs: Timed runs; the median is reported.
         quality_steps: Optimizer steps of each quality run.
         eval_interval: Steps between the quality runs' evaluations.
+        pad_to_multiple_of: Round each micro-batch's length up to a multiple of this (Alpaca and quality modes).
+        profile: After the timed runs, profile 3 more steps and print the GPU's busy share and its top kernels.
     """
     from lightning.fabric import Fabric
 
@@ -134,7 +137,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         if alpaca or quality:
             alpaca_data(Path(tmp), data_file, tokenizer_path, seq_length, dataset_size, config.vocab_size)
             data = AlpacaDataModule(Path(tmp), train.global_batch_size, micro_batch_size, micro_batch_tokens,
-                                    pad_to_multiple_of=8)
+                                    pad_to_multiple_of=pad_to_multiple_of)
         if quality:
             return quality_run(fabric, config, data, train, compile, device, quality_steps, eval_interval)
         model = build(config, precision, device)
@@ -143,16 +146,18 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
 
         def step() -> tuple[int, int]:
             batches, step_tokens = next(steps_source)
+            real = round(sum(x.numel() for x, _ in batches) * (1 - padding_fraction(batches)))  # on the host
             batches = fabric.to_device(batches)
             accumulate_gradients(fabric, model, batches, step_tokens, loss)
             apply_gradients(fabric, model, optimizer, train.max_grad_norm)
-            real = sum(int((t != -100).cumsum(1).argmax(1).add(1).sum()) for _, t in batches)
             return sum(x.numel() for x, _ in batches), real
 
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rates, real_rates, warmup = timed(step, warmup_steps, steps, runs, sync)
+        if profile:
+            print_profile(step, sync)
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     shape = (f"Alpaca-shaped, {dataset_size:,} samples, steps of {global_batch_size}, micro-batches of "
              f"<= {micro_batch_tokens} tokens / {micro_batch_size} samples") if alpaca else \
@@ -163,6 +168,24 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
     print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
+
+
+def print_profile(step: Callable[[], tuple[int, int]], sync: Callable[[], None], steps: int = 3) -> None:
+    """The share of wall time the GPU computes over ``steps`` steps, and the kernels that take most of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = time.perf_counter() - started
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x  {e.key[:110]}")
 
 
 def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs, compile: bool, device: str,
