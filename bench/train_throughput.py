@@ -186,6 +186,10 @@ def print_profile(step: Callable[[], tuple[int, int]], sync: Callable[[], None],
     print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x  {e.key[:110]}")
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    print("host time by call (self):")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")
 
 
 def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs, compile: bool, device: str,
