@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.data import (AlpacaDataModule, load_records, padding_fraction, tokenize_sample,  # noqa: E402
-                              write_prepared_set)
+from lit_adapter.data import (PAD_TO_MULTIPLE_OF, AlpacaDataModule, load_records, padding_fraction,  # noqa: E402
+                              tokenize_sample, write_prepared_set)
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
 from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402
@@ -96,7 +96,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json",
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
          warmup_steps: int = 10, steps: int = 10, runs: int = 5, quality_steps: int = 200,
-         eval_interval: int = 25, pad_to_multiple_of: int = 8, profile: bool = False) -> None:
+         eval_interval: int = 25, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, profile: bool = False) -> None:
     """Measure adapter training tokens/s on one device (random weights, AdamW), or FP8-vs-bf16 quality.
 
     Args:

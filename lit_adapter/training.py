@@ -290,9 +290,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
                for k, v in locals().items() if k not in ("Fabric", "TensorBoardLogger")}
     base = open_checkpoint(checkpoint_dir, adapter.apply)  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
-    # lengths rounded to multiples of 8: tensor-core friendly, and few distinct shapes for the compiler
     data = AlpacaDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
-                            seed=seed, pad_to_multiple_of=8)
+                            seed=seed)
     data.setup()
     check_enough_samples(data, train.global_batch_size, "--train.global_batch_size")
 
