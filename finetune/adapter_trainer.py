@@ -1,4 +1,5 @@
-"""Fine-tune a LLaMA-Adapter with the Lightning Trainer: python finetune/adapter_trainer.py --help."""
+"""Fine-tune (fit) or validate a LLaMA-Adapter with the Lightning Trainer: python finetune/adapter_trainer.py fit
+--help, or validate --help; arguments that do not start with a subcommand are fit's."""
 
 from lit_adapter.trainer_cli import main
 

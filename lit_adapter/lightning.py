@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
@@ -99,13 +100,15 @@ class AdapterModule(L.LightningModule):
                    f"({model.config.n_adapter_layers} layers x {model.config.adapter_prompt_length} prompts + gates)")
 
     def setup(self, stage: str) -> None:
-        """Check, before any work, that the data fits the model and that the output directory is writable."""
+        """Check, before any work, that the data fits the model (and fills a step, to fit) and that the output
+        directory is writable."""
         base = self.base
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, AlpacaDataModule):
             datamodule.setup(stage)
             check_data_fits(datamodule, base.tokenizer, base.config)
-            check_enough_samples(datamodule, self.train_args.global_batch_size, "--model.train.global_batch_size")
+            if stage == TrainerFn.FITTING:
+                check_enough_samples(datamodule, self.train_args.global_batch_size, "--model.train.global_batch_size")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
@@ -216,7 +219,7 @@ class AdapterModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val_loss`` (per response token over batches and ranks, as ``training.validate``) and, on every
-        rank, generate the sample response."""
+        rank, generate the sample response; print both (with the step, in fit)."""
         totals = sum(self._val_losses, torch.zeros(2, device=self.device))
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         val_loss = totals[0] / totals[1]
@@ -226,7 +229,8 @@ class AdapterModule(L.LightningModule):
         instruction = self.eval_args.instruction
         response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)
-        self.print(f"\nstep {self.global_step}: val loss {val_loss.item():.4f}\n{instruction}\n> {response}")
+        step = f"step {self.global_step}: " if self.trainer.state.fn == TrainerFn.FITTING else ""
+        self.print(f"\n{step}val loss {val_loss.item():.4f}\n{instruction}\n> {response}")
 
     # ------------------------------------------------------------------------------------------ files
 
@@ -254,7 +258,8 @@ class AdapterModule(L.LightningModule):
                 "seed": getattr(datamodule, "seed", None)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose adapter does not fit; make the data continue where the checkpoint left it."""
+        """Refuse a checkpoint whose adapter does not fit; in fit, make the data continue where the checkpoint left
+        it."""
         if "state_dict" in checkpoint:  # (ModelParallelStrategy has loaded and removed it already)
             expected = {name: tuple(p.shape) for name, p in self.named_parameters() if is_adapter_param(name)}
             missing, unexpected, wrong = compare_shapes(expected, shapes_of(checkpoint["state_dict"]))
@@ -263,7 +268,7 @@ class AdapterModule(L.LightningModule):
                 raise UserError(f"the checkpoint's weights do not fit this adapter: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(datamodule, AlpacaDataModule):
+        if not isinstance(datamodule, AlpacaDataModule) or self._trainer.state.fn != TrainerFn.FITTING:
             return
         layout = self._data_layout()
         saved = checkpoint.get("data_layout", layout)

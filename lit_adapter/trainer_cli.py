@@ -1,6 +1,8 @@
-"""The Trainer route's command line (``finetune/adapter_trainer.py`` runs ``main``): ``AdapterCLI`` builds the
-``Trainer`` for ``lightning.AdapterModule`` and ``data.AlpacaDataModule`` from the model's arguments, checks
-``--ckpt_path`` before any work, and ends with the shell's exit statuses.
+"""The Trainer route's command line (``finetune/adapter_trainer.py`` runs ``main``): ``AdapterCLI`` is a
+``LightningCLI`` with the subcommands ``fit`` and ``validate`` (arguments that do not start with one are ``fit``'s,
+as before subcommands existed); it builds the ``Trainer`` for ``lightning.AdapterModule`` and
+``data.AlpacaDataModule`` from the model's arguments, checks ``--ckpt_path`` before any work, and ends with the
+shell's exit statuses.
 """
 
 import signal
@@ -34,24 +36,61 @@ OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch st
 class AdapterCLI(LightningCLI):
     """``LightningCLI`` for ``AdapterModule`` and ``AlpacaDataModule`` whose Trainer is set from the model's arguments.
 
-    Derived from ``--model.train.*`` / ``--model.eval.*``, and therefore not options of their own: the data's micro
-    batch size, gradient accumulation (global_batch_size / (micro_batch_size x devices)), the validation interval
-    (eval.interval optimizer steps), ``use_distributed_sampler=False`` (the data module deals batches to ranks) and
-    the gradient clipping (train.max_grad_norm). ``--trainer.strategy fsdp`` is FSDP2
-    (``strategies.trainer_strategy``), ``--trainer.precision bf16-true`` keeps the adapter in float32
+    Subcommands: ``fit`` (also when the arguments do not start with a subcommand) and ``validate``; ``run=False``
+    only builds the classes. Derived from ``--model.train.*`` / ``--model.eval.*``, and therefore not options of
+    their own: the data's micro batch size, gradient accumulation (global_batch_size / (micro_batch_size x
+    devices)), the validation interval (eval.interval optimizer steps), ``use_distributed_sampler=False`` (the data
+    module deals batches to ranks) and the gradient clipping (train.max_grad_norm). ``--trainer.strategy fsdp`` is
+    FSDP2 (``strategies.trainer_strategy``), ``--trainer.precision bf16-true`` keeps the adapter in float32
     (``strategies.trainer_precision``).
     """
 
     DERIVED_TRAINER_ARGS = {"accumulate_grad_batches", "use_distributed_sampler", "val_check_interval",
                             "gradient_clip_val", "gradient_clip_algorithm"}
 
-    def __init__(self, args: Optional[list[str]] = None, **kwargs: Any) -> None:
-        kwargs.setdefault("parser_kwargs", {"description": main.__doc__})
+    def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
+        self.default_subcommand = "fit" if run else None
+        kwargs.setdefault("parser_kwargs", {name: {"description": main.__doc__} for name in self.subcommands()})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # config.yaml of the run, beside its logs
-        super().__init__(AdapterModule, AlpacaDataModule, args=args, run=False, auto_configure_optimizers=False,
+        super().__init__(AdapterModule, AlpacaDataModule, args=args, run=run, auto_configure_optimizers=False,
                          seed_everything_default=1337, trainer_defaults={
                              "default_root_dir": "out/adapter_trainer/alpaca", "num_sanity_val_steps": 0,
                              "check_val_every_n_epoch": None}, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's fit and validate, with this CLI's own --ckpt_path (checked, read as tensors only) instead of
+        the Trainer's --ckpt_path and --weights_only."""
+        own = {"ckpt_path", "weights_only"}
+        return {name: skip | own for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Optional[list[str]]) -> None:
+        """Parse the command line; arguments that do not start with a subcommand are those of ``fit``."""
+        args = sys.argv[1:] if args is None else args
+        if self.default_subcommand and (not args or args[0] not in self.subcommands()):
+            args = [self.default_subcommand, *args]
+        self.config = parser.parse_args(args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before any work, and resolve "last". (Lightning would read the checkpoint's
+        hyperparameters here, over the command line's: here the command line's apply, and the checkpoint's adapter
+        must fit them.)"""
+        config = self.config.get(str(self.config.get("subcommand")), self.config)  # (run=False: no subcommand)
+        config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.trainer.default_root_dir or "."))
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's arguments of ``Trainer.fit`` / ``Trainer.validate``, with this CLI's ``--ckpt_path``."""
+        return {**super()._prepare_subcommand_kwargs(subcommand), "ckpt_path": self.config_init[subcommand].ckpt_path}
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, ending an interrupted run with the shell's statuses (Lightning ends Ctrl-C with 1 and
+        SIGTERM with 0)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as exit:
+            if isinstance(exit, SIGTERMException):
+                sys.exit(128 + signal.SIGTERM)
+            sys.exit(EXIT_INTERRUPTED if self.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # as LightningCLI does, less the Trainer options that are derived from the model's arguments
@@ -65,14 +104,15 @@ class AdapterCLI(LightningCLI):
         parser.link_arguments("model.train.micro_batch_size", "data.micro_batch_size")
         parser.link_arguments("model.train.global_batch_size", "data.global_batch_size")
         parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                            help="Resume from this Lightning checkpoint (a .ckpt of a run's checkpoints/: adapter, "
-                                 "optimizer, schedule and data position), or last (the newest .ckpt below "
-                                 "--trainer.default_root_dir), with the same devices and batch sizes; the learning "
-                                 "rate and weight decay may change.")
+                            help="A Lightning checkpoint (a .ckpt of a run's checkpoints/), or last (the newest .ckpt "
+                                 "below --trainer.default_root_dir). fit resumes from it (adapter, optimizer, "
+                                 "schedule and data position) with the same devices and batch sizes; the learning "
+                                 "rate and weight decay may change. validate evaluates its adapter (default: the "
+                                 "base model with a fresh adapter, whose zero gates leave the base unchanged).")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer of the command line, with the settings that follow from the model's arguments."""
-        config = {**self.config_init.get("trainer", {}), **kwargs}
+        config = {**self._get(self.config_init, "trainer", {}), **kwargs}
         model: AdapterModule = self.model
         train, eval = model.train_args, model.eval_args
         if eval.interval < 1 or eval.max_batches < 1:
@@ -182,28 +222,25 @@ def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    """Fine-tune a LLaMA-Adapter on prepared Alpaca data with the Lightning Trainer (LightningCLI).
+    """Fine-tune (fit) or validate a LLaMA-Adapter on prepared Alpaca data with the Lightning Trainer (LightningCLI).
 
-    The same model, loss, optimizer, schedule and adapter files as finetune/adapter.py (Fabric). Example:
-    python finetune/adapter_trainer.py --model.checkpoint_dir checkpoints/stories260K --data.data_dir data/alpaca
-    --trainer.devices 2 --trainer.strategy fsdp --trainer.precision bf16-true --model.train.max_steps 1000.
-    --trainer.strategy fsdp is FSDP2 (every block sharded; the adapter is gathered to save). --trainer.precision is
-    one of bf16-true (the base stored and run in bfloat16, the adapter and its optimizer state in float32; the
-    default on GPUs with bfloat16), bf16-mixed and 32-true (the default elsewhere). Gradient accumulation
-    (model.train.global_batch_size / (micro_batch_size x devices)), the validation interval (model.eval.interval
-    optimizer steps) and gradient clipping (model.train.max_grad_norm) follow from the model's options; left
-    unset, so do --trainer.max_steps or --trainer.max_epochs (model.train.max_steps or epochs),
-    --trainer.limit_val_batches (model.eval.max_batches) and --trainer.log_every_n_steps (model.train.log_interval).
-    The logger is TensorBoard's, in <default_root_dir>/logs. The adapter goes to --model.out_dir (default: the log
-    directory, out/adapter_trainer/alpaca/logs/version_N); Lightning checkpoints (adapter and optimizer only) go to
-    its checkpoints/, and --ckpt_path resumes from one.
+    fit trains the same model, loss, optimizer, schedule and adapter files as finetune/adapter.py (Fabric); it is
+    also what runs when the arguments do not start with a subcommand. validate prints and logs the validation loss
+    (val_loss, over --model.eval.max_batches batches, as fit evaluates) of a checkpoint's adapter (--ckpt_path) or
+    of the base model. Example: python finetune/adapter_trainer.py fit --model.checkpoint_dir
+    checkpoints/stories260K --data.data_dir data/alpaca --trainer.devices 2 --trainer.strategy fsdp
+    --trainer.precision bf16-true --model.train.max_steps 1000; then python finetune/adapter_trainer.py validate
+    --ckpt_path last (with the same --model and --data options). --trainer.strategy fsdp is FSDP2 (every block
+    sharded; the adapter is gathered to save). --trainer.precision is one of bf16-true (the base stored and run in
+    bfloat16, the adapter and its optimizer state in float32; the default on GPUs with bfloat16), bf16-mixed and
+    32-true (the default elsewhere). Gradient accumulation (model.train.global_batch_size / (micro_batch_size x
+    devices)), the validation interval (model.eval.interval optimizer steps) and gradient clipping
+    (model.train.max_grad_norm) follow from the model's options; left unset, so do --trainer.max_steps or
+    --trainer.max_epochs (model.train.max_steps or epochs), --trainer.limit_val_batches (model.eval.max_batches)
+    and --trainer.log_every_n_steps (model.train.log_interval). The logger is TensorBoard's, in
+    <default_root_dir>/logs. The adapter goes to --model.out_dir (default: the log directory,
+    out/adapter_trainer/alpaca/logs/version_N); Lightning checkpoints (adapter and optimizer only) go to its
+    checkpoints/, and --ckpt_path resumes from one.
     """
     with exit_on_user_error(OUT_OF_MEMORY_HINT):
-        cli = AdapterCLI(args=args)
-        ckpt_path = resolve_ckpt_path(cli.config.get("ckpt_path"), Path(cli.trainer.default_root_dir))
-        try:
-            cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
-        except SystemExit as exit:  # Lightning ends Ctrl-C with 1 and SIGTERM with 0: the shell's statuses instead
-            if isinstance(exit, SIGTERMException):
-                sys.exit(128 + signal.SIGTERM)
-            sys.exit(EXIT_INTERRUPTED if cli.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)
+        AdapterCLI(args=args)

@@ -1,7 +1,7 @@
 """The LightningModule route (lit_adapter/lightning.py, finetune/adapter_trainer.py) on the real TinyStories 260K
 model and the first Alpaca records: it starts from the base model, shares the Fabric loop's optimizer and schedule,
 learns, resumes exactly from a Lightning checkpoint (also as "last", with a new learning rate), its checkpoints
-convert to adapter files, and it runs FSDP2 over two CPU processes."""
+convert to adapter files, it runs FSDP2 over two CPU processes, and its fit and validate subcommands agree."""
 
 import os
 import re
@@ -72,9 +72,9 @@ class Recorder(L.Callback):
 
 
 def command_line(args: list[str]) -> AdapterCLI:
-    """The command line's classes, made in this process (pytest's own arguments hidden from it)."""
+    """The command line's classes, made in this process without running them (pytest's own arguments hidden)."""
     with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return AdapterCLI(args=args)
+        return AdapterCLI(args=args, run=False)
 
 
 def fit(args: list[str], *callbacks: L.Callback, ckpt_path=None) -> AdapterCLI:
@@ -176,9 +176,10 @@ def test_user_errors_end_with_one_line_and_exit_code_1(assets, tmp_path, capsys)
     assert line == "error: model.train.learning_rate must be positive", line
 
 
-def test_help_explains_every_option(capsys):
+@pytest.mark.parametrize("subcommand", [[], ["fit"], ["validate"]], ids=["no subcommand", "fit", "validate"])
+def test_help_explains_every_option(capsys, subcommand):
     with pytest.raises(SystemExit) as exit_info, mock.patch.object(sys, "argv", sys.argv[:1]):
-        main(["--help"])
+        main([*subcommand, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     options = re.split(r"\n(?=  -)", text.split("\noptions:\n", 1)[1])[1:]
@@ -250,6 +251,49 @@ def user_error(args: list[str], capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: ") and not any("Traceback" in line for line in lines), lines
     return lines[-1]
+
+
+def run_main(args: list[str], capsys) -> str:
+    """What finetune/adapter_trainer.py prints (stdout), run in this process."""
+    capsys.readouterr()
+    with mock.patch.object(sys, "argv", sys.argv[:1]):
+        main(args)
+    return capsys.readouterr().out
+
+
+def printed_val_loss(output: str) -> float:
+    """The last validation loss that a run printed."""
+    return float(re.findall(r"val loss (\d+\.\d+)\n", output)[-1])
+
+
+def test_fit_and_validate_subcommands(assets, tmp_path, capsys):
+    """fit trains and writes the adapter (as the same arguments without a subcommand do); validate prints the loss
+    of the fit's last evaluation for its checkpoint, and the base model's loss without one."""
+    checkpoint_dir, data_dir = assets
+    common = ("--model.train.global_batch_size", "4", "--model.train.micro_batch_size", "4",
+              "--model.train.learning_rate", "5e-2", "--model.train.warmup_steps", "1",
+              "--model.eval.max_batches", "100")  # all val batches
+    fitted = run_main(["fit", *cli_args(assets, tmp_path / "fit", *common, "--trainer.max_steps", "2")], capsys)
+    assert "step 2: val loss" in fitted, fitted
+    adapter = load_file(tmp_path / "fit" / ADAPTER_FILE)
+    run_main(cli_args(assets, tmp_path / "plain", *common, "--trainer.max_steps", "2",
+                      "--trainer.enable_checkpointing", "false"), capsys)
+    plain = load_file(tmp_path / "plain" / ADAPTER_FILE)
+    assert plain.keys() == adapter.keys()
+    for name, weight in adapter.items():
+        torch.testing.assert_close(plain[name], weight)
+
+    validated = run_main(["validate", *cli_args(assets, tmp_path / "fit", *common, "--ckpt_path", "last")], capsys)
+    assert "\nval loss " in validated, validated  # no step: validate does not train
+    trained = load_model(checkpoint_dir, adapter=True)
+    load_adapter(trained, tmp_path / "fit" / ADAPTER_FILE)
+    assert printed_val_loss(validated) == printed_val_loss(fitted) == pytest.approx(val_loss(trained, data_dir),
+                                                                                    abs=1e-4)
+    base = run_main(["validate", *cli_args(assets, tmp_path / "base", *common)], capsys)
+    base_loss = val_loss(load_model(checkpoint_dir), data_dir)
+    assert printed_val_loss(base) == pytest.approx(base_loss, abs=1e-4)
+    print(f"val loss: base {base_loss:.4f}, fit's last evaluation {printed_val_loss(fitted):.4f}")
+    assert base_loss - printed_val_loss(validated) > 0.05, "the trained adapter was not validated"
 
 
 def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path):
