@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.data import (PAD_TO_MULTIPLE_OF, AlpacaDataModule, load_records, padding_fraction,  # noqa: E402
-                              tokenize_sample, write_prepared_set)
+from lit_adapter.batching import PAD_TO_MULTIPLE_OF, padding_fraction  # noqa: E402
+from lit_adapter.data import load_records, tokenize_sample, write_prepared_set  # noqa: E402
+from lit_adapter.datamodule import AlpacaDataModule  # noqa: E402
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
 from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402

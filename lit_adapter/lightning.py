@@ -16,9 +16,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
+from lit_adapter.batching import padding_fraction
 from lit_adapter.checkpoint import (ADAPTER_FILE, BaseCheckpoint, adapter_and_optimizer_state, check_can_create,
                                     compare_shapes, load_model, open_checkpoint, save_adapter, shapes_of)
-from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
+from lit_adapter.data import IGNORE_INDEX
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.precision import base_dtype
 from lit_adapter.prompts import PromptStyle

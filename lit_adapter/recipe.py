@@ -15,8 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.adapter import mark_only_adapter_trainable
+from lit_adapter.batching import micro_batches_per_step
 from lit_adapter.config import Config
-from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, micro_batches_per_step
+from lit_adapter.data import IGNORE_INDEX
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.generation import generate
 from lit_adapter.model import GPT

@@ -1,7 +1,7 @@
 """The Trainer route's command line (``finetune/adapter_trainer.py`` runs ``main``): ``AdapterCLI`` is a
 ``LightningCLI`` with the subcommands ``fit`` and ``validate`` (arguments that do not start with one are ``fit``'s,
 as before subcommands existed); it builds the ``Trainer`` for ``lightning.AdapterModule`` and
-``data.AlpacaDataModule`` from the model's arguments, checks ``--ckpt_path`` before any work, and ends with the
+``datamodule.AlpacaDataModule`` from the model's arguments, checks ``--ckpt_path`` before any work, and ends with the
 shell's exit statuses.
 """
 
@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.checkpoint import atomic_path, check_can_create, torch_load
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
-from lit_adapter.data import AlpacaDataModule
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.lightning import AdapterModule
 from lit_adapter.precision import TrainingPrecision, default_precision

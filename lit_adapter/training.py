@@ -21,12 +21,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from lit_adapter.adapter import num_trainable_params
+from lit_adapter.batching import padding_fraction
 from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, RUN_LOCK, STATE_FILE, atomic_path, check_can_create,
                                     find_resume_state, load_model, load_training_state, open_checkpoint, preview_keys,
                                     save_hparams, save_training_state)
 from lit_adapter.cli import process_rank
 from lit_adapter.config import read_yaml_mapping
-from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, padding_fraction
+from lit_adapter.data import IGNORE_INDEX
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.precision import TrainingPrecision, base_dtype, default_precision

@@ -4,7 +4,6 @@ the data module and the prepare_alpaca.py command line."""
 import importlib.util
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -22,9 +21,10 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
+from lit_adapter.batching import StepPlan, collate, padding_fraction
 from lit_adapter.config import Config
-from lit_adapter.data import (IGNORE_INDEX, AlpacaDataModule, StepPlan, collate, download_alpaca,
-                              load_records, padding_fraction, prepare_alpaca, tokenize_sample)
+from lit_adapter.data import IGNORE_INDEX, download_alpaca, load_records, prepare_alpaca, tokenize_sample
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.tokenizer import Tokenizer

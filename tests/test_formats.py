@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_adapter.convert import download_hf
-from lit_adapter.data import IGNORE_INDEX, load_records, tokenize_sample
+from lit_adapter.data import load_records, tokenize_sample
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt, format_prompt, sample_segments, user_message
 from lit_adapter.tokenizer import Tokenizer

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lit_adapter.adapter import is_adapter_param
 from lit_adapter.checkpoint import ADAPTER_FILE, load_adapter, load_model, save_adapter
 from lit_adapter.cli import run_cli
-from lit_adapter.data import AlpacaDataModule
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.lightning import AdapterModule
 from lit_adapter.trainer_cli import AdapterCLI, main, requested_devices
 from lit_adapter.recipe import build_optimizer, build_scheduler, loss_fn

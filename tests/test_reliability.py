@@ -25,7 +25,7 @@ from conftest import ROOT, shared_file
 from lit_adapter import checkpoint, lightning, recipe, trainer_cli, training
 from lit_adapter.checkpoint import HPARAMS_FILE, RUN_LOCK, STATE_FILE, torch_load
 from lit_adapter.cli import EXIT_INTERRUPTED, fail, run_cli
-from lit_adapter.data import AlpacaDataModule
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.generation import sample
 

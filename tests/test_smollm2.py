@@ -11,7 +11,8 @@ from conftest import shared_file
 from lit_adapter import training
 from lit_adapter.checkpoint import adapter_prompt_style, load_model
 from lit_adapter.cli import run_cli
-from lit_adapter.data import IGNORE_INDEX, AlpacaDataModule, load_records, prepare_alpaca, tokenize_sample
+from lit_adapter.data import IGNORE_INDEX, load_records, prepare_alpaca, tokenize_sample
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.prompts import encode_prompt, user_message
 from lit_adapter.recipe import loss_fn
 from lit_adapter.serving import main as generate

@@ -30,7 +30,7 @@ from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
 from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, adapter_config, load_adapter, load_config,
                                     load_model, read_safetensors, read_safetensors_metadata, save_adapter, torch_load)
 from lit_adapter.cli import run_cli
-from lit_adapter.data import AlpacaDataModule
+from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.recipe import loss_fn

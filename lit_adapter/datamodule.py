@@ -1,0 +1,116 @@
+"""The LightningDataModule: a prepared set's files, served in the step plans of ``batching.py``."""
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from lit_adapter.batching import (PAD_TO_MULTIPLE_OF, EpochMicroBatchSampler, Step, StepData, StepPlan, StepSampler,
+                                  collate, response_token_count)
+from lit_adapter.checkpoint import torch_load
+from lit_adapter.config import read_yaml_mapping
+from lit_adapter.data import PREP_CONFIG_FILE, SPLITS, Sample, check_prepared_set
+from lit_adapter.errors import UserError
+from lit_adapter.prompts import PromptStyle, check_prompt_style
+
+
+class AlpacaDataModule(L.LightningDataModule):
+    """Train/val dataloaders over the files of ``scripts/prepare_alpaca.py``, length-grouped and padded per batch.
+
+    Training serves optimizer steps of exactly ``global_batch_size`` samples (``StepPlan``). The rank and world
+    size come from the trainer, else from an initialised ``torch.distributed`` (Fabric), else a single process.
+    Batches are dealt out to ranks here, so a Trainer needs ``use_distributed_sampler=False``.
+    """
+
+    def __init__(self, data_dir: Path = Path("data/alpaca"), global_batch_size: int = 64,
+                 micro_batch_size: Optional[int] = 4, micro_batch_tokens: Optional[int] = None, seed: int = 42,
+                 num_workers: int = 0, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
+        """
+        Args:
+            data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
+            global_batch_size: Samples per optimizer step over all devices.
+            micro_batch_size: Most samples per micro-batch on one device (None: no limit).
+            micro_batch_tokens: Most padded tokens per micro-batch on one device (None: no limit).
+            seed: Seed of the per-epoch shuffling.
+            num_workers: DataLoader worker processes (0: load in the training process).
+            pad_to_multiple_of: Pad each micro-batch's length up to a multiple of this (8 suits GPU kernels).
+        """
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.splits: dict[str, list[Sample]] = {}
+        self.prep_config: dict[str, Any] = {}
+        self._resume_at = (0, 0)
+
+    def setup(self, stage: str = "") -> None:
+        """Load ``train.pt``, ``val.pt`` and ``prep_config.yaml`` (once)."""
+        if self.splits:
+            return
+        for path in [self.data_dir / f"{name}.pt" for name in SPLITS] + [self.data_dir / PREP_CONFIG_FILE]:
+            if not path.is_file():
+                raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first "
+                                f"(with --destination_dir {self.data_dir})")
+        prep_config = read_yaml_mapping(self.data_dir / PREP_CONFIG_FILE)
+        check_prepared_set(self.data_dir, prep_config)
+        self.splits = {name: torch_load(self.data_dir / f"{name}.pt") for name in SPLITS}
+        self.prep_config = prep_config
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """The prompt style the data was prepared in (data from before styles existed: alpaca)."""
+        return check_prompt_style(self.prep_config.get("prompt_style", "alpaca"))
+
+    def plan(self, split: str = "train") -> StepPlan:
+        """The step plan of ``split`` on this rank."""
+        self.setup()
+        samples = self.splits[split]
+        num_replicas, rank = self._replicas()
+        return StepPlan([len(s["input_ids"]) for s in samples], [response_token_count(s) for s in samples],
+                        self.global_batch_size, self.micro_batch_size, self.micro_batch_tokens, self.seed,
+                        num_replicas, rank, pad_to_multiple_of=self.pad_to_multiple_of)
+
+    def train_steps(self, start_step: int = 0) -> DataLoader:
+        """This rank's optimizer steps from ``start_step`` on, without end: ``([(input_ids, targets)...], tokens)``."""
+        return self._loader(StepSampler(self.plan(), start_step))
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` micro-batches."""
+        self._resume_at = (epoch, batches_done)
+
+    def train_dataloader(self) -> DataLoader:
+        """The Trainer's epochs, a micro-batch at a time: ``([(input_ids, targets)], step_tokens)``."""
+        epoch, skip = self._resume_at
+        return self._loader(EpochMicroBatchSampler(self.plan(), epoch, skip))
+
+    def val_dataloader(self) -> DataLoader:
+        """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
+        plan = self.plan("val")
+        plan.num_replicas, plan.rank = 1, 0
+        batches = plan.micro_batches(range(len(plan.lengths)))
+        num_replicas, rank = self._replicas()
+        mine = batches[:len(batches) - len(batches) % num_replicas][rank::num_replicas]
+        return DataLoader(self.splits["val"], batch_sampler=mine, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_to_multiple_of=self.pad_to_multiple_of),
+                          pin_memory=torch.cuda.is_available())
+
+    def _loader(self, sampler: Sampler[Step]) -> DataLoader:
+        return DataLoader(StepData(self.splits["train"], self.pad_to_multiple_of), sampler=sampler, batch_size=None,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, rank) of this process."""
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
