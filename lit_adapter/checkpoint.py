@@ -512,6 +512,30 @@ def read_training_state(path: Path) -> dict:
     return state
 
 
+TRAINER_CHECKPOINT_KEYS = {"state_dict", "model_config", "loops"}
+"""A Lightning checkpoint of finetune/adapter_trainer.py: Lightning's keys, and the adapter's model config and prompt
+style that ``AdapterModule.on_save_checkpoint`` adds (its state_dict holds only the adapter)."""
+
+
+def is_trainer_checkpoint(checkpoint: Any) -> bool:
+    return isinstance(checkpoint, dict) and TRAINER_CHECKPOINT_KEYS <= checkpoint.keys()
+
+
+def read_state_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict, PromptStyle]:
+    """The adapter weights, model config and prompt style of a training state of finetune/adapter.py (its
+    training_state.pt) or of a checkpoint of finetune/adapter_trainer.py (states from before prompt styles
+    existed: alpaca)."""
+    state = torch_load(path)
+    if is_trainer_checkpoint(state):
+        adapter = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
+    elif isinstance(state, dict) and {"adapter", "model_config"} <= state.keys():
+        adapter = state["adapter"]
+    else:
+        raise UserError(f"{path} is not a training state of finetune/adapter.py nor a checkpoint of "
+                        "finetune/adapter_trainer.py (it has no adapter weights and model config)")
+    return adapter, state["model_config"], state.get("prompt_style", "alpaca")
+
+
 def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
     """The training state to resume from: a file or step directory, or with "auto" the latest in ``out_dir``."""
     if resume in (None, False):

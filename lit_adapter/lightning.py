@@ -249,6 +249,7 @@ class AdapterModule(L.LightningModule):
         """Keep only the adapter's weights: the frozen base stays in checkpoint_dir."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
+        checkpoint["prompt_style"] = self.prompt_style
         checkpoint["data_layout"] = self._data_layout()
 
     def _data_layout(self) -> dict[str, Any]:

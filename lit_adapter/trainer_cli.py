@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_adapter.checkpoint import atomic_path, check_can_create, torch_load
+from lit_adapter.checkpoint import atomic_path, check_can_create, is_trainer_checkpoint, torch_load
 from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
 from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
@@ -215,7 +215,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]
         raise UserError(f"--ckpt_path {ckpt_path}: no such checkpoint file (pass a .ckpt from the checkpoints/ "
                         "directory of an earlier run, or last)")
     checkpoint = torch_load(path)  # a one-line error for a truncated file or a pickle that would run code
-    if not isinstance(checkpoint, dict) or not {"state_dict", "model_config", "loops"} <= checkpoint.keys():
+    if not is_trainer_checkpoint(checkpoint):
         raise UserError(f"--ckpt_path {ckpt_path} is not a checkpoint of finetune/adapter_trainer.py (a training "
                         "state of finetune/adapter.py resumes with finetune/adapter.py --resume)")
     return ckpt_path

@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import ADAPTER_FILE, STATE_FILE, check_state_dict, save_adapter, shapes_of, torch_load
+from lit_adapter.checkpoint import ADAPTER_FILE, STATE_FILE, check_state_dict, read_state_adapter, save_adapter, shapes_of
 from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import PromptStyle
 
 
 def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> None:
@@ -24,9 +23,8 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
             beside the training state.
     """
     state_path = Path(state_path)
-    if state_path.is_dir():
-        state_path = state_path / STATE_FILE
-    adapter, model_config, prompt_style = read_adapter_and_config(state_path)
+    state_path = state_path / STATE_FILE if state_path.is_dir() else state_path
+    adapter, model_config, prompt_style = read_state_adapter(state_path)
     try:
         config = Config(**model_config)
     except TypeError as err:
@@ -36,20 +34,6 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
     save_adapter(output_path, None, config, prompt_style, state_dict=adapter)
     print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in adapter.values()):,} parameters) "
           f"to {output_path}")
-
-
-def read_adapter_and_config(path: Path) -> tuple[dict, dict, PromptStyle]:
-    """The adapter weights, model config and prompt style of a Fabric training state or of a Trainer checkpoint
-    (states from before prompt styles existed: alpaca)."""
-    state = torch_load(path)
-    if isinstance(state, dict) and {"state_dict", "model_config"} <= state.keys():  # the Trainer's .ckpt
-        adapter = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
-    elif isinstance(state, dict) and {"adapter", "model_config"} <= state.keys():
-        adapter = state["adapter"]
-    else:
-        raise UserError(f"{path} is not a training state of finetune/adapter.py nor a checkpoint of "
-                        "finetune/adapter_trainer.py (it has no adapter weights and model config)")
-    return adapter, state["model_config"], state.get("prompt_style", "alpaca")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lit_adapter.adapter import is_adapter_param
-from lit_adapter.checkpoint import ADAPTER_FILE, load_adapter, load_model, save_adapter
+from lit_adapter.checkpoint import ADAPTER_FILE, adapter_prompt_style, load_adapter, load_model, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.lightning import AdapterModule
@@ -383,6 +383,11 @@ def test_a_trainer_checkpoint_is_extracted_and_resumed_as_last_with_a_new_learni
     assert extracted.keys() == adapter_weights(first.model).keys()
     for name, weight in adapter_weights(first.model).items():
         torch.testing.assert_close(extracted[name], weight, rtol=0, atol=0)
+    assert adapter_prompt_style(tmp_path / "extracted.safetensors") == "alpaca"
+    with mock.patch.object(AdapterModule, "prompt_style", "chat"):  # as a run on chat data records it
+        first.trainer.save_checkpoint(tmp_path / "chat.ckpt")
+    extract(tmp_path / "chat.ckpt", tmp_path / "chat.safetensors")
+    assert adapter_prompt_style(tmp_path / "chat.safetensors") == "chat"
 
     capsys.readouterr()
     with mock.patch.object(sys, "argv", sys.argv[:1]):
