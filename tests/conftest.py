@@ -1,11 +1,14 @@
 """Shared fixtures: paths to the real assets in ../shared/data (tests that need them skip where it is absent)."""
 
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +42,47 @@ def alpaca_json() -> Path:
     return shared_file("alpaca/alpaca_data_first335.json")
 
 
+def script_env() -> dict[str, str]:
+    """The environment of a script run as its own process: this checkout importable, one CPU thread."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python script *args`` as its own process, from the repository root."""
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_script_in_this_process(script: str, *args: str, capfd) -> subprocess.CompletedProcess:
+    """What ``python script *args`` from the repository root exits with and prints, run in this process.
+
+    The script runs as ``__main__`` with that ``sys.argv`` and working directory, so its command line is parsed and
+    handled as in a process of its own, without the interpreter start-up and imports that cost seconds each time.
+    What only a new process shows (the start-up itself, the decoding of argv, the exit of the interpreter, several
+    processes) is for tests that start one. The environment, torch's thread count and its random state are
+    restored after.
+    """
+    argv = [script, *args]
+    capfd.readouterr()  # what was printed before is not the script's
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    with mock.patch.dict(os.environ), mock.patch.object(sys, "argv", argv), torch.random.fork_rng(devices=[]):
+        os.chdir(ROOT)
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+            status = 0
+        except SystemExit as exit:  # the status the interpreter would end with
+            if exit.code is None or isinstance(exit.code, int):
+                status = exit.code or 0
+            else:
+                print(exit.code, file=sys.stderr)
+                status = 1
+        finally:
+            os.chdir(cwd)
+            torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, status, out, err)
+
+
 SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -47,9 +91,7 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct GGUF converted by scripts/convert_checkpoint.py (once per test session)."""
     gguf = shared_file(SMOLLM2_GGUF)
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--format", "gguf", "--checkpoint_path",
-                             str(gguf), "--output_dir", str(output_dir)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = run_script("scripts/convert_checkpoint.py", "--format", "gguf", "--checkpoint_path", str(gguf),
+                        "--output_dir", str(output_dir), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return output_dir

@@ -1,4 +1,4 @@
-"""Bad input to every command-line tool: each row runs a script in a subprocess and expects its exact exit status,
+"""Bad input to every command-line tool: each row runs a script's command line and expects its exact exit status,
 its error line, and no traceback.
 
 A user error exits with 1 and prints one line, ``error: <what> ... <what to do>``, as the last line of stderr (before
@@ -7,7 +7,10 @@ A command line that jsonargparse cannot parse exits with 2 and says why on its `
 are refused without running it: the pickles below (also a distributed checkpoint's ``.metadata``) would create a
 marker file if they were ever unpickled unsafely.
 
-The real 260K TinyStories checkpoint and a few Alpaca records are prepared once; the rows then run in parallel.
+The real 260K TinyStories checkpoint and a few Alpaca records are prepared once. Most rows run the script as
+``__main__`` in this process (its real command line, without a new interpreter's seconds of start-up); the rows marked
+``own_process``, at least one per script, start ``python script ...`` in parallel: the wiring of each script as a
+user runs it, and the runs that ask for several devices (whose launcher starts copies of the command line).
 """
 
 import json
@@ -18,7 +21,6 @@ import runpy
 import shutil
 import struct
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, run_script, run_script_in_this_process, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
@@ -50,6 +52,8 @@ class Row:
     """A regex matched at the start of the error line; ``{name}`` stands for the (escaped) path of asset ``name``."""
     without_gpu: bool = False
     """Only where no CUDA GPU is visible."""
+    own_process: bool = False
+    """Run as ``python script ...`` in a new process, not in this one."""
 
 
 def convert(*args: str) -> tuple[str, tuple[str, ...]]:
@@ -159,10 +163,11 @@ ROWS = [
         r"error: cannot write to --output_dir {afile}/out: {afile} is a file, not a directory; choose another"),
     row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "ggml", "--checkpoint_path",
                                                                      "{stories_bin}", "--output_dir", "{out}")), 2,
-        r'error: Parser key "format":'),
+        r'error: Parser key "format":', own_process=True),
     # scripts/prepare_alpaca.py
     row("prepare-truncated-json", prepare("--data_file", "{truncated_json}"), 1,
-        r"error: {truncated_json} is not valid JSON \(Unterminated string .* in record 1\); is the file truncated\?$"),
+        r"error: {truncated_json} is not valid JSON \(Unterminated string .* in record 1\); is the file truncated\?$",
+        own_process=True),
     row("prepare-record-not-an-object", prepare("--data_file", "{list_record_json}"), 1,
         r"error: {list_record_json}: record 1 is a JSON list, expected an object with keys \('instruction', "
         r"'input', 'output'\) \(fix it, or pass --skip_bad_records"),
@@ -179,7 +184,7 @@ ROWS = [
         r"\(16 x 1 = 16\)$"),
     row("finetune-devices-not-dividing-the-batch", finetune("--devices", "3"), 1,
         r"error: train\.global_batch_size \(8\) must be a multiple of train\.micro_batch_size x devices "
-        r"\(4 x 3 = 12\)$"),
+        r"\(4 x 3 = 12\)$", own_process=True),
     row("finetune-data-not-prepared", finetune("--data_dir", "{tmp}/no_data"), 1,
         r"error: {tmp}/no_data/train\.pt not found: run scripts/prepare_alpaca\.py first "
         r"\(with --destination_dir {tmp}/no_data\)$"),
@@ -214,7 +219,8 @@ ROWS = [
         r"error: need temperature >= 0, 0 < top_p <= 1 and top_k >= 1$"),
     # generate/adapter.py
     row("adapter-for-another-base", generate_adapter("--adapter_path", "{tiny_adapter}"), 1,
-        r"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5"),
+        r"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5",
+        own_process=True),
     row("adapter-random-file", generate_adapter("--adapter_path", "{random_file}"), 1,
         r"error: {random_file} " + TRUNCATED),
     row("adapter-truncated", generate_adapter("--adapter_path", "{truncated_adapter}"), 1,
@@ -225,7 +231,8 @@ ROWS = [
         r"error: {state} is not a readable safetensors file but a PyTorch file: for a training state, run "
         r"scripts/extract_adapter\.py --state_path {state}"),
     # scripts/extract_adapter.py
-    row("extract-pickle-with-code", extract("--state_path", "{evil_state}"), 1, r"error: {evil_state} " + REFUSED),
+    row("extract-pickle-with-code", extract("--state_path", "{evil_state}"), 1, r"error: {evil_state} " + REFUSED,
+        own_process=True),
     row("extract-output-below-a-file", extract("--state_path", "{state}", "--output_path", "{afile}/a.safetensors"), 1,
         r"error: cannot write {afile}/a\.safetensors: {afile} is a file, not a directory; choose another location$"),
     # 1. nothing that is loaded runs code: a distributed checkpoint's .metadata pickle, a .ckpt pickle
@@ -239,10 +246,11 @@ ROWS = [
     # 3. fewer samples than an optimizer step (the plan deals every step's samples to all devices)
     row("finetune-fewer-batches-than-devices", finetune("--data_dir", "{data_one}", "--devices", "2",
                                                         "--train.global_batch_size", "8"), 1,
-        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 \(--train\.global_batch_size\)"),
+        r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 \(--train\.global_batch_size\)",
+        own_process=True),
     row("trainer-fewer-batches-than-devices", trainer("--data.data_dir", "{data_one}", "--trainer.devices", "2"), 1,
         r"error: {data_one} has 1 training samples, fewer than one optimizer step of 8 "
-        r"\(--model\.train\.global_batch_size\)"),
+        r"\(--model\.train\.global_batch_size\)", own_process=True),
     # 5. a half-written set of prepared files
     row("finetune-half-prepared-data", finetune("--data_dir", "{data_mixed}"), 1,
         r"error: {data_mixed}/train\.pt is not the file that {data_mixed}/prep_config\.yaml describes \(a "
@@ -289,7 +297,7 @@ ROWS = [
     row("adapter-directory-for-a-file", generate_adapter("--adapter_path", "{tmp}"), 1,
         r"error: adapter file {tmp} is a directory, expected a file$"),
     row("generate-non-utf8-prompt", generate("--prompt", "caf\udce9"), 1,
-        r"error: the text is not valid UTF-8 \(at character 3\): pass UTF-8 text$"),
+        r"error: the text is not valid UTF-8 \(at character 3\): pass UTF-8 text$", own_process=True),
     row("finetune-resume-from-an-adapter-file", finetune("--resume", "{tiny_adapter}"), 1,
         r"error: --resume {tiny_adapter}: {tiny_adapter} is not a training state \(pass a step-NNNNNN directory"),
     row("finetune-resume-from-another-pt", finetune("--resume", "{not_a_state}"), 1,
@@ -441,24 +449,28 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     a["jsonl"].write_text(json.dumps(records[0]) + "\n{oops}\n")
 
 
-def run_row(row: Row, assets: dict[str, Path]) -> subprocess.CompletedProcess:
+def row_args(row: Row, assets: dict[str, Path]) -> list[str]:
+    """The row's arguments with the assets' paths filled in."""
     paths = {name: str(path) for name, path in assets.items()}
     paths["out"] = str(assets["tmp"] / "out" / row.id)
-    args = [arg.format(**paths) for arg in row.args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, row.script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    return [arg.format(**paths) for arg in row.args]
+
+
+def asks_for_several_devices(row: Row) -> bool:
+    return any(option in ("--devices", "--trainer.devices") and value != "1"
+               for option, value in zip(row.args, row.args[1:]))
 
 
 @pytest.fixture(scope="module")
-def outcomes(request, assets) -> dict[str, subprocess.CompletedProcess]:
-    """The result of every selected row, run in parallel (each is mostly interpreter start-up)."""
+def own_process_outcomes(request, assets) -> dict[str, subprocess.CompletedProcess]:
+    """The result of every selected ``own_process`` row, run in parallel (each is mostly interpreter start-up)."""
     selected = [item.callspec.params["row"] for item in request.session.items
                 if item.module is request.module and "row" in getattr(getattr(item, "callspec", None), "params", {})]
-    selected = [r for r in selected if not (r.without_gpu and torch.cuda.is_available())]
+    selected = [r for r in selected if r.own_process and not (r.without_gpu and torch.cuda.is_available())]
     selected.sort(key=lambda r: r.script in QUICK_SCRIPTS)  # the scripts that import Lightning (~5 s) first
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
-        return dict(zip([r.id for r in selected], pool.map(lambda r: run_row(r, assets), selected)))
+        results = pool.map(lambda r: run_script(r.script, *row_args(r, assets), timeout=TIMEOUT), selected)
+        return dict(zip([r.id for r in selected], results))
 
 
 def test_rows_cover_every_script_and_enough_cases():
@@ -467,13 +479,18 @@ def test_rows_cover_every_script_and_enough_cases():
                        "finetune/adapter_trainer.py", "generate/base.py", "generate/adapter.py",
                        "scripts/extract_adapter.py"}
     assert len(ROWS) >= 25 and len({r.id for r in ROWS}) == len(ROWS)
+    assert {r.script for r in ROWS if r.own_process} == scripts  # each script's wiring, as a user runs it
+    assert all(r.own_process for r in ROWS if asks_for_several_devices(r))  # their launcher starts processes
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.id for r in ROWS])
-def test_bad_input_exits_with_one_clear_line(row, outcomes, assets):
+def test_bad_input_exits_with_one_clear_line(row, own_process_outcomes, assets, capfd):
     if row.without_gpu and torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible")
-    result = outcomes[row.id]
+    if row.own_process:
+        result = own_process_outcomes[row.id]
+    else:
+        result = run_script_in_this_process(row.script, *row_args(row, assets), capfd=capfd)
     output = f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
     assert "Traceback" not in result.stderr + result.stdout, output
     assert result.returncode == row.exit_code, output

@@ -26,7 +26,7 @@ from lit_adapter.lightning import AdapterModule
 from lit_adapter.trainer_cli import AdapterCLI, main, requested_devices
 from lit_adapter.recipe import build_optimizer, build_scheduler, loss_fn
 from lit_adapter.strategies import TrainerFrozenHalfPrecision
-from tests.conftest import ROOT, shared_file
+from tests.conftest import ROOT, run_script_in_this_process, shared_file
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TRAINER_SCRIPT = ROOT / "finetune" / "adapter_trainer.py"
@@ -296,7 +296,7 @@ def test_fit_and_validate_subcommands(assets, tmp_path, capsys):
     assert base_loss - printed_val_loss(validated) > 0.05, "the trained adapter was not validated"
 
 
-def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path):
+def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path, capfd):
     checkpoint_dir, data_dir = assets
     out = tmp_path / "out"
     args = cli_args(assets, tmp_path, "--model.out_dir", str(out), "--trainer.max_steps", "30",
@@ -321,10 +321,9 @@ def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path
     save_adapter(zero_gates, fresh, fresh.config)
 
     def answer(path: Path) -> str:
-        run = subprocess.run([sys.executable, "generate/adapter.py", "--checkpoint_dir", str(checkpoint_dir),
-                              "--adapter_path", str(path), "--prompt", "Give three tips for staying healthy.",
-                              "--temperature", "0", "--max_new_tokens", "30"],
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        run = run_script_in_this_process("generate/adapter.py", "--checkpoint_dir", str(checkpoint_dir),
+                                         "--adapter_path", str(path), "--prompt", "Give three tips for staying healthy.",
+                                         "--temperature", "0", "--max_new_tokens", "30", capfd=capfd)
         assert run.returncode == 0, run.stderr[-2000:]
         return run.stdout.strip()
 

@@ -4,13 +4,12 @@ GGUF converted by us against transformers' own GGUF loader (and through a Huggin
 import json
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMOLLM2_GGUF, shared_file
+from conftest import SMOLLM2_GGUF, run_script_in_this_process, shared_file
 from test_convert import lit_to_meta, randomize_
 
 from lit_adapter.checkpoint import load_model, save_checkpoint_dir
@@ -285,18 +284,17 @@ def smollm2(smollm2_checkpoint) -> dict:
             "ids": ids, "greedy": greedy}
 
 
-def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+def run_script(script: str, *args: str, capfd) -> subprocess.CompletedProcess:
+    """The script's command line, run in this process; it must succeed."""
+    result = run_script_in_this_process(script, *args, capfd=capfd)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
 
-def greedy_text(checkpoint_dir: Path, prompt: str) -> str:
+def greedy_text(checkpoint_dir: Path, prompt: str, capfd) -> str:
     """What generate/base.py prints for ``prompt``, greedy, NEW_TOKENS at most."""
     result = run_script("generate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--prompt", prompt,
-                        "--temperature", "0", "--max_new_tokens", str(NEW_TOKENS))
+                        "--temperature", "0", "--max_new_tokens", str(NEW_TOKENS), capfd=capfd)
     return result.stdout.removesuffix("\n")
 
 
@@ -331,13 +329,13 @@ def test_smollm2_gguf_logits_match_transformers(smollm2):
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
 
 
-def test_smollm2_gguf_greedy_generation_matches_transformers(smollm2):
+def test_smollm2_gguf_greedy_generation_matches_transformers(smollm2, capfd):
     text = expected_text(smollm2)
     assert text.startswith("1. Stay hydrated: Drink plenty of water, and avoid sugary drinks.")
-    assert greedy_text(smollm2["ours"], smollm2["prompt"]) == text
+    assert greedy_text(smollm2["ours"], smollm2["prompt"], capfd) == text
 
 
-def test_smollm2_hf_folder_converts_to_the_same_model(smollm2, tmp_path):
+def test_smollm2_hf_folder_converts_to_the_same_model(smollm2, tmp_path, capfd):
     from transformers import LlamaForCausalLM
 
     folder = tmp_path / "hf"
@@ -349,9 +347,9 @@ def test_smollm2_hf_folder_converts_to_the_same_model(smollm2, tmp_path):
     assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(folder))
     out = tmp_path / "ours"
     run_script("scripts/convert_checkpoint.py", "--format", "hf", "--checkpoint_path", str(folder),
-               "--output_dir", str(out))
+               "--output_dir", str(out), capfd=capfd)
     tokenizer = Tokenizer(out)
     assert tokenizer.apply_chat_template(CHAT, add_generation_prompt=True) == smollm2["prompt"]
     assert tokenizer.encode(smollm2["prompt"]).tolist() == smollm2["ids"].tolist()
-    assert greedy_text(out, smollm2["prompt"]) == expected_text(smollm2)
+    assert greedy_text(out, smollm2["prompt"], capfd) == expected_text(smollm2)
 
