@@ -182,12 +182,13 @@ def print_profile(step: Callable[[], tuple[int, int]], sync: Callable[[], None],
             step()
         sync()
     wall = time.perf_counter() - started
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x  {e.key[:110]}")
-    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     print("host time by call (self):")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
         print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import ADAPTER_FILE, STATE_FILE, check_state_dict, read_state_adapter, save_adapter, shapes_of
+from lit_adapter.checkpoint import (ADAPTER_FILE, STATE_FILE, check_state_dict, read_state_adapter, save_adapter,
+                                    shapes_of)
 from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError

@@ -3,14 +3,12 @@
 import json
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_file
+from conftest import run_script, shared_file
 from safetensors.torch import load_file, save_file
 
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint_dir
@@ -382,14 +380,8 @@ def test_tokenizer_is_found_and_checked(tmp_path, stories260k_bin, llama_tokeniz
 # ---- the command line
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "scripts/convert_checkpoint.py", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_cli_converts_llama2c(tmp_path, stories260k_bin):
-    result = run_script("--format", "llama2c", "--checkpoint_path", str(stories260k_bin),
+    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(stories260k_bin),
                         "--output_dir", str(tmp_path / "out"), "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == sorted([WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE])
@@ -399,19 +391,19 @@ def test_cli_converts_llama2c(tmp_path, stories260k_bin):
 
 def test_cli_reports_errors_in_one_line(tmp_path):
     missing = tmp_path / "absent.bin"
-    result = run_script("--format", "llama2c", "--checkpoint_path", str(missing), "--output_dir", str(tmp_path / "out"))
+    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(missing), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {missing} not found"]
     assert not (tmp_path / "out").exists()
 
-    result = run_script("--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir", str(tmp_path))
+    result = run_script("scripts/convert_checkpoint.py", "--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: output_dir {tmp_path} is the source checkpoint: "
                                                   "choose another directory"]
 
 
 def test_cli_help_documents_every_option():
-    result = run_script("--help")
+    result = run_script("scripts/convert_checkpoint.py", "--help")
     assert result.returncode == 0
     for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype"):
         assert option in result.stdout

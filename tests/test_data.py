@@ -4,11 +4,8 @@ the data module and the prepare_alpaca.py command line."""
 import importlib.util
 import itertools
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -17,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_script
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
@@ -29,7 +27,6 @@ from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
 from lit_adapter.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 EMPTY_OUTPUT_RECORD = 284  # the one record of the first 335 whose output is ""
 GOOD_RECORDS = 334
 fixture_settings = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, database=None)
@@ -416,15 +413,10 @@ def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_
     assert config["tokenizer"]["vocab_size"] == 512 and config["train_samples"] == 324
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_alpaca.py"), *args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-
-
 def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer):
     common = ["--data_file", str(alpaca_json), "--tokenizer_path", str(llama_tokenizer),
               "--destination_dir", str(tmp_path), "--val_size", "35"]
-    result = run_script(*common, "--skip_bad_records", "true")
+    result = run_script("scripts/prepare_alpaca.py", *common, "--skip_bad_records", "true")
     assert result.returncode == 0, result.stderr
     assert f"skipped 1 bad records of {alpaca_json}; the first: record {EMPTY_OUTPUT_RECORD}" in result.stderr
     assert "wrote 299 train and 35 val samples" in result.stdout
@@ -435,7 +427,7 @@ def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer):
     config = yaml.safe_load((tmp_path / "prep_config.yaml").read_text())
     assert config["max_seq_length"] == 512 and config["mask_prompt"] is True and config["val_samples"] == 35
 
-    result = run_script(*common)  # the real file holds an empty output
+    result = run_script("scripts/prepare_alpaca.py", *common)  # the real file holds an empty output
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: {alpaca_json}: record {EMPTY_OUTPUT_RECORD} has an empty 'output' (nothing to learn) "

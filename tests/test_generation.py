@@ -8,10 +8,8 @@ tests/test_convert.py.
 import copy
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, run_script_in_this_process, shared_file
+from conftest import run_script, run_script_in_this_process, shared_file
 from lit_adapter import serving
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
@@ -35,7 +33,6 @@ from tests.test_convert import Llama2cReference
 from tests.test_model import random_model
 
 TINY = Config.from_name("tiny")  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def uncached_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[int]:
@@ -417,17 +414,12 @@ def test_stream_text_defaults_to_stdout(tok512, capsys):
 # ---------------------------------------------------------------- the scripts on the real 260K model
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory) -> dict:
     """stories260K converted by the conversion script, its tokenizer, and an adapter file with zero gates."""
     stories_bin = shared_file("stories260K/stories260K.bin")  # what the stories260k_bin fixture gives
     out = tmp_path_factory.mktemp("generation") / "stories260K"
-    result = run("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(stories_bin),
+    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(stories_bin),
                  "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
     model = load_model(out, adapter=True)  # fresh adapter: random prompts, zero gates
@@ -454,7 +446,7 @@ SPEED = re.compile(r"(\d+) tokens in \d+\.\d\d s: \d+\.\d tokens/s")
 def test_generate_base_prints_the_reference_continuation(stories):
     expected, n_tokens = reference_text(stories, "Once upon a time", 50)
     assert n_tokens > 40 and expected.startswith(", there was")
-    result = run("generate/base.py", "--checkpoint_dir", str(stories["checkpoint"]), "--prompt", "Once upon a time",
+    result = run_script("generate/base.py", "--checkpoint_dir", str(stories["checkpoint"]), "--prompt", "Once upon a time",
                  "--temperature", "0", "--max_new_tokens", "50")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -479,14 +471,14 @@ def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, cap
     base = serving.main(checkpoint_dir=stories["checkpoint"], prompt=alpaca_prompt(instruction), temperature=0,
                            max_new_tokens=40)
     assert base == [expected]
-    result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
+    result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
                  str(stories["adapter"]), "--prompt", instruction, "--temperature", "0", "--max_new_tokens", "40")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
 
 def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories):
-    result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
+    result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
                  str(stories["adapter"]), "--prompt", "once upon a time " * 200, "--max_new_tokens", "10")
     assert result.returncode == 1
     assert result.stdout == ""
@@ -527,7 +519,7 @@ def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stori
     requests_path = tmp_path / "requests.jsonl"
     requests_path.write_text("".join(json.dumps(r) + "\n" for r in requests))
     output = tmp_path / "answers.jsonl"
-    result = run("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
+    result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
                  str(story_adapter), str(zero), "--requests_path", str(requests_path), "--output_path", str(output),
                  "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "30")
     assert result.returncode == 0, result.stderr
@@ -587,7 +579,7 @@ def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_
         cases.append(([str(story_adapter), "--requests_path", str(bad)], rf"error: {bad} line 2:? {message}"))
     for i, (args, message) in enumerate(cases):  # the first as its own process, the rest in this one (faster)
         command = ("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path", *args)
-        result = run(*command) if i == 0 else run_script_in_this_process(*command, capfd=capfd)
+        result = run_script(*command) if i == 0 else run_script_in_this_process(*command, capfd=capfd)
         assert result.returncode == 1 and result.stdout == "", result.stderr
         assert re.fullmatch(message, result.stderr.strip()), result.stderr
 
