@@ -364,6 +364,8 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
         assert (targets.gather(1, last_learned[:, None]) == 2).all()
     assert all(x.shape == y.shape and x.shape[1] % 8 == 0 for [(x, y)], _ in items)
     assert sum(x.shape[0] for [(x, _)], _ in items) == 304
+    default = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)  # what both training routes use
+    assert all(x.shape[1] % 8 == 0 for [(x, _)], _ in default.train_dataloader())
     for k in range(38):  # both micro-batches of a step carry the step's response tokens
         assert items[2 * k][1] == items[2 * k + 1][1] == sum(int((t != IGNORE_INDEX).sum()) for [(_, t)], _ in items[2 * k:2 * k + 2])
     assert sum(x.shape[0] for x, _ in data.val_dataloader()) == 34
