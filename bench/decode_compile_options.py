@@ -24,7 +24,7 @@ from bench.generate_throughput import adapter_model, measure  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.errors import UserError  # noqa: E402
-from lit_adapter.generation import decode_one_token  # noqa: E402
+from lit_adapter.generation import compile_decode, decode_one_token  # noqa: E402
 
 
 def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int = 5) -> None:
@@ -49,8 +49,8 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
     bandwidth = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s, torch {torch.__version__}")
-    options = {"triton.cudagraphs": True, "coordinate_descent_tuning": variants == "tuned"}
-    step = torch.compile(decode_one_token, fullgraph=True, options=options)
+    step = compile_decode() if variants == "tuned" else \
+        torch.compile(decode_one_token, fullgraph=True, options={"triton.cudagraphs": True})
     r = measure(model, [prompt], [0], 200, step, repeats)
     print(f"{variants}: {r['tokens/s']:.1f} tokens/s, {weight_bytes * r['tokens/s'] / bandwidth:.1%} of the "
           f"bandwidth limit, first token {r['first token s']:.1f} s, runs {r['min s']:.3f}..{r['max s']:.3f} s")

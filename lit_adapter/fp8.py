@@ -1,6 +1,7 @@
-"""An FP8 frozen base: ``Fp8Linear`` keeps a frozen weight once in float8 (e4m3) with a float32 scale per output
-row, and runs the forward and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales
-(activations and gradients are scaled per token). There is no weight gradient: the base is frozen.
+"""An FP8 frozen base: ``Fp8Linear`` quantizes a frozen weight once to float8 (e4m3) with a float32 scale per output
+row, keeps it in the two layouts the matmuls need (2 bytes a parameter in all, as in bf16), and runs the forward
+and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales (activations and gradients
+are scaled per token). There is no weight gradient: the base is frozen.
 """
 
 import torch
@@ -29,36 +30,44 @@ class _Fp8Matmul(torch.autograd.Function):
     """``x @ (weight * scale).T`` with FP8 matmuls; the backward computes the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, scale)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_t, scale)
         rows = x.reshape(-1, x.size(-1))
         x_fp8, x_scale = quantize_rows(rows)
         return scaled_matmul(x_fp8, x_scale, weight, scale, x.dtype).view(*x.shape[:-1], weight.size(0))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple:
-        weight, scale = ctx.saved_tensors
+        weight_t, scale = ctx.saved_tensors
         # grad @ (scale * W) == (grad * scale.T) @ W: the weight's row scales move onto the gradient's columns
         rows = grad.reshape(-1, grad.size(-1)).float() * scale.t()
         grad_fp8, grad_scale = quantize_rows(rows)
-        weight_t = weight.t().contiguous()  # (K, N): the layout _scaled_mm needs for W as its second operand
         ones = torch.ones(weight_t.size(0), 1, device=grad.device)
         grad_x = scaled_matmul(grad_fp8, grad_scale, weight_t, ones, grad.dtype)
-        return grad_x.view(*grad.shape[:-1], weight.size(1)), None, None
+        return grad_x.view(*grad.shape[:-1], weight_t.size(0)), None, None, None
 
 
 class Fp8Linear(nn.Module):
-    """A frozen, bias-free linear layer whose weight is stored once in e4m3 with a float32 scale per output row."""
+    """A frozen, bias-free linear layer whose weight is stored in e4m3 (and its transpose) with a float32 scale per
+    output row."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         values, scale = quantize_rows(weight.detach())
         self.register_buffer("weight_fp8", values)
         self.register_buffer("weight_scale", scale)
+        # W as (K, N), the layout _scaled_mm needs in the backward: kept, not made every step; not saved, but
+        # made anew whenever a state dict loads weight_fp8
+        self.register_buffer("weight_fp8_t", values.t().contiguous(), persistent=False)
+        self.register_load_state_dict_post_hook(Fp8Linear.transpose_weight)
         self.in_features, self.out_features = weight.size(1), weight.size(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Fp8Matmul.apply(x, self.weight_fp8, self.weight_scale)
+        return _Fp8Matmul.apply(x, self.weight_fp8, self.weight_fp8_t, self.weight_scale)
+
+    def transpose_weight(self, *_) -> None:
+        """Make ``weight_fp8_t`` from ``weight_fp8`` (a hook after a state dict loaded it)."""
+        self.weight_fp8_t = self.weight_fp8.t().contiguous()
 
     def dequantized(self) -> torch.Tensor:
         """The weight these FP8 values and scales stand for, in float32."""

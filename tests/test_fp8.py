@@ -41,6 +41,17 @@ def test_forward_and_input_gradient_match_the_dequantized_matmul():
     assert not any(p.requires_grad for p in layer.parameters()) and not list(layer.parameters())
 
 
+def test_input_gradient_follows_weights_loaded_from_a_state_dict():
+    torch.manual_seed(0)
+    layer, other = Fp8Linear(torch.randn(48, 32)), Fp8Linear(torch.randn(48, 32))
+    assert "weight_fp8_t" not in layer.state_dict()  # derived, not saved
+    layer.load_state_dict(other.state_dict())
+    x = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).backward(torch.ones(5, 48, dtype=torch.bfloat16))
+    expected = torch.ones(5, 48) @ other.dequantized()
+    assert ((x.grad.float() - expected).norm() / expected.norm()).item() < 0.05
+
+
 def test_fp8_base_model_follows_the_bf16_one_and_keeps_training_the_adapter():
     torch.manual_seed(0)
     config = Config.from_name("tiny", n_embd=64, intermediate_size=128)
