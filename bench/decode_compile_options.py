@@ -35,11 +35,12 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
         variants: plain (Inductor's defaults) or tuned (coordinate descent); comma-separated, each in a new process.
         repeats: Timed generations per variant; the median is reported.
     """
-    unknown = set(variants.split(",")) - {"plain", "tuned"}
+    names = variants.split(",")
+    unknown = set(names) - {"plain", "tuned"}
     if unknown:
         raise UserError(f"unknown variants {sorted(unknown)}: choose among plain, tuned")
-    if "," in variants:
-        for variant in variants.split(","):
+    if len(names) > 1:
+        for variant in names:
             subprocess.run([sys.executable, __file__, "--preset", preset, "--variants", variant,
                             "--repeats", str(repeats)], check=True)
         return

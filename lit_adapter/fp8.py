@@ -30,7 +30,8 @@ class _Fp8Matmul(torch.autograd.Function):
     """``x @ (weight * scale).T`` with FP8 matmuls; the backward computes the input gradient only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor,
+                scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight_t, scale)
         rows = x.reshape(-1, x.size(-1))
         x_fp8, x_scale = quantize_rows(rows)

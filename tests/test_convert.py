@@ -379,9 +379,11 @@ def test_tokenizer_is_found_and_checked(tmp_path, stories260k_bin, llama_tokeniz
 
 # ---- the command line
 
+CONVERT = "scripts/convert_checkpoint.py"
+
 
 def test_cli_converts_llama2c(tmp_path, stories260k_bin):
-    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(stories260k_bin),
+    result = run_script(CONVERT, "--format", "llama2c", "--checkpoint_path", str(stories260k_bin),
                         "--output_dir", str(tmp_path / "out"), "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == sorted([WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE])
@@ -391,19 +393,20 @@ def test_cli_converts_llama2c(tmp_path, stories260k_bin):
 
 def test_cli_reports_errors_in_one_line(tmp_path):
     missing = tmp_path / "absent.bin"
-    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(missing), "--output_dir", str(tmp_path / "out"))
+    result = run_script(CONVERT, "--format", "llama2c", "--checkpoint_path", str(missing),
+                        "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: {missing} not found"]
     assert not (tmp_path / "out").exists()
 
-    result = run_script("scripts/convert_checkpoint.py", "--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir", str(tmp_path))
+    result = run_script(CONVERT, "--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir", str(tmp_path))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: output_dir {tmp_path} is the source checkpoint: "
                                                   "choose another directory"]
 
 
 def test_cli_help_documents_every_option():
-    result = run_script("scripts/convert_checkpoint.py", "--help")
+    result = run_script(CONVERT, "--help")
     assert result.returncode == 0
     for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype"):
         assert option in result.stdout

@@ -419,8 +419,8 @@ def stories(tmp_path_factory) -> dict:
     """stories260K converted by the conversion script, its tokenizer, and an adapter file with zero gates."""
     stories_bin = shared_file("stories260K/stories260K.bin")  # what the stories260k_bin fixture gives
     out = tmp_path_factory.mktemp("generation") / "stories260K"
-    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path", str(stories_bin),
-                 "--output_dir", str(out))
+    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path",
+                        str(stories_bin), "--output_dir", str(out))
     assert result.returncode == 0, result.stderr
     model = load_model(out, adapter=True)  # fresh adapter: random prompts, zero gates
     assert all(block.attn.adapter_gate.abs().sum() == 0 for block in model.blocks[model.config.adapter_start_layer:])
@@ -446,8 +446,8 @@ SPEED = re.compile(r"(\d+) tokens in \d+\.\d\d s: \d+\.\d tokens/s")
 def test_generate_base_prints_the_reference_continuation(stories):
     expected, n_tokens = reference_text(stories, "Once upon a time", 50)
     assert n_tokens > 40 and expected.startswith(", there was")
-    result = run_script("generate/base.py", "--checkpoint_dir", str(stories["checkpoint"]), "--prompt", "Once upon a time",
-                 "--temperature", "0", "--max_new_tokens", "50")
+    result = run_script("generate/base.py", "--checkpoint_dir", str(stories["checkpoint"]), "--prompt",
+                        "Once upon a time", "--temperature", "0", "--max_new_tokens", "50")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     lines = result.stderr.splitlines()
@@ -472,14 +472,15 @@ def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, cap
                            max_new_tokens=40)
     assert base == [expected]
     result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
-                 str(stories["adapter"]), "--prompt", instruction, "--temperature", "0", "--max_new_tokens", "40")
+                        str(stories["adapter"]), "--prompt", instruction, "--temperature", "0", "--max_new_tokens",
+                        "40")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
 
 def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories):
     result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
-                 str(stories["adapter"]), "--prompt", "once upon a time " * 200, "--max_new_tokens", "10")
+                        str(stories["adapter"]), "--prompt", "once upon a time " * 200, "--max_new_tokens", "10")
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
@@ -520,8 +521,8 @@ def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stori
     requests_path.write_text("".join(json.dumps(r) + "\n" for r in requests))
     output = tmp_path / "answers.jsonl"
     result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
-                 str(story_adapter), str(zero), "--requests_path", str(requests_path), "--output_path", str(output),
-                 "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "30")
+                        str(story_adapter), str(zero), "--requests_path", str(requests_path), "--output_path",
+                        str(output), "--batch_size", "3", "--temperature", "0", "--max_new_tokens", "30")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and re.search(r"6 requests, \d+ tokens in", result.stderr), result.stderr
     answers = [json.loads(line) for line in output.read_text().splitlines()]
