@@ -128,8 +128,9 @@ def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
     for row, prompt in enumerate(prompts):
         padded[row, :prompt.numel()] = prompt
     last = torch.tensor(lengths, device=device) - 1
-    logits = model(padded.to(device), torch.arange(T, device=device))
-    token = sample(logits[torch.arange(len(prompts), device=device), last], temperature, top_k, top_p)
+    logits = model(padded.to(device), torch.arange(T, device=device),
+                   logits_at=(torch.arange(len(prompts), device=device), last))  # each row's last prompt position
+    token = sample(logits, temperature, top_k, top_p)
     input_pos = (last + 1)[:, None]
     # The host reads step i's tokens from a pinned copy while the device already computes step i + 1.
     on_cuda = device.type == "cuda"

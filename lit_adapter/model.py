@@ -173,11 +173,12 @@ class GPT(nn.Module):
         self.rope_cache = self.build_rope(self.embed.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                logits_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with a KV cache, ``input_pos`` gives their positions:
         (T,) shared by all rows, or (B, T) for rows at different positions (a batch of prompts of different lengths).
 
-        ``return_hidden`` returns the final-norm hidden states instead, for a loss that computes logits in chunks.
+        ``logits_at``, a (rows, columns) pair of N indices, asks for the logits of those positions only: (N, vocab),
+        without the output head's work and memory for the others (a prefill needs each prompt's last position).
         """
         T = idx.size(1)
         if T > self.config.block_size:
@@ -195,8 +196,9 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, input_pos, use_reentrant=False)
             else:
                 x = block(x, rope, mask, input_pos)
-        x = self.norm(x)
-        return x if return_hidden else self.logits(x)
+        if logits_at is not None:
+            x = x[logits_at]
+        return self.logits(self.norm(x))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Project hidden states onto the vocabulary."""

@@ -202,10 +202,10 @@ def test_tied_and_untied_output_head():
 
     idx = torch.randint(0, 512, (2, 6))
     with torch.no_grad():
-        hidden = tied(idx, return_hidden=True)
+        hidden = final_hidden_states(tied, idx)
         assert hidden.shape == (2, 6, 32)
         torch.testing.assert_close(tied(idx), hidden @ tied.embed.weight.T)
-        hidden = untied(idx, return_hidden=True)
+        hidden = final_hidden_states(untied, idx)
         torch.testing.assert_close(untied(idx), hidden @ untied.lm_head.weight.T)
         assert not torch.allclose(untied(idx), hidden @ untied.embed.weight.T)
 
@@ -214,6 +214,23 @@ def test_tied_and_untied_output_head():
     idx = torch.tensor([[3, 4, 5]])
     F.cross_entropy(tied(idx).flatten(0, 1), torch.tensor([7, 7, 7])).backward()
     assert tied.embed.weight.grad[7].abs().sum() > 0
+
+
+def final_hidden_states(model, idx):
+    """What the output head of ``model`` reads for ``idx``: the final norm's output."""
+    seen = []
+    handle = model.norm.register_forward_hook(lambda module, args, output: seen.append(output))
+    model(idx)
+    handle.remove()
+    return seen[0]
+
+
+def test_logits_at_gives_the_chosen_positions_logits():
+    model = random_model(AdapterGPT, GQA)
+    idx = torch.randint(0, 512, (3, 7))
+    rows, columns = torch.tensor([0, 2, 2]), torch.tensor([6, 0, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, logits_at=(rows, columns)), model(idx)[rows, columns])
 
 
 def test_block_size_overflow_raises():
