@@ -21,7 +21,7 @@ from lit_adapter.tokenizer import Tokenizer
 INSTRUCTION = "Give three tips for staying healthy."
 # the recipe of finetune/configs/smollm2_quick.yaml (the quick start), with short evaluation samples
 RUN = {"accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": 40, "train.global_batch_size": 8,
-       "train.micro_batch_size": 8, "train.learning_rate": 0.05, "train.warmup_steps": 4, "eval.interval": 20,
+       "train.micro_batch_size": 8, "train.learning_rate": 0.03, "train.warmup_steps": 8, "eval.interval": 20,
        "eval.max_batches": 8, "eval.max_new_tokens": 8, "eval.instruction": INSTRUCTION, "save_interval": 1000}
 
 
