@@ -56,8 +56,6 @@ class Config:
         if (self.n_embd // self.n_head) % 2:
             raise UserError(f"the head size n_embd / n_head = {self.n_embd} / {self.n_head} = "
                             f"{self.n_embd // self.n_head} must be even (rotary embeddings turn pairs of values)")
-        if self.adapter_prompt_length < 1:
-            raise UserError(f"adapter_prompt_length ({self.adapter_prompt_length}) must be at least 1")
         if not 0 <= self.adapter_start_layer <= self.n_layer:
             raise UserError(f"adapter_start_layer ({self.adapter_start_layer}) must lie in [0, n_layer={self.n_layer}]")
 
@@ -96,11 +94,16 @@ class Config:
 
     def save(self, directory: Path) -> None:
         """Write this config as ``model_config.yaml`` into ``directory``, atomically (its adapter shape is only
-        the default that fine-tuning's ``--adapter.*`` options override)."""
+        the default that fine-tuning's ``--adapter.*`` options override). Without RoPE scaling, the scaling's
+        parameters are left out: they mean nothing then."""
         from lit_adapter.checkpoint import atomic_path  # checkpoint imports this module
 
+        values = asdict(self)
+        if self.rope_scaling_factor is None:
+            for key in ROPE_SCALING_PARAMETERS:
+                del values[key]
         with atomic_path(Path(directory) / CONFIG_FILE) as tmp:
-            tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(values, sort_keys=False))
 
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
@@ -119,6 +122,9 @@ class Config:
         return replace(self, adapter_prompt_length=keep["adapter_prompt_length"] if prompt_length is None else prompt_length,
                        adapter_start_layer=keep["adapter_start_layer"] if start_layer is None else start_layer)
 
+
+ROPE_SCALING_PARAMETERS = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")
+"""The fields of Llama 3.1's RoPE scaling besides its factor."""
 
 PAPER_ADAPTED_SHARE = 30 / 32
 """The paper adapts the top 30 of LLaMA-7B's 32 layers."""

@@ -295,12 +295,15 @@ def test_config_overrides_and_validation():
         Config.from_name("tiny", adapter_start_layer=4)
 
 
-@pytest.mark.parametrize("name", ["tiny", "llama-2-70b", "stories15M"])
+@pytest.mark.parametrize("name", ["tiny", "llama-2-70b", "stories15M", "llama-3.1-8b"])
 def test_config_save_and_from_file_round_trip(tmp_path, name):
     config = Config.from_name(name, adapter_start_layer=1)
     config.save(tmp_path)
     assert Config.from_file(tmp_path) == config
     assert Config.from_file(tmp_path / CONFIG_FILE) == config
+    # the scaling's parameters are written only for a model that scales its RoPE
+    written = (tmp_path / CONFIG_FILE).read_text()
+    assert ("rope_low_freq_factor" in written) == (config.rope_scaling_factor is not None), written
 
 
 def test_config_from_file_rejects_unknown_keys_and_missing_file(tmp_path):
