@@ -7,7 +7,7 @@
     CPU smoke: add --accelerator cpu --preset tiny --compile false (and small --steps/--runs/--dataset_size).
 
 The Alpaca mode writes a prepared data set of ``dataset_size`` samples drawn from the real records (their length
-distribution) and trains on it through ``AlpacaDataModule.train_steps`` and ``training.accumulate_gradients``:
+distribution) and trains on it through ``AlpacaDataModule.train_steps`` and ``training.training_step``:
 optimizer steps of ``global_batch_size`` samples in token-budget micro-batches, as the recipe runs.
 """
 
@@ -32,7 +32,7 @@ from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402
 from lit_adapter.strategies import fabric_precision  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
-from lit_adapter.training import accumulate_gradients, apply_gradients, setup_training, validate  # noqa: E402
+from lit_adapter.training import setup_training, training_step, validate  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA_SAMPLES = 52_002
@@ -149,8 +149,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
             batches, step_tokens = next(steps_source)
             real = round(sum(x.numel() for x, _ in batches) * (1 - padding_fraction(batches)))  # on the host
             batches = fabric.to_device(batches)
-            accumulate_gradients(fabric, model, batches, step_tokens, loss)
-            apply_gradients(fabric, model, optimizer, train.max_grad_norm)
+            training_step(fabric, model, optimizer, batches, step_tokens, loss, train.max_grad_norm)
             return sum(x.numel() for x, _ in batches), real
 
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -210,8 +209,7 @@ def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs
         stream = iter(data.train_steps())
         for step in range(1, total_steps + 1):
             batches, step_tokens = next(stream)
-            accumulate_gradients(fabric, model, fabric.to_device(batches), step_tokens, loss)
-            apply_gradients(fabric, model, optimizer, None)
+            training_step(fabric, model, optimizer, fabric.to_device(batches), step_tokens, loss, None)
             if step % eval_interval == 0:
                 curve[step] = validate(fabric, model, val, 100)
         curves[precision] = curve

@@ -96,11 +96,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW over the trainable (adapter) parameters, fused on GPU."""
+    """AdamW over the trainable (adapter) parameters, fused: one kernel, which skips the whole update while the
+    optimizer's ``found_inf`` tensor is 1 (as under a GradScaler), so a loop can refuse a step without waiting
+    for the device."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.device.type == "cuda" for p in params)
-    return torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
-                             betas=(0.9, 0.95), fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.95), fused=True)
+    optimizer.found_inf = torch.zeros((), device=params[0].device)
+    return optimizer
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -153,6 +153,22 @@ def apply_gradients(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimi
     optimizer.zero_grad(set_to_none=True)
 
 
+def training_step(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_tokens: int, train_loss_fn: Callable,
+                  max_grad_norm: Optional[float]) -> torch.Tensor:
+    """One optimizer step, without waiting for the device: return the step loss over all ranks (on the device).
+
+    A step whose loss is not finite, and every one after it, leaves the adapter and the optimizer as they were:
+    the loss sets the optimizer's ``found_inf`` flag on the device, which its fused update reads.
+    """
+    loss = fabric.all_reduce(accumulate_gradients(fabric, model, micro_batches, step_tokens, train_loss_fn),
+                             reduce_op="sum")
+    found_inf = optimizer.optimizer.found_inf
+    found_inf.copy_(found_inf.logical_or(~loss.isfinite()))
+    apply_gradients(fabric, model, optimizer, max_grad_norm)
+    return loss
+
+
 def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
                    activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
     """``prepare_for_training``, then hand model and optimizer to Fabric; also return the loss."""
@@ -178,6 +194,17 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                             fabric.is_global_zero, data.prompt_style)
         fabric.barrier()
 
+    unread = []  # (step, loss) not yet read: the host waits for the device only where it reports or saves
+
+    def check_losses() -> list[float]:
+        """The unread steps' losses (one wait for the device); the run stops at the first that is not finite."""
+        values = torch.stack([loss for _, loss in unread]).tolist() if unread else []
+        for (step, _), value in zip(unread, values):
+            if not math.isfinite(value):
+                raise UserError(diverged_message(value, step, out_dir))
+        unread.clear()
+        return values
+
     if progress["step"] == 0:  # the base model's figures (the gates start at zero), for the curve to start from
         evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, data.prompt_style, 0)
     tokens, started = 0, time.perf_counter()
@@ -185,17 +212,20 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
         while progress["step"] < total_steps:
             batches, step_tokens = next(stream)
             micro_batches = fabric.to_device(batches)
-            loss = accumulate_gradients(fabric, model, micro_batches, step_tokens, train_loss_fn)
+            loss = training_step(fabric, model, optimizer, micro_batches, step_tokens, train_loss_fn,
+                                 train.max_grad_norm)
             tokens += sum(input_ids.numel() for input_ids, _ in micro_batches)
             step = progress["step"] + 1
             epoch = plan.epoch_of(step - 1)
-            train_loss = fabric.all_reduce(loss, reduce_op="sum").item()
-            if not math.isfinite(train_loss):  # before the step, so the weights stay those of the last good step
-                raise UserError(diverged_message(train_loss, step, out_dir))
-            apply_gradients(fabric, model, optimizer, train.max_grad_norm)
             scheduler.step()
             progress.update(step=step)
-            if step % train.log_interval == 0 or step == total_steps:
+            unread.append((step, loss))
+            evaluating = step % eval.interval == 0 or step == total_steps
+            logging = step % train.log_interval == 0 or step == total_steps
+            if evaluating or logging:
+                losses = check_losses()  # logs and evaluations follow good steps only
+            if logging:
+                train_loss = losses[-1]
                 elapsed = time.perf_counter() - started
                 metrics = {"train_loss": train_loss, "learning_rate": scheduler.get_last_lr()[0],
                            "tokens_per_s": tokens * fabric.world_size / elapsed,
@@ -204,11 +234,12 @@ def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Op
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", epoch=epoch)
                 tokens, started = 0, time.perf_counter()
             bar.update(1)
-            if step % eval.interval == 0 or step == total_steps:
+            if evaluating:
                 evaluate(fabric, model, raw_model, val_loader, tokenizer, eval, data.prompt_style, step)
             if step < total_steps:
                 stopping = fabric.strategy.reduce_boolean_decision(stop.requested, all=False)
                 if stopping or step % save_interval == 0:
+                    check_losses()  # a state is saved after good steps only
                     save(out_dir / f"step-{step:06d}")
                 if stopping:  # not a success: `finetune && generate` must not go on with an older adapter
                     fabric.print(f"\nStopped at step {step}; resume with --resume auto (state in {out_dir}/step-{step:06d})")

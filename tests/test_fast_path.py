@@ -17,7 +17,7 @@ from lit_adapter.checkpoint import load_adapter, load_model, read_safetensors, s
 from lit_adapter.config import Config
 from lit_adapter.data import IGNORE_INDEX
 from lit_adapter.precision import base_dtype
-from lit_adapter.recipe import TrainArgs
+from lit_adapter.recipe import TrainArgs, build_optimizer
 from lit_adapter.strategies import fabric_precision
 from lit_adapter.training import accumulate_gradients, apply_gradients, setup_training
 from tests.test_model import random_model
@@ -207,3 +207,18 @@ def test_bf16_compiled_checkpointed_training_survives_changing_sequence_lengths(
 def test_bf16_logits_reach_the_loss_without_a_float32_copy(checkpoint):
     """compile_for_training: "The compiled loss reads the bf16 logits and upcasts inside its kernel"."""
     assert one_forward_backward(checkpoint, "bf16-true", False)["logits_dtype"] == torch.bfloat16
+
+
+def test_the_optimizer_skips_its_update_while_found_inf_is_set():
+    """build_optimizer's fused AdamW leaves weights, moments and step count alone while ``found_inf`` is 1."""
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = build_optimizer(torch.nn.ParameterList([param]), TRAIN)
+    param.grad = torch.full((4,), float("nan"))
+    optimizer.found_inf.fill_(1)
+    optimizer.step()
+    assert torch.equal(param.detach(), torch.ones(4)) and optimizer.state[param]["step"].item() == 0
+    assert torch.equal(optimizer.state[param]["exp_avg"], torch.zeros(4))
+    param.grad = torch.ones(4)
+    optimizer.found_inf.zero_()
+    optimizer.step()
+    assert (param.detach() < 1).all() and optimizer.state[param]["step"].item() == 1

@@ -33,7 +33,7 @@ from lit_adapter.cli import run_cli
 from lit_adapter.datamodule import AlpacaDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import alpaca_prompt
-from lit_adapter.recipe import loss_fn
+from lit_adapter.recipe import build_optimizer, loss_fn
 
 SEED = 1337  # main's default seed, so the data order below is the one training sees
 MICRO_BATCH = 4
@@ -329,6 +329,31 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_state(assets,
     state = torch_load(out_dir / "step-000001" / STATE_FILE)
     assert state["progress"]["step"] == 1
     assert all(tensor.isfinite().all() for tensor in state["adapter"].values())
+
+
+def test_a_non_finite_loss_between_reports_stops_the_updates_at_once(assets, tmp_path, capsys, monkeypatch):
+    """The loop reads the losses only every log_interval steps; the optimizer skips every update from the first
+    non-finite loss on (on the device), and the error names that step."""
+    optimizers = []
+
+    def recorded(*args):
+        optimizers.append(build_optimizer(*args))
+        return optimizers[-1]
+
+    monkeypatch.setattr(training, "build_optimizer", recorded)
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        train(assets, "small", out_dir, **{**SMALL_RUN, "train.learning_rate": 1e30, "train.log_interval": 4,
+                                           "eval.interval": 100, "save_interval": 100})
+    assert exit.value.code == 1
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and re.match(r"error: the training loss is (nan|inf) at step 2; ", errors[0]), errors
+    assert not list(out_dir.glob("step-*"))
+    [optimizer] = optimizers
+    assert optimizer.found_inf.item() == 1
+    for param in optimizer.param_groups[0]["params"]:
+        assert optimizer.state[param]["step"].item() == 1  # steps 2 to 4 were skipped
+        assert param.isfinite().all()
 
 
 @pytest.mark.parametrize("options", [
