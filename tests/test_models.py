@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMOLLM2_GGUF, run_script_in_this_process, shared_file
@@ -142,13 +143,15 @@ TINY_GGUF = Config("tiny-gguf", block_size=64, vocab_size=258, n_layer=2, n_head
 
 
 def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: torch.Tensor | None = None,
-                    sentencepiece: Path | None = None) -> dict:
+                    sentencepiece: Path | None = None, given: dict | None = None, written: dict | None = None) -> dict:
     """A random model of ``config`` as a llama GGUF (matrices in ``tensor_type``, norms F32); its state dict.
 
     The vocabulary is a tiny byte-level BPE one, or the pieces of the SentencePiece model ``sentencepiece``.
+    ``given`` replaces tensors (by GGUF name) with other arrays; ``written`` receives what each tensor holds
+    (dequantised). The gguf package cannot quantise to K-quants: their matrices get random blocks.
     """
     from gguf import GGMLQuantizationType, GGUFWriter
-    from gguf.quants import quantize
+    from gguf.quants import dequantize, quantize
 
     model = GPT(config)
     randomize_(model)
@@ -177,11 +180,15 @@ def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: 
         write_sentencepiece_vocabulary(writer, sentencepiece)
     kind = GGMLQuantizationType[tensor_type]
     for name, weight in meta.items():
-        array = weight.detach().numpy()
+        array = weight.detach().numpy() if given is None else given[gguf_names[name]]
         if array.ndim == 1 or kind == GGMLQuantizationType.F32:
             writer.add_tensor(gguf_names[name], array)
         else:
-            writer.add_tensor(gguf_names[name], quantize(array, kind), raw_dtype=kind)
+            blocks = random_k_quant_blocks(array.shape, kind) if tensor_type.endswith("_K") else quantize(array, kind)
+            writer.add_tensor(gguf_names[name], blocks, raw_dtype=kind)
+            array = dequantize(blocks, kind)
+        if written is not None:
+            written[gguf_names[name]] = array
     if rope_factors is not None:
         writer.add_tensor("rope_freqs.weight", rope_factors.numpy())
     writer.write_header_to_file()
@@ -189,6 +196,15 @@ def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: 
     writer.write_tensors_to_file()
     writer.close()
     return model.state_dict()
+
+
+def random_k_quant_blocks(shape: tuple[int, int], kind) -> "np.ndarray":
+    """Random K-quant blocks for a (rows, columns) matrix; bytes below 0x60 keep every float16 scale finite."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block_size, type_size = GGML_QUANT_SIZES[kind]
+    rows, columns = shape
+    return np.random.default_rng(0).integers(0, 0x60, (rows, columns // block_size * type_size), dtype=np.uint8)
 
 
 def write_sentencepiece_vocabulary(writer, path: Path) -> None:
@@ -261,6 +277,26 @@ def test_gguf_quantised_weights_and_llama31_rope_factors(tmp_path, tensor_type, 
     with pytest.raises(UserError, match=r"odd\.gguf: its per-frequency RoPE factors \(rope_freqs\.weight\) are not "
                                         r"Llama 3\.1's scaling, the only one supported; convert the model's"):
         convert("gguf", tmp_path / "odd.gguf")
+
+
+@pytest.mark.parametrize("tensor_type", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_k_quants_convert_to_their_dequantised_values(tmp_path, tensor_type):
+    """K-quant matrices (rows of 256-value super-blocks) convert to the values their blocks hold: the same model
+    as an F32 file of those values converts exactly (test above)."""
+    config = replace(TINY_GGUF, n_embd=256, intermediate_size=512)
+    held = {}
+    write_tiny_gguf(tmp_path / "k.gguf", config, tensor_type, written=held)
+    write_tiny_gguf(tmp_path / "f32.gguf", config, "F32", given=held)
+    from gguf import GGUFReader
+
+    kinds = {tensor.tensor_type.name for tensor in GGUFReader(tmp_path / "k.gguf").tensors}
+    assert kinds == {tensor_type, "F32"}, kinds
+    quantised, _, _ = convert("gguf", tmp_path / "k.gguf")
+    reference, _, _ = convert("gguf", tmp_path / "f32.gguf")
+    assert quantised.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(quantised[key], value), key
+    assert any(v.dim() == 2 and v.abs().sum() > 0 for v in quantised.values())
 
 
 # ---- SmolLM2-135M-Instruct GGUF: ours against transformers
