@@ -108,8 +108,7 @@ class Config:
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
         keys = ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "tie_embeddings",
-                "norm_eps", "rope_base", "rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                "rope_original_max_positions")
+                "norm_eps", "rope_base", "rope_scaling_factor", *ROPE_SCALING_PARAMETERS)
         return {k: getattr(self, k) for k in keys}
 
     def adapter_shape(self) -> dict:
