@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: random-weight models on the GPU and the machine's two ceilings."""
 
 import statistics
+import time
 from typing import Callable
 
 import torch
@@ -60,3 +61,27 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
+
+
+def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: int = 3, top: int = 12) -> None:
+    """The share of wall time the GPU computes over ``steps`` calls of ``step``, and the ``top`` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x {e.self_device_time_total / e.count:8.1f} us  "
+              f"{e.key[:100]}")
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    print("host time by call (self):")
+    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
+        print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")

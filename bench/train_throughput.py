@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median, random_model  # noqa: E402
+from bench.common import median, print_profile, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.batching import PAD_TO_MULTIPLE_OF, padding_fraction  # noqa: E402
@@ -168,29 +168,6 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
     print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
-
-
-def print_profile(step: Callable[[], tuple[int, int]], sync: Callable[[], None], steps: int = 3) -> None:
-    """The share of wall time the GPU computes over ``steps`` steps, and the kernels that take most of it."""
-    from torch.profiler import ProfilerActivity, profile
-
-    sync()
-    started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        sync()
-    wall = time.perf_counter() - started
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1e6
-    print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
-    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
-        print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x  {e.key[:110]}")
-    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    print("host time by call (self):")
-    for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
-        print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")
 
 
 def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs, compile: bool, device: str,
