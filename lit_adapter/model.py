@@ -73,12 +73,17 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_head, max_seq_length, head_dim)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, G, T, D) at ``input_pos`` ((T,) for every row or (B, T) per row); return the whole cache."""
-        index = input_pos.view(-1, 1, input_pos.size(-1), 1).expand_as(k)
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
+        """Write k, v (B, G, T, D) at ``input_pos`` ((T,) for every row or (B, T) per row); return the whole cache.
+
+        Indexed assignment, not ``scatter_``: compiled, it writes the T positions in place, where a scatter made
+        Inductor copy the whole cache twice per layer and step.
+        """
+        rows = self.rows[:k.size(0)]
+        self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T) positions, each (G, D)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
         return self.k, self.v
 
 
