@@ -72,9 +72,9 @@ class GraphDecode:
     def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
                  top_k: Optional[int], top_p: float) -> torch.Tensor:
         key = (id(model), tuple(token.shape), temperature, top_k, top_p)
-        if key != self.captured_for or model.mask_cache is not self.cache:
+        if key != self.captured_for or model.cache_positions is not self.cache:
             self.capture(model, token, input_pos, temperature, top_k, top_p)
-            self.captured_for, self.cache = key, model.mask_cache
+            self.captured_for, self.cache = key, model.cache_positions
         self.token.copy_(token)
         self.input_pos.copy_(input_pos)
         self.replay()
@@ -117,7 +117,7 @@ def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
     """
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [p.numel() for p in prompts]
-    cache_length = model.mask_cache.size(0) if model.mask_cache is not None else 0
+    cache_length = model.cache_positions.numel() if model.cache_positions is not None else 0
     for length, limit in zip(lengths, limits):
         if length + limit > cache_length:
             raise UserError(f"prompt ({length} tokens) + max_new_tokens ({limit}) exceed the KV cache "

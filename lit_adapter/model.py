@@ -163,7 +163,8 @@ class GPT(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.activation_checkpointing = False
         self.register_buffer("rope_cache", self.build_rope(), persistent=False)
-        self.mask_cache: Optional[torch.Tensor] = None
+        self.cache_positions: Optional[torch.Tensor] = None
+        """Positions 0..S-1 of the KV cache's S slots (None: no cache); a new tensor for every new cache."""
 
     def make_attention(self, layer: int) -> CausalSelfAttention:
         """The attention module of ``layer``; subclasses (the adapter) override it."""
@@ -191,10 +192,11 @@ class GPT(nn.Module):
         if input_pos is None:
             rope, mask = self.rope_cache[:T], None
         else:
-            if self.mask_cache is None:
+            if self.cache_positions is None:
                 raise RuntimeError("input_pos needs a KV cache: call set_kv_cache() first")
             rope = self.rope_cache[input_pos]
-            mask = self.mask_cache[input_pos].view(-1, 1, T, self.mask_cache.size(-1))  # (1 or B, 1, T, S)
+            # causal over the cache: a query at position p sees the slots 0..p
+            mask = (self.cache_positions <= input_pos[..., None]).view(-1, 1, T, self.cache_positions.numel())
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -219,12 +221,12 @@ class GPT(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         for block in self.blocks:
             block.attn.set_kv_cache(batch_size, max_seq_length, device, dtype)
-        self.mask_cache = torch.ones(max_seq_length, max_seq_length, device=device, dtype=torch.bool).tril()
+        self.cache_positions = torch.arange(max_seq_length, device=device)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attn.clear_kv_cache()
-        self.mask_cache = None
+        self.cache_positions = None
 
 
 def init_weights(model: nn.Module, std: float = 0.02) -> None:

@@ -147,8 +147,9 @@ def default_device() -> torch.device:
 def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "Once upon a time",
          adapter_path: Optional[Path | list[Path]] = None, adapter: Optional[str] = None,
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
-         interactive: bool = False, max_new_tokens: int = 100, temperature: float = 0.8, top_k: Optional[int] = 200,
-         top_p: float = 1.0, seed: int = 1234, num_samples: int = 1, precision: Optional[GenerationPrecision] = None,
+         interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
+         top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
+         precision: Optional[GenerationPrecision] = None,
          compile: bool = False, cuda_graph: bool = True,
          prompt_style: Optional[Literal["plain", "alpaca", "chat"]] = None) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
@@ -166,6 +167,9 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         output_path: Where the answers to --requests_path go as JSON lines (default: stdout).
         batch_size: Most requests generated together.
         interactive: Chat: read messages from stdin (an empty line ends), keep the conversation in the prompt style.
+        chat_context: Chat: the most tokens of conversation kept, answer included (at most the model's context);
+            older exchanges are dropped beyond it. Each new token attends to all of them, so it also sets the
+            memory and time that a token costs.
         max_new_tokens: Most tokens to generate; generation stops earlier at the end-of-sequence token.
         temperature: Sampling temperature; 0 is greedy decoding.
         top_k: Sample only among the k most likely tokens (None: all).
@@ -181,8 +185,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     """
     defaults = Request(prompt, adapter, max_new_tokens, temperature, top_k, top_p)
     check_request(defaults)
-    if num_samples < 1 or batch_size < 1:
-        raise UserError("num_samples and batch_size must be at least 1")
+    if num_samples < 1 or batch_size < 1 or chat_context < 1:
+        raise UserError("num_samples, batch_size and chat_context must be at least 1")
     if interactive and requests_path is not None:
         raise UserError("--interactive and --requests_path exclude each other: chat, or answer a file")
     device = default_device()
@@ -220,7 +224,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         decode_fn = compile_decode() if compile else GraphDecode()
     stop_ids = tokenizer.stop_ids
     if interactive:
-        texts = chat(model, tokenizer, requests[0], rows[0], style_of(requests[0]), stop_ids, decode_fn)
+        texts = chat(model, tokenizer, requests[0], rows[0], style_of(requests[0]), stop_ids, decode_fn,
+                     min(chat_context, config.block_size))
     elif requests_path is not None:
         texts, n_tokens = answer_requests(model, tokenizer, requests, rows, prompt_ids, batch_size, stop_ids, decode_fn)
         for line in write_results(output_path, requests, texts, n_tokens):
@@ -286,12 +291,12 @@ def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], r
 
 
 def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, style: Optional[PromptStyle],
-         stop_ids: Collection[int], decode_fn: DecodeFn) -> list[str]:
+         stop_ids: Collection[int], decode_fn: DecodeFn, context: int) -> list[str]:
     """Answer the messages read from stdin until an empty line, each in the light of the conversation so far.
 
-    The oldest exchanges are dropped when the conversation no longer fits the context.
+    The oldest exchanges are dropped when the conversation and the answer no longer fit ``context`` tokens.
     """
-    model.set_kv_cache(batch_size=1)
+    model.set_kv_cache(batch_size=1, max_seq_length=context)
     select_rows(model, [row])
     messages: list[Message] = []
     replies = []
@@ -301,12 +306,13 @@ def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, style: Op
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
         ids = encode_prompt(style, tokenizer, messages)
-        while ids.numel() + request.max_new_tokens > model.config.block_size and len(messages) > 1:
+        while ids.numel() + request.max_new_tokens > context and len(messages) > 1:
             messages = messages[2:]
             ids = encode_prompt(style, tokenizer, messages)
-        if ids.numel() + request.max_new_tokens > model.config.block_size:
+        if ids.numel() + request.max_new_tokens > context:
             raise UserError(f"the message is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} it "
-                            f"exceeds the model's context of {model.config.block_size} tokens")
+                            f"exceeds the chat's context of {context} tokens (--chat_context, at most the "
+                            f"model's {model.config.block_size})")
         tokens = generate(model, ids, request.max_new_tokens, *request.sampling(), stop_ids, decode_fn)
         replies.append(tokenizer.decode(stream_text(tokenizer, tokens, stop_ids=stop_ids)))
         messages.append({"role": "assistant", "content": replies[-1]})

@@ -184,7 +184,7 @@ def test_prompts_and_gates_learn_across_train_eval_generate_cycles():
                 out = model(out[:, -1:].argmax(-1), input_pos=torch.tensor([t]))
             model.clear_kv_cache()
         assert all(attn.prompt_cache is None and not attn.prompt_cache_filled and attn.kv_cache is None for attn in adapted)
-        assert model.mask_cache is None
+        assert model.cache_positions is None
     assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert all(attn.adapter_gate.abs().min() > 0 for attn in adapted)
 

@@ -217,6 +217,8 @@ ROWS = [
         r"scripts/convert_checkpoint\.py, which writes it as tokenizer\.json$"),
     row("generate-bad-sampling-options", generate("--top_p", "0"), 1,
         r"error: need temperature >= 0, 0 < top_p <= 1 and top_k >= 1$"),
+    row("generate-no-chat-context", generate("--interactive", "true", "--chat_context", "0"), 1,
+        r"error: num_samples, batch_size and chat_context must be at least 1$"),
     # generate/adapter.py
     row("adapter-for-another-base", generate_adapter("--adapter_path", "{tiny_adapter}"), 1,
         r"error: {tiny_adapter} was trained for base tiny but the checkpoint is stories260K: n_layer 3 vs 5",

@@ -206,7 +206,7 @@ class ScriptedModel(nn.Module):
         self.script, self.vocab_size = script, vocab_size
         self.config = Config.from_name("tiny", vocab_size=vocab_size, block_size=cache_length)
         self.embed = nn.Embedding(vocab_size, 1)
-        self.mask_cache = torch.ones(cache_length, cache_length, dtype=torch.bool).tril()
+        self.cache_positions = torch.arange(cache_length)
         self.fed: list[list[int]] = []
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, logits_at=None) -> torch.Tensor:
@@ -596,3 +596,17 @@ def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, mo
     expected_second = reference_text(stories, conversation, 25)[0]
     assert replies == [expected_first, expected_second] and expected_first != expected_second
     assert capsys.readouterr().out == f"{expected_first}\n{expected_second}\n"
+
+
+def test_chat_drops_the_oldest_exchange_beyond_chat_context(stories, monkeypatch):
+    first, second = "Tell me a story about a cat.", "What did the cat eat?"
+    n_tokens = lambda text: stories["tokenizer"].encode(text, bos=True).numel()  # noqa: E731
+    expected_first = reference_text(stories, alpaca_prompt(first), 25)[0]
+    context = max(n_tokens(alpaca_prompt(first)), n_tokens(alpaca_prompt(second))) + 25
+    conversation = alpaca_prompt(first) + expected_first + "\n\n" + alpaca_prompt(second)
+    assert n_tokens(conversation) + 25 > context  # the whole conversation does not fit: the first exchange goes
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{first}\n{second}\n\n"))
+    replies = serving.main(checkpoint_dir=stories["checkpoint"], adapter_path=stories["adapter"], interactive=True,
+                           temperature=0, max_new_tokens=25, chat_context=context)
+    alone = reference_text(stories, alpaca_prompt(second), 25)[0]
+    assert replies == [expected_first, alone] and alone != reference_text(stories, conversation, 25)[0]

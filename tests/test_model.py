@@ -171,7 +171,7 @@ def test_kv_cached_decoding_equals_uncached_forward(model_class, config, prefill
         cached_long = cached_logits(model, idx, prefill, max_seq_length=None)
     torch.testing.assert_close(cached, full)
     torch.testing.assert_close(cached_long, full)
-    assert all(block.attn.kv_cache is None for block in model.blocks) and model.mask_cache is None
+    assert all(block.attn.kv_cache is None for block in model.blocks) and model.cache_positions is None
 
 
 def test_kv_cache_is_reusable_after_reset():
