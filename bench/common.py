@@ -79,8 +79,8 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x {e.self_device_time_total / e.count:8.1f} us  "
-              f"{e.key[:100]}")
+        mean_us = e.self_device_time_total / e.count
+        print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x {mean_us:8.1f} us  {e.key[:100]}")
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     print("host time by call (self):")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
