@@ -25,8 +25,8 @@ from lit_adapter.errors import UserError
 from lit_adapter.precision import base_dtype
 from lit_adapter.prompts import PromptStyle
 from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, adopt_hyperparameters, build_optimizer,
-                                build_scheduler, check_data_fits, check_enough_samples, loss_fn, prepare_for_training,
-                                resumed_message, sample_response)
+                                build_scheduler, check_data_fits, check_enough_samples, learned_positions_loss,
+                                loss_fn, prepare_for_training, resumed_message, sample_response)
 
 
 class AdapterModule(L.LightningModule):
@@ -71,7 +71,7 @@ class AdapterModule(L.LightningModule):
         self.strict_loading = False
         self.model: Optional[AdapterGPT] = None
         self._base: Optional[BaseCheckpoint] = None
-        self.train_loss_fn = loss_fn  # compiled in configure_model where asked
+        self.train_loss_fn = learned_positions_loss  # compiled in configure_model where asked
         self.total_steps: Optional[int] = None
         self._last_step = 0
         self._step_loss = torch.zeros(())
@@ -166,7 +166,7 @@ class AdapterModule(L.LightningModule):
         """One micro-batch's part of the step loss (as ``training.accumulate_gradients``), scaled up by the
         accumulation and the world size that the trainer and DDP/FSDP divide by."""
         [(input_ids, targets)], step_tokens = batch
-        loss = self.train_loss_fn(self.model(input_ids), targets, "sum") / step_tokens
+        loss = self.train_loss_fn(self.model, input_ids, targets) / step_tokens
         self._loss_sum += loss.detach()
         self._tokens += input_ids.numel()
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size

@@ -184,22 +184,43 @@ def resumed_message(path: Path, step: int, changes: list[str]) -> str:
             f"random state continue{changed}")
 
 
-def compile_for_training(model: GPT) -> Callable:
-    """Compile every block and the loss; return the compiled loss function.
+TrainLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(model, input_ids, targets) -> the micro-batch's summed loss over its learned positions."""
+
+
+def learned_positions_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed loss, with the output head and the cross entropy run only where a target is learned (on Alpaca
+    samples about a third of the positions: the rest are prompt and padding).
+
+    Picking those positions needs their count on the host: free on the CPU, a wait for the device on a GPU, where
+    the compiled path (``compile_for_training``) computes every position's logits instead.
+    """
+    rows, columns = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return loss_fn(model(input_ids, logits_at=(rows, columns))[None], targets[rows, columns][None], "sum")
+
+
+def compile_for_training(model: GPT) -> TrainLoss:
+    """Compile every block and the loss; return the loss to train with: every position's logits, fixed shapes and
+    no wait for the device.
 
     The compiled loss reads the bf16 logits and upcasts inside its kernel, so no float32 copy of the logits
     is ever stored.
     """
     for block in model.blocks:
         block.compile()
-    return torch.compile(loss_fn)
+    compiled_loss = torch.compile(loss_fn)
+
+    def every_position_loss(wrapped: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return compiled_loss(wrapped(input_ids), targets, "sum")
+
+    return every_position_loss
 
 
-def prepare_for_training(model: GPT, compile: bool, activation_checkpointing: bool) -> Callable:
+def prepare_for_training(model: GPT, compile: bool, activation_checkpointing: bool) -> TrainLoss:
     """Freeze all but the adapter, set activation checkpointing, compile if asked; return the loss to train with."""
     mark_only_adapter_trainable(model)
     model.activation_checkpointing = activation_checkpointing
-    return compile_for_training(model) if compile else loss_fn
+    return compile_for_training(model) if compile else learned_positions_loss
 
 
 def sample_response(model: GPT, tokenizer: Tokenizer, instruction: str, max_new_tokens: int,

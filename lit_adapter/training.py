@@ -13,7 +13,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -33,10 +33,10 @@ from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.precision import TrainingPrecision, base_dtype, default_precision
 from lit_adapter.prompts import PromptStyle
-from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, accumulation_steps, adopt_hyperparameters,
-                                build_optimizer, build_scheduler, check_data_fits, check_enough_samples,
-                                check_train_args, loss_fn, planned_steps, prepare_for_training, resumed_message,
-                                sample_response)
+from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, TrainLoss, accumulation_steps,
+                                adopt_hyperparameters, build_optimizer, build_scheduler, check_data_fits,
+                                check_enough_samples, check_train_args, learned_positions_loss, loss_fn,
+                                planned_steps, prepare_for_training, resumed_message, sample_response)
 from lit_adapter.strategies import StrategyName, fabric_precision, fabric_strategy, quantize_base
 from lit_adapter.tokenizer import Tokenizer
 
@@ -128,7 +128,7 @@ def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> fl
 
 
 def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         step_tokens: int, train_loss_fn: Callable = loss_fn) -> torch.Tensor:
+                         step_tokens: int, train_loss_fn: TrainLoss = learned_positions_loss) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of one optimizer step; return this rank's part of the
     step loss (not synchronised).
 
@@ -139,7 +139,7 @@ def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: list[tupl
     part = torch.zeros((), device=fabric.device)
     for i, (input_ids, targets) in enumerate(micro_batches):
         with fabric.no_backward_sync(model, enabled=i < len(micro_batches) - 1):
-            loss = train_loss_fn(model(input_ids), targets, "sum") / step_tokens
+            loss = train_loss_fn(model, input_ids, targets) / step_tokens
             fabric.backward(loss * fabric.world_size)
         part += loss.detach()
     return part
@@ -154,7 +154,7 @@ def apply_gradients(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def training_step(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_tokens: int, train_loss_fn: Callable,
+                  micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_tokens: int, train_loss_fn: TrainLoss,
                   max_grad_norm: Optional[float]) -> torch.Tensor:
     """One optimizer step, without waiting for the device: return the step loss over all ranks (on the device).
 
@@ -170,7 +170,7 @@ def training_step(fabric: Any, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
-                   activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, Callable]:
+                   activation_checkpointing: bool) -> tuple[nn.Module, torch.optim.Optimizer, TrainLoss]:
     """``prepare_for_training``, then hand model and optimizer to Fabric; also return the loss."""
     train_loss_fn = prepare_for_training(model, compile, activation_checkpointing)
     wrapped = fabric.setup_module(model)
@@ -180,7 +180,7 @@ def setup_training(fabric: Any, model: GPT, train: TrainArgs, compile: bool,
 def fit(fabric: Any, model: nn.Module, raw_model: GPT, optimizer: torch.optim.Optimizer, scheduler: Any,
         data: AlpacaDataModule, tokenizer: Tokenizer, train: TrainArgs, eval: EvalArgs, out_dir: Path,
         save_interval: int, hparams: dict, progress: dict, total_steps: int,
-        train_loss_fn: Callable = loss_fn) -> None:
+        train_loss_fn: TrainLoss = learned_positions_loss) -> None:
     """Run optimizer steps until ``total_steps`` are done, a stop is requested, or the loss diverges."""
     val_loader = data.val_dataloader()
     stop = StopRequest()

@@ -185,10 +185,11 @@ def one_forward_backward(checkpoint, precision: str, activation_checkpointing: b
         return type(block).forward(block, *args, **kwargs)
 
     block.forward = spy
+    logits_dtypes = []
+    model.register_forward_hook(lambda module, args, logits: logits_dtypes.append(logits.dtype))
     (input_ids, targets), _ = micro_batches(FIXED_LENGTHS)[0]
-    logits = wrapped(input_ids)
-    train_loss_fn(logits, targets).backward()
-    return {"default_dtypes": seen, "logits_dtype": logits.dtype}
+    train_loss_fn(wrapped, input_ids, targets).backward()
+    return {"default_dtypes": seen, "logits_dtype": logits_dtypes[0]}
 
 
 def test_checkpointed_recompute_runs_under_the_forwards_default_dtype(checkpoint):

@@ -436,7 +436,7 @@ def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
     model = AdapterGPT(Config.from_name("tiny"))
     train_loss_fn = compile_for_training(model)
     ids = torch.randint(0, 512, (2, 16))
-    train_loss_fn(model(ids), ids).backward()
+    train_loss_fn(model, ids, ids).backward()
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0  # the training step did compile
     response = sample_response(model.eval(), Tokenizer(tok512), "Tell me a story.", max_new_tokens=8)
