@@ -184,7 +184,8 @@ class GPT(nn.Module):
         (T,) shared by all rows, or (B, T) for rows at different positions (a batch of prompts of different lengths).
 
         ``logits_at``, a (rows, columns) pair of N indices, asks for the logits of those positions only: (N, vocab),
-        without the output head's work and memory for the others (a prefill needs each prompt's last position).
+        without the output head's work and memory for the others (a prefill needs each prompt's last position,
+        training without compilation the positions whose target is learned).
         """
         T = idx.size(1)
         if T > self.config.block_size:
