@@ -212,10 +212,10 @@ class GPT(nn.Module):
         """Project hidden states onto the vocabulary."""
         return F.linear(hidden, self.embed.weight) if self.lm_head is None else self.lm_head(hidden)
 
-    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
-                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
-        """Allocate a static KV cache in every layer for decoding up to ``max_seq_length`` positions."""
-        max_seq_length = max_seq_length or self.config.block_size
+    def set_kv_cache(self, batch_size: int, max_seq_length: int, device: Optional[torch.device] = None,
+                     dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate a static KV cache in every layer for decoding up to ``max_seq_length`` positions (sized by the
+        caller: a model's whole context, 131,072 positions for Llama 3.1, would make every step attend to all)."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's block_size {self.config.block_size}")
         device = device or self.embed.weight.device
