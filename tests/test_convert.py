@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, shared_file
+from conftest import run_script, run_script_in_this_process, shared_file
 from safetensors.torch import load_file, save_file
 
 from lit_adapter.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint_dir
@@ -391,7 +391,7 @@ def test_cli_converts_llama2c(tmp_path, stories260k_bin):
     assert {t.dtype for t in load_file(tmp_path / "out" / WEIGHTS_FILE).values()} == {torch.bfloat16}
 
 
-def test_cli_reports_errors_in_one_line(tmp_path):
+def test_cli_reports_errors_in_one_line(tmp_path, capfd):
     missing = tmp_path / "absent.bin"
     result = run_script(CONVERT, "--format", "llama2c", "--checkpoint_path", str(missing),
                         "--output_dir", str(tmp_path / "out"))
@@ -399,14 +399,17 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {missing} not found"]
     assert not (tmp_path / "out").exists()
 
-    result = run_script(CONVERT, "--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir", str(tmp_path))
+    # in this process: the one line of an error from the script's own process is checked just above
+    result = run_script_in_this_process(CONVERT, "--format", "hf", "--checkpoint_path", str(tmp_path), "--output_dir",
+                                        str(tmp_path), capfd=capfd)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: output_dir {tmp_path} is the source checkpoint: "
                                                   "choose another directory"]
 
 
-def test_cli_help_documents_every_option():
-    result = run_script(CONVERT, "--help")
+def test_cli_help_documents_every_option(capfd):
+    # in this process: the script runs as its own process in the two tests above
+    result = run_script_in_this_process(CONVERT, "--help", capfd=capfd)
     assert result.returncode == 0
     for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype"):
         assert option in result.stdout

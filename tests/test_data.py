@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_script_in_this_process
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
@@ -415,10 +415,12 @@ def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_
     assert config["tokenizer"]["vocab_size"] == 512 and config["train_samples"] == 324
 
 
-def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer):
+def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer, capfd):
     common = ["--data_file", str(alpaca_json), "--tokenizer_path", str(llama_tokenizer),
               "--destination_dir", str(tmp_path), "--val_size", "35"]
-    result = run_script("scripts/prepare_alpaca.py", *common, "--skip_bad_records", "true")
+    # in this process; the error below comes from the script's own process
+    result = run_script_in_this_process("scripts/prepare_alpaca.py", *common, "--skip_bad_records", "true",
+                                        capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert f"skipped 1 bad records of {alpaca_json}; the first: record {EMPTY_OUTPUT_RECORD}" in result.stderr
     assert "wrote 299 train and 35 val samples" in result.stdout

@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import re
+import runpy
 import shutil
 import sys
 from dataclasses import replace
@@ -18,10 +19,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import run_script, run_script_in_this_process, shared_file
+from conftest import ROOT, run_script, run_script_in_this_process, shared_file
 from lit_adapter import serving
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
+from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.generation import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
@@ -416,12 +418,12 @@ def test_stream_text_defaults_to_stdout(tok512, capsys):
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory) -> dict:
-    """stories260K converted by the conversion script, its tokenizer, and an adapter file with zero gates."""
+    """stories260K converted by the conversion script's command line (in this process: tests/test_convert.py runs
+    it in its own), its tokenizer, and an adapter file with zero gates."""
     stories_bin = shared_file("stories260K/stories260K.bin")  # what the stories260k_bin fixture gives
     out = tmp_path_factory.mktemp("generation") / "stories260K"
-    result = run_script("scripts/convert_checkpoint.py", "--format", "llama2c", "--checkpoint_path",
-                        str(stories_bin), "--output_dir", str(out))
-    assert result.returncode == 0, result.stderr
+    convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
+    run_cli(convert, ["--format", "llama2c", "--checkpoint_path", str(stories_bin), "--output_dir", str(out)])
     model = load_model(out, adapter=True)  # fresh adapter: random prompts, zero gates
     assert all(block.attn.adapter_gate.abs().sum() == 0 for block in model.blocks[model.config.adapter_start_layer:])
     assert model.blocks[-1].attn.adapter_prompt.abs().sum() > 0
@@ -465,22 +467,25 @@ def test_main_with_num_samples_reuses_the_cache(stories, capsys):
     assert capsys.readouterr().out == (expected + "\n") * 3
 
 
-def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, capsys):
+def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, capfd):
     instruction = "Tell me a story about a dog."
     expected, _ = reference_text(stories, alpaca_prompt(instruction), 40)
     base = serving.main(checkpoint_dir=stories["checkpoint"], prompt=alpaca_prompt(instruction), temperature=0,
                            max_new_tokens=40)
     assert base == [expected]
-    result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
-                        str(stories["adapter"]), "--prompt", instruction, "--temperature", "0", "--max_new_tokens",
-                        "40")
+    # in this process: the script answers as its own process in the requests-file test below
+    result = run_script_in_this_process("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]),
+                                        "--adapter_path", str(stories["adapter"]), "--prompt", instruction,
+                                        "--temperature", "0", "--max_new_tokens", "40", capfd=capfd)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
 
 
-def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories):
-    result = run_script("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]), "--adapter_path",
-                        str(stories["adapter"]), "--prompt", "once upon a time " * 200, "--max_new_tokens", "10")
+def test_generate_adapter_refuses_a_prompt_longer_than_the_context(stories, capfd):
+    # in this process: the script refuses bad input as its own process in the wrong-adapter test below
+    result = run_script_in_this_process("generate/adapter.py", "--checkpoint_dir", str(stories["checkpoint"]),
+                                        "--adapter_path", str(stories["adapter"]), "--prompt",
+                                        "once upon a time " * 200, "--max_new_tokens", "10", capfd=capfd)
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()

@@ -303,8 +303,9 @@ def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path
                     "--model.train.global_batch_size", "8", "--model.train.micro_batch_size", "8",
                     "--model.train.learning_rate", "3e-2", "--model.train.warmup_steps", "4",
                     "--model.eval.interval", "15", "--trainer.enable_checkpointing", "false")
-    result = subprocess.run([sys.executable, str(TRAINER_SCRIPT), *args], cwd=tmp_path, env=ENV, capture_output=True,
-                            text=True, timeout=300)
+    # the script's command line in this process: its own processes run in the FSDP test below and in
+    # tests/test_bad_inputs.py
+    result = run_script_in_this_process("finetune/adapter_trainer.py", *args, capfd=capfd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 15: val loss" in result.stdout and "step 30: val loss" in result.stdout
     adapter_path = out / ADAPTER_FILE

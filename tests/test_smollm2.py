@@ -1,5 +1,5 @@
 """A real current chat model end to end: SmolLM2-135M-Instruct (converted from its GGUF) fine-tuned on the real Alpaca
-records. The first validation loss is the base model's, 40 steps lower it by more than 3%, the adapter changes the
+records. The first validation loss is the base model's, 16 steps lower it by more than 3%, the adapter changes the
 greedy answer; chat-style samples learn exactly the assistant's tokens; generation follows the adapter's style.
 """
 
@@ -19,10 +19,12 @@ from lit_adapter.serving import main as generate
 from lit_adapter.tokenizer import Tokenizer
 
 INSTRUCTION = "Give three tips for staying healthy."
-# the recipe of finetune/configs/smollm2_quick.yaml (the quick start), with short evaluation samples
-RUN = {"accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": 40, "train.global_batch_size": 8,
-       "train.micro_batch_size": 8, "train.learning_rate": 0.03, "train.warmup_steps": 8, "eval.interval": 20,
-       "eval.max_batches": 8, "eval.max_new_tokens": 8, "eval.instruction": INSTRUCTION, "save_interval": 1000}
+# the recipe of finetune/configs/smollm2_quick.yaml (the quick start) shortened from 40 steps to 16 (a warm-up of 4,
+# an evaluation every 8: under a minute on a 2-core CI machine), validated on the first 2 of the 5 validation
+# batches (16 of the 35 samples, two thirds of their answer tokens), with short evaluation samples
+RUN = {"accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": 16, "train.global_batch_size": 8,
+       "train.micro_batch_size": 8, "train.learning_rate": 0.03, "train.warmup_steps": 4, "eval.interval": 8,
+       "eval.max_batches": 2, "eval.max_new_tokens": 8, "eval.instruction": INSTRUCTION, "save_interval": 1000}
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +67,10 @@ def test_first_validation_loss_is_the_base_models(smollm2_checkpoint, alpaca, fi
     assert fine_tuned["val_loss"][0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_forty_steps_lower_the_validation_loss_by_more_than_3_percent(fine_tuned):
+def test_sixteen_steps_lower_the_validation_loss_by_more_than_3_percent(fine_tuned):
     curve = fine_tuned["val_loss"]
-    assert sorted(curve) == [0, 20, 40]
-    assert curve[40] < 0.97 * curve[0], curve
+    assert sorted(curve) == [0, 8, 16]
+    assert curve[16] < 0.97 * curve[0], curve  # measured: 2.4730 -> 2.2468 (-9.1%)
 
 
 def test_the_adapter_changes_the_greedy_answer(smollm2_checkpoint, fine_tuned, capsys):

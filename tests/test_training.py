@@ -42,6 +42,7 @@ SMALL_RUN = {"train.max_steps": 4, "train.global_batch_size": 8, "train.micro_ba
              "train.learning_rate": 0.05, "train.warmup_steps": 2, "eval.interval": 4, "eval.max_batches": 2,
              "eval.max_new_tokens": 4, "accelerator": "cpu", "save_interval": 2}
 SUBPROCESS_TIMEOUT = 180
+LONG_STEPS = 20  # enough: the val loss falls by 0.51 in 20 steps (0.57 in 40), the test asks for more than 0.3
 
 
 def script(name: str) -> dict:
@@ -140,10 +141,10 @@ def small_run(assets, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def long_run(assets, tmp_path_factory) -> Path:
-    """40 steps of 8 samples on the 299 training samples (one epoch and a bit)."""
+    """LONG_STEPS steps of 8 samples on the 299 training samples (about half an epoch)."""
     return train(assets, "full", tmp_path_factory.mktemp("long_run"), **{
-        **SMALL_RUN, "train.max_steps": 40, "train.warmup_steps": 4, "eval.interval": 40, "eval.max_batches": 100,
-        "save_interval": 1000})
+        **SMALL_RUN, "train.max_steps": LONG_STEPS, "train.warmup_steps": 4, "eval.interval": LONG_STEPS,
+        "eval.max_batches": 100, "save_interval": 1000})
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
@@ -158,8 +159,8 @@ def test_first_step_loss_is_the_base_models_loss(assets, small_run):
 
 def test_training_lowers_val_loss_and_changes_greedy_answers(assets, long_run, tmp_path):
     base_val = base_loss(assets, "full", "val", 100)
-    trained_val = logged(long_run, "val_loss")[40]
-    print(f"val loss: base {base_val:.4f}, after 40 steps {trained_val:.4f}")
+    trained_val = logged(long_run, "val_loss")[LONG_STEPS]
+    print(f"val loss: base {base_val:.4f}, after {LONG_STEPS} steps {trained_val:.4f}")
     assert trained_val < base_val - 0.3
 
     adapter_path = long_run / ADAPTER_FILE
