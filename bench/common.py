@@ -2,7 +2,8 @@
 
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -63,8 +64,10 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
 
 
-def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: int = 3, top: int = 12) -> None:
-    """The share of wall time the GPU computes over ``steps`` calls of ``step``, and the ``top`` kernels by time."""
+def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: int = 3, top: int = 12,
+                  trace_path: Optional[Path] = None) -> None:
+    """The share of wall time the GPU computes over ``steps`` calls of ``step``, and the ``top`` kernels by time;
+    with ``trace_path``, the profiled calls are also written there as a Chrome trace (Perfetto, chrome://tracing)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
@@ -74,6 +77,8 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
             step()
         sync()
     wall = time.perf_counter() - started
+    if trace_path is not None:
+        prof.export_chrome_trace(str(trace_path))
     events = prof.key_averages()
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6

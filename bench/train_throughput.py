@@ -4,6 +4,7 @@
     python bench/train_throughput.py --preset llama-7b --micro_batch_size 4 --seq_length 512 --precision fp8-base
     python bench/train_throughput.py --alpaca true --global_batch_size 64 --micro_batch_tokens 8192          # recipe
     python bench/train_throughput.py --quality true --preset stories15M                  # FP8 vs bf16 val loss
+    python bench/train_throughput.py --preset llama-7b --profile true --trace_path steps.json   # where time goes
     CPU smoke: add --accelerator cpu --preset tiny --compile false (and small --steps/--runs/--dataset_size).
 
 The Alpaca mode writes a prepared data set of ``dataset_size`` samples drawn from the real records (their length
@@ -27,6 +28,7 @@ from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.batching import PAD_TO_MULTIPLE_OF, padding_fraction  # noqa: E402
 from lit_adapter.data import load_records, tokenize_sample, write_prepared_set  # noqa: E402
 from lit_adapter.datamodule import AlpacaDataModule  # noqa: E402
+from lit_adapter.errors import UserError  # noqa: E402
 from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
 from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.recipe import TrainArgs  # noqa: E402
@@ -97,7 +99,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json",
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
          warmup_steps: int = 10, steps: int = 10, runs: int = 5, quality_steps: int = 200,
-         eval_interval: int = 25, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, profile: bool = False) -> None:
+         eval_interval: int = 25, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, profile: bool = False,
+         trace_path: Optional[Path] = None) -> None:
     """Measure adapter training tokens/s on one device (random weights, AdamW), or FP8-vs-bf16 quality.
 
     Args:
@@ -123,9 +126,12 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         eval_interval: Steps between the quality runs' evaluations.
         pad_to_multiple_of: Round each micro-batch's length up to a multiple of this (Alpaca and quality modes).
         profile: After the timed runs, profile 3 more steps and print the GPU's busy share and its top kernels.
+        trace_path: With profile, also write the 3 profiled steps as a Chrome trace to this file (.json).
     """
     from lightning.fabric import Fabric
 
+    if trace_path is not None and not profile:
+        raise UserError("--trace_path writes the profiled steps: add --profile true")
     config = Config.from_name(preset)
     cuda = accelerator == "cuda"
     fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision if cuda else "32-true"))
@@ -157,7 +163,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
             torch.cuda.reset_peak_memory_stats()
         rates, real_rates, warmup = timed(step, warmup_steps, steps, runs, sync)
         if profile:
-            print_profile(step, sync)
+            print_profile(step, sync, top=24, trace_path=trace_path)
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     shape = (f"Alpaca-shaped, {dataset_size:,} samples, steps of {global_batch_size}, micro-batches of "
              f"<= {micro_batch_tokens} tokens / {micro_batch_size} samples") if alpaca else \
