@@ -83,6 +83,15 @@ def run_script_in_this_process(script: str, *args: str, capfd) -> subprocess.Com
     return subprocess.CompletedProcess(argv, status, out, err)
 
 
+def convert_in_this_process(*args: str) -> None:
+    """``scripts/convert_checkpoint.py *args``'s command line run in this process, for fixtures (which have no
+    ``capfd`` for ``run_script_in_this_process``); an error exits as the script would (``SystemExit``)."""
+    from lit_adapter.cli import run_cli
+
+    convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
+    run_cli(convert, list(args))
+
+
 SMOLLM2_GGUF = "smollm2_135m_instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -93,10 +102,7 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     Its command line runs in this process: a new interpreter's start-up would double the conversion's seconds, and
     the script's own process is tested in tests/test_convert.py.
     """
-    from lit_adapter.cli import run_cli
-
     gguf = shared_file(SMOLLM2_GGUF)
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
-    convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
-    run_cli(convert, ["--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(output_dir)])
+    convert_in_this_process("--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(output_dir))
     return output_dir

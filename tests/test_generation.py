@@ -9,7 +9,6 @@ import copy
 import io
 import json
 import re
-import runpy
 import shutil
 import sys
 from dataclasses import replace
@@ -19,11 +18,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, run_script, run_script_in_this_process, shared_file
+from conftest import convert_in_this_process, run_script, run_script_in_this_process, shared_file
 from lit_adapter import serving
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
-from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.generation import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
@@ -422,8 +420,7 @@ def stories(tmp_path_factory) -> dict:
     it in its own), its tokenizer, and an adapter file with zero gates."""
     stories_bin = shared_file("stories260K/stories260K.bin")  # what the stories260k_bin fixture gives
     out = tmp_path_factory.mktemp("generation") / "stories260K"
-    convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
-    run_cli(convert, ["--format", "llama2c", "--checkpoint_path", str(stories_bin), "--output_dir", str(out)])
+    convert_in_this_process("--format", "llama2c", "--checkpoint_path", str(stories_bin), "--output_dir", str(out))
     model = load_model(out, adapter=True)  # fresh adapter: random prompts, zero gates
     assert all(block.attn.adapter_gate.abs().sum() == 0 for block in model.blocks[model.config.adapter_start_layer:])
     assert model.blocks[-1].attn.adapter_prompt.abs().sum() > 0
