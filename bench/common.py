@@ -7,16 +7,16 @@ from typing import Callable, Optional
 
 import torch
 
-from lit_adapter.adapter import AdapterGPT, mark_only_adapter_trainable
+from lit_adapter.adapter import AdapterLLaMA, mark_only_adapter_trainable
 from lit_adapter.checkpoint import keep_adapter_float32
 from lit_adapter.config import Config
-from lit_adapter.model import GPT, init_weights
+from lit_adapter.model import LLaMA, init_weights
 
 
-def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> GPT:
+def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> LLaMA:
     """A model with random weights in ``dtype`` (adapter in float32, with small random gates), built on ``device``."""
     with torch.device("meta"):
-        model = (AdapterGPT if adapter else GPT)(config)
+        model = (AdapterLLaMA if adapter else LLaMA)(config)
     model.to(dtype).to_empty(device=device)
     with torch.device(device), torch.no_grad():
         init_weights(model)

@@ -32,7 +32,7 @@ from bench.generate_throughput import adapter_model, measure, timed_generation  
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.errors import UserError  # noqa: E402
-from lit_adapter.generation import compile_decode, decode_one_token  # noqa: E402
+from lit_adapter.generate.decode import compile_decode, decode_one_token  # noqa: E402
 
 VARIANTS = ("plain", "tuned", "gpt-fast")
 GPT_FAST_NAMES = {"llama-7b": "7B", "llama-13b": "13B", "llama-30b": "30B", "llama-2-70b": "70B"}

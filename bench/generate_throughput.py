@@ -24,10 +24,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import copy_bandwidth, median, random_model  # noqa: E402
-from lit_adapter.adapter import AdapterGPT, adapter_state_dict  # noqa: E402
+from lit_adapter.adapter import AdapterLLaMA, adapter_state_dict  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.generation import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
+from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
 
 MODES = ("eager", "graph", "compiled", "batch")
 
@@ -37,7 +37,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generation(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int, decode_fn: DecodeFn,
+def timed_generation(model: AdapterLLaMA, prompts: list[torch.Tensor], max_new_tokens: int, decode_fn: DecodeFn,
                      start: Optional[float] = None) -> tuple[float, float, list[list[int]]]:
     """Seconds to the first token and in all (from ``start``, default now), and each row's tokens, of one greedy
     generation without stop ids."""
@@ -51,13 +51,13 @@ def timed_generation(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tok
     return first, time.perf_counter() - start, [list(row) for row in zip(*steps)]
 
 
-def prepare(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int) -> None:
+def prepare(model: AdapterLLaMA, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int) -> None:
     """A KV cache for ``prompts`` and ``max_new_tokens``, with adapter ``rows[b]`` in row b."""
     model.set_kv_cache(len(prompts), max(p.numel() for p in prompts) + max_new_tokens)
     model.select_adapters(rows)
 
 
-def measure(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int,
+def measure(model: AdapterLLaMA, prompts: list[torch.Tensor], rows: list[int], max_new_tokens: int,
             decode_fn: DecodeFn, repeats: int) -> dict:
     """The first run from the loaded model (cache and warm-up included) and the median of ``repeats`` more."""
     if model.embed.weight.is_cuda:
@@ -72,7 +72,7 @@ def measure(model: AdapterGPT, prompts: list[torch.Tensor], rows: list[int], max
             "tokens": tokens, "peak GiB": peak}
 
 
-def alone_at_batch_1(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+def alone_at_batch_1(model: AdapterLLaMA, prompts: list[torch.Tensor], max_new_tokens: int) -> list[list[int]]:
     """Greedy tokens of prompt i with adapter i, one prompt at a time (CUDA graph decoding)."""
     model.set_kv_cache(1, max(p.numel() for p in prompts) + max_new_tokens)
     decode_fn, tokens = GraphDecode(), []
@@ -82,7 +82,7 @@ def alone_at_batch_1(model: AdapterGPT, prompts: list[torch.Tensor], max_new_tok
     return tokens
 
 
-def random_adapters(model: AdapterGPT, n: int) -> list[dict[str, torch.Tensor]]:
+def random_adapters(model: AdapterLLaMA, n: int) -> list[dict[str, torch.Tensor]]:
     """``n`` adapters shaped like ``model``'s: unit-normal prompts, gates of standard deviation 0.1."""
     return [{name: torch.randn_like(t) * (0.1 if name.endswith("gate") else 1.0)
              for name, t in adapter_state_dict(model).items()} for _ in range(n)]
@@ -140,7 +140,7 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         print(line)
 
 
-def adapter_model(config: Config, n_adapters: int, device: torch.device, dtype: torch.dtype) -> AdapterGPT:
+def adapter_model(config: Config, n_adapters: int, device: torch.device, dtype: torch.dtype) -> AdapterLLaMA:
     """The random base (seed 0) in ``dtype`` with ``n_adapters`` random adapters registered."""
     torch.manual_seed(0)
     model = random_model(config, adapter=True, device=device, dtype=dtype).eval()

@@ -8,7 +8,7 @@
     CPU smoke: add --accelerator cpu --preset tiny --compile false (and small --steps/--runs/--dataset_size).
 
 The Alpaca mode writes a prepared data set of ``dataset_size`` samples drawn from the real records (their length
-distribution) and trains on it through ``AlpacaDataModule.train_steps`` and ``training.training_step``:
+distribution) and trains on it through ``InstructionDataModule.train_steps`` and ``fabric_loop.training_step``:
 optimizer steps of ``global_batch_size`` samples in token-budget micro-batches, as the recipe runs.
 """
 
@@ -25,16 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median, print_profile, random_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.batching import PAD_TO_MULTIPLE_OF, padding_fraction  # noqa: E402
-from lit_adapter.data import load_records, tokenize_sample, write_prepared_set  # noqa: E402
-from lit_adapter.datamodule import AlpacaDataModule  # noqa: E402
+from lit_adapter.data.batching import PAD_TO_MULTIPLE_OF, padding_fraction  # noqa: E402
+from lit_adapter.data.module import InstructionDataModule  # noqa: E402
+from lit_adapter.data.prepare import tokenize_sample, write_prepared_set  # noqa: E402
+from lit_adapter.data.records import load_records  # noqa: E402
 from lit_adapter.errors import UserError  # noqa: E402
-from lit_adapter.fp8 import quantize_frozen_linears  # noqa: E402
-from lit_adapter.precision import TrainingPrecision, base_dtype  # noqa: E402
-from lit_adapter.recipe import TrainArgs  # noqa: E402
-from lit_adapter.strategies import fabric_precision  # noqa: E402
+from lit_adapter.precision import TrainingPrecision, base_dtype, quantize_base  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
-from lit_adapter.training import setup_training, training_step, validate  # noqa: E402
+from lit_adapter.train.args import TrainArgs  # noqa: E402
+from lit_adapter.train.fabric_loop import setup_training, training_step, validate  # noqa: E402
+from lit_adapter.train.strategies import fabric_precision  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ALPACA_SAMPLES = 52_002
@@ -63,13 +63,10 @@ def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_
 
 
 def build(config: Config, precision: TrainingPrecision, device: str, seed: int = 0) -> torch.nn.Module:
-    """A random-weight adapter model (the same weights for the same seed), FP8 base where asked."""
+    """A random-weight adapter model (the same weights for the same seed), its base in ``precision``'s format."""
     torch.manual_seed(seed)
     dtype = base_dtype(precision)
-    model = random_model(config, adapter=True, device=device, dtype=dtype)
-    if precision == "fp8-base":
-        quantize_frozen_linears(model)
-    return model
+    return quantize_base(random_model(config, adapter=True, device=device, dtype=dtype), precision)
 
 
 def timed(step: Callable[[], tuple[int, int]], warmup_steps: int, steps: int, runs: int,
@@ -143,7 +140,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         data = None
         if alpaca or quality:
             alpaca_data(Path(tmp), data_file, tokenizer_path, seq_length, dataset_size, config.vocab_size)
-            data = AlpacaDataModule(Path(tmp), train.global_batch_size, micro_batch_size, micro_batch_tokens,
+            data = InstructionDataModule(Path(tmp), train.global_batch_size, micro_batch_size, micro_batch_tokens,
                                     pad_to_multiple_of=pad_to_multiple_of)
         if quality:
             return quality_run(fabric, config, data, train, compile, device, quality_steps, eval_interval)
@@ -176,7 +173,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
 
 
-def quality_run(fabric, config: Config, data: AlpacaDataModule, train: TrainArgs, compile: bool, device: str,
+def quality_run(fabric, config: Config, data: InstructionDataModule, train: TrainArgs, compile: bool, device: str,
                 total_steps: int, eval_interval: int) -> None:
     """Train bf16 and FP8 from the same random weights on the same steps; print the validation losses."""
     curves = {}

@@ -7,11 +7,11 @@ Several adapters share the one base: --adapter_path a.safetensors b.safetensors,
 from pathlib import Path
 
 from lit_adapter.cli import run_cli
-from lit_adapter.serving import main
+from lit_adapter.generate.cli import main
 
 
 def adapter(adapter_path: list[Path] | Path = Path("out/adapter/alpaca/adapter.safetensors"), **kwargs) -> None:
-    """Answer instructions (wrapped in the Alpaca template) with adapters; prints only the responses.
+    """Answer instructions with adapters, each prompt written in its adapter's prompt style; prints only the responses.
 
     Args:
         adapter_path: Adapter files (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py; several

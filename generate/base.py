@@ -1,7 +1,7 @@
 """Generate text with a converted base model: python generate/base.py --prompt "Once upon a time"."""
 
 from lit_adapter.cli import run_cli
-from lit_adapter.serving import main
+from lit_adapter.generate.cli import main
 
 
 def base(**kwargs) -> None:

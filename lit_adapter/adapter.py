@@ -6,6 +6,7 @@ their own, and the result is added to the attention output through a gate per he
 so training starts from exactly the base model. Only prompts and gates train.
 """
 
+from dataclasses import asdict, dataclass, fields
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -14,9 +15,83 @@ import torch.nn.functional as F
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT, CausalSelfAttention, KVCache
+from lit_adapter.model import CausalSelfAttention, KVCache, LLaMA
 
 ADAPTER_PARAM_PREFIX = "adapter_"
+DEFAULT_PROMPT_LENGTH = 10
+"""Learnable prompt vectors per adapted layer: the paper's 10."""
+PAPER_ADAPTED_SHARE = 30 / 32
+"""The paper adapts the top 30 of LLaMA-7B's 32 layers."""
+
+
+def default_start_layer(n_layer: int) -> int:
+    """The first adapted layer when the paper's share of the top layers is adapted (at least one layer)."""
+    return n_layer - max(1, int(PAPER_ADAPTED_SHARE * n_layer))
+
+
+@dataclass(frozen=True)
+class AdapterConfig(Config):
+    """A base model's shape and its adapter's: ``adapter_prompt_length`` prompts in each layer from
+    ``adapter_start_layer`` up. The adapter's part is recorded in adapter files and training states, never in a
+    checkpoint folder's ``model_config.yaml``."""
+
+    adapter_prompt_length: int = DEFAULT_PROMPT_LENGTH
+    """Learnable prompt vectors per adapted layer."""
+    adapter_start_layer: Optional[int] = None
+    """First adapted layer; the layers from it to the top get prompts. None: ``default_start_layer``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.adapter_start_layer is None:
+            object.__setattr__(self, "adapter_start_layer", default_start_layer(self.n_layer))
+        if isinstance(self.adapter_prompt_length, bool) or not isinstance(self.adapter_prompt_length, int) or \
+                self.adapter_prompt_length < 1:
+            raise UserError(f"adapter_prompt_length must be a whole number of at least 1, got "
+                            f"{self.adapter_prompt_length!r}")
+        if isinstance(self.adapter_start_layer, bool) or not isinstance(self.adapter_start_layer, int) or \
+                not 0 <= self.adapter_start_layer < self.n_layer:
+            raise UserError(f"adapter_start_layer must lie in [0, {self.n_layer - 1}] for this {self.n_layer}-layer "
+                            f"model, got {self.adapter_start_layer!r}")
+
+    @classmethod
+    def of(cls, base: Config, adapter_prompt_length: Optional[int] = None,
+           adapter_start_layer: Optional[int] = None) -> "AdapterConfig":
+        """``base`` with this adapter shape (None: ``base``'s own if it has one, else the default)."""
+        shape = base.adapter_shape() if isinstance(base, AdapterConfig) else {}
+        given = {"adapter_prompt_length": adapter_prompt_length, "adapter_start_layer": adapter_start_layer}
+        shape.update({key: value for key, value in given.items() if value is not None})
+        return cls(**{f.name: getattr(base, f.name) for f in fields(Config)}, **shape)
+
+    @property
+    def n_adapter_layers(self) -> int:
+        return self.n_layer - self.adapter_start_layer
+
+    def adapter_shape(self) -> dict:
+        """The fields that define the adapter's parameters."""
+        return {"adapter_prompt_length": self.adapter_prompt_length, "adapter_start_layer": self.adapter_start_layer}
+
+    def base(self) -> Config:
+        """The base model's shape alone."""
+        return Config(**{f.name: getattr(self, f.name) for f in fields(Config)})
+
+
+@dataclass
+class AdapterArgs:
+    """The adapter's shape as fine-tuning's options give it (recorded in the adapter file)."""
+
+    prompt_length: Optional[int] = None
+    """Learnable prompt vectors per adapted layer (default: the paper's 10)."""
+    start_layer: Optional[int] = None
+    """First adapted layer; the layers from it to the top get prompts (default: the paper's share, the top 30 of 32
+    layers, scaled to the model's depth)."""
+
+    def config(self, base: Config, option: str = "--adapter.") -> AdapterConfig:
+        """``base`` with this adapter shape; a shape that does not fit the model is refused in one line that names
+        the ``option``."""
+        try:
+            return AdapterConfig.of(base, self.prompt_length, self.start_layer)
+        except UserError as err:
+            raise UserError(option + str(err).removeprefix("adapter_")) from None
 
 
 class AdapterAttention(CausalSelfAttention):
@@ -26,7 +101,7 @@ class AdapterAttention(CausalSelfAttention):
     prompts and gates, ``select_adapters`` picks one per row, and the prompt cache holds each row's keys/values.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: AdapterConfig) -> None:
         super().__init__(config)
         # the official code keeps the prompts in an nn.Embedding, hence the unit-normal initialisation
         self.adapter_prompt = nn.Parameter(torch.randn(config.adapter_prompt_length, config.n_embd))
@@ -101,8 +176,11 @@ class AdapterAttention(CausalSelfAttention):
         self.select_adapters(None)
 
 
-class AdapterGPT(GPT):
+class AdapterLLaMA(LLaMA):
     """The base model with ``AdapterAttention`` in the layers from ``adapter_start_layer`` up."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config if isinstance(config, AdapterConfig) else AdapterConfig.of(config))
 
     def make_attention(self, layer: int) -> CausalSelfAttention:
         if layer >= self.config.adapter_start_layer:
@@ -159,3 +237,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def num_trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trainable_summary(model: nn.Module, config: AdapterConfig) -> str:
+    """The line both training routes print: how many parameters train, and in what shape."""
+    return (f"{num_trainable_params(model):,} trainable adapter parameters ({config.n_adapter_layers} layers x "
+            f"{config.adapter_prompt_length} prompts + gates)")
+
+
+AdapterGPT = AdapterLLaMA
+"""The name before 2026-12-07, kept for old imports."""

@@ -1,7 +1,9 @@
-"""Running a typed function as a command-line tool (jsonargparse), with user errors reported in one line."""
+"""Running a typed function as a command-line tool (jsonargparse): user errors reported in one line, the shell's exit
+statuses, and stop requests (Ctrl-C, SIGTERM) that a long run honours at a safe point."""
 
 import json
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Optional
@@ -16,20 +18,26 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
-OUT_OF_MEMORY_HINT = ("lower --train.micro_batch_size (the global batch stays the same), or use "
-                      "--precision bf16-true, --activation_checkpointing true, or --strategy fsdp over more devices; "
-                      "for generation, use a shorter prompt or fewer --max_new_tokens")
+
+
+def out_of_memory_hint(model_prefix: str = "--") -> str:
+    """What to change when the GPU memory runs out; the training options are named with ``model_prefix`` ("--" for
+    finetune/adapter.py, "--model." for the Trainer route, whose own options are --trainer.*)."""
+    trainer = "--" if model_prefix == "--" else "--trainer."
+    return (f"lower {model_prefix}train.micro_batch_size (the global batch stays the same), or use {trainer}precision "
+            f"bf16-true, {model_prefix}activation_checkpointing true, or {trainer}strategy fsdp over more devices; "
+            "for generation, use a shorter prompt or fewer --max_new_tokens")
 
 
 @contextmanager
-def exit_on_user_error(out_of_memory_hint: str = OUT_OF_MEMORY_HINT) -> Iterator[None]:
+def exit_on_user_error(hint: Optional[str] = None) -> Iterator[None]:
     """End the program with one ``error: ...`` line (exit 1) on a user error or out-of-memory, 130 on Ctrl-C."""
     try:
         yield
     except UserError as err:
         fail(str(err))
     except torch.OutOfMemoryError as err:
-        fail(out_of_memory_message(err, out_of_memory_hint))
+        fail(out_of_memory_message(err, hint or out_of_memory_hint()))
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         fail("the output was closed before it ended (e.g. by | head); stopped")
@@ -78,3 +86,26 @@ def out_of_memory_message(err: BaseException, hint: str) -> str:
     """One line for a device out-of-memory error: what ran out, and ``hint`` on what to change."""
     detail = str(err).strip().splitlines()[0].split(". Of the allocated")[0] if str(err).strip() else ""
     return f"out of GPU memory ({detail}): {hint}"
+
+
+class StopRequest:
+    """Turns SIGTERM and Ctrl-C into a flag that the loop checks after each optimizer step (a second one aborts)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum = signal.SIGINT
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def request(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+
+    @property
+    def exit_status(self) -> int:
+        """The shell's status for a process ended by the signal: 130 for Ctrl-C, 143 for SIGTERM."""
+        return 128 + self.signum
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

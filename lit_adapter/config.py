@@ -1,19 +1,14 @@
 """Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories, tiny)."""
 
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-import yaml
-
 from lit_adapter.errors import UserError
-
-CONFIG_FILE = "model_config.yaml"
 
 
 @dataclass(frozen=True)
 class Config:
-    """The shape of a LLaMA model and of its LLaMA-Adapter."""
+    """The shape of a LLaMA model (its adapter's shape is ``adapter.AdapterConfig``'s)."""
 
     name: str = ""
     block_size: int = 2048
@@ -36,19 +31,10 @@ class Config:
     """The context the model was pretrained with, before its RoPE scaling."""
     tie_embeddings: bool = False
     """Whether the output head reuses the token embedding matrix."""
-    adapter_prompt_length: int = 10
-    """Learnable prompt vectors per adapted layer (the paper's 10)."""
-    adapter_start_layer: Optional[int] = None
-    """First layer that gets adaption prompts (the top n_layer - adapter_start_layer layers do). None: the paper's
-    share, the top 30 of 32 layers, scaled to the depth."""
 
     def __post_init__(self) -> None:
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
-        if self.adapter_start_layer is None:
-            object.__setattr__(self, "adapter_start_layer", paper_start_layer(self.n_layer))
-        if self.adapter_prompt_length < 1:
-            raise UserError(f"adapter_prompt_length ({self.adapter_prompt_length}) must be at least 1")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -56,54 +42,17 @@ class Config:
         if (self.n_embd // self.n_head) % 2:
             raise UserError(f"the head size n_embd / n_head = {self.n_embd} / {self.n_head} = "
                             f"{self.n_embd // self.n_head} must be even (rotary embeddings turn pairs of values)")
-        if not 0 <= self.adapter_start_layer <= self.n_layer:
-            raise UserError(f"adapter_start_layer ({self.adapter_start_layer}) must lie in [0, n_layer={self.n_layer}]")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
-    @property
-    def n_adapter_layers(self) -> int:
-        return self.n_layer - self.adapter_start_layer
-
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
-        """The named preset, with any field replaced by ``overrides``."""
+        """The named preset as this class (a subclass adds its own fields), with any field replaced by ``overrides``."""
         if name not in PRESETS:
             raise UserError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return replace(PRESETS[name], **overrides)
-
-    @classmethod
-    def from_file(cls, path: Path) -> "Config":
-        """Read a ``model_config.yaml`` (or the one inside a checkpoint directory)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / CONFIG_FILE
-        if not path.is_file():
-            raise UserError(f"{path} not found: a checkpoint directory must hold {CONFIG_FILE} (run scripts/convert_checkpoint.py)")
-        values = read_yaml_mapping(path)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UserError(f"{path}: unknown config keys {unknown}")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as err:
-            raise UserError(f"{path} is not a valid model config: {err}") from None
-
-    def save(self, directory: Path) -> None:
-        """Write this config as ``model_config.yaml`` into ``directory``, atomically (its adapter shape is only
-        the default that fine-tuning's ``--adapter.*`` options override). Without RoPE scaling, the scaling's
-        parameters are left out: they mean nothing then."""
-        from lit_adapter.checkpoint import atomic_path  # checkpoint imports this module
-
-        values = asdict(self)
-        if self.rope_scaling_factor is None:
-            for key in ROPE_SCALING_PARAMETERS:
-                del values[key]
-        with atomic_path(Path(directory) / CONFIG_FILE) as tmp:
-            tmp.write_text(yaml.safe_dump(values, sort_keys=False))
+        return cls(**{**asdict(PRESETS[name]), **overrides})
 
     def base_shape(self) -> dict:
         """The fields that tell base models apart (used to match adapters to bases): shapes and numerics."""
@@ -111,45 +60,9 @@ class Config:
                 "norm_eps", "rope_base", "rope_scaling_factor", *ROPE_SCALING_PARAMETERS)
         return {k: getattr(self, k) for k in keys}
 
-    def adapter_shape(self) -> dict:
-        """The fields that define the adapter's parameters."""
-        return {"adapter_prompt_length": self.adapter_prompt_length, "adapter_start_layer": self.adapter_start_layer}
-
-    def with_adapter(self, prompt_length: Optional[int] = None, start_layer: Optional[int] = None) -> "Config":
-        """This base with the adapter shape given (None keeps this config's)."""
-        keep = self.adapter_shape()
-        return replace(self, adapter_prompt_length=keep["adapter_prompt_length"] if prompt_length is None else prompt_length,
-                       adapter_start_layer=keep["adapter_start_layer"] if start_layer is None else start_layer)
-
 
 ROPE_SCALING_PARAMETERS = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")
 """The fields of Llama 3.1's RoPE scaling besides its factor."""
-
-PAPER_ADAPTED_SHARE = 30 / 32
-"""The paper adapts the top 30 of LLaMA-7B's 32 layers."""
-
-
-def paper_start_layer(n_layer: int) -> int:
-    """The first adapted layer when the paper's share of the top layers is adapted (at least one layer)."""
-    return n_layer - max(1, int(PAPER_ADAPTED_SHARE * n_layer)) if n_layer else 0
-
-
-def read_yaml_mapping(path: Path) -> dict:
-    """The mapping in a YAML file (plain YAML only: tags that would build objects are refused), or a ``UserError``."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a directory, expected a YAML file")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        detail = " ".join(str(err).split())
-        raise UserError(f"{path} is not a readable plain-YAML file ({detail})") from None
-    if not isinstance(values, dict):
-        what = "empty" if values is None else f"a YAML {type(values).__name__}"
-        raise UserError(f"{path} is {what}, expected a mapping of keys to values (regenerate it)")
-    return values
 
 
 def swiglu_hidden_size(dim: int, multiple_of: int = 32, ffn_dim_multiplier: Optional[float] = None) -> int:
@@ -221,6 +134,6 @@ PRESETS = {
                norm_eps=1e-5, tie_embeddings=True),
         # a few-thousand-parameter model for tests
         Config("tiny", block_size=128, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
-               norm_eps=1e-5, adapter_prompt_length=4, adapter_start_layer=1),
+               norm_eps=1e-5),
     ]
 }

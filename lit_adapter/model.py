@@ -151,7 +151,7 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class GPT(nn.Module):
+class LLaMA(nn.Module):
     """The LLaMA decoder: token embedding, ``n_layer`` blocks, final norm, output head."""
 
     def __init__(self, config: Config) -> None:
@@ -237,3 +237,7 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             module.reset_parameters()
+
+
+GPT = LLaMA
+"""The name before 2026-12-07 (nanoGPT's), kept for old imports."""

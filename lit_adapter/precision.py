@@ -1,28 +1,89 @@
-"""Precision names, the dtype each stores the frozen base in, and the default choice of one.
+"""Precisions: the one registry of their names, the dtype each loads the frozen base in, the Lightning precision
+that runs it, the quantizer that stores the base's blocks in another format, and what each needs.
 
-Light on purpose (no Lightning import): generation and both training routes read it. The adapter's parameters
-(and so the optimizer state) always stay float32, whatever the base's precision.
+The adapter's parameters (and so the optimizer state) stay float32 whatever the precision. A new frozen-base format
+is a module in ``lit_adapter/quantize/`` and one entry in ``PRECISIONS``.
 """
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn as nn
 
-TrainingPrecision = Literal["bf16-true", "bf16-mixed", "32-true", "fp8-base"]
-GenerationPrecision = Literal["bf16-true", "16-true", "32-true"]
-Precision = Literal[TrainingPrecision, GenerationPrecision]
-
-BASE_DTYPES: dict[str, torch.dtype] = {"bf16-true": torch.bfloat16, "fp8-base": torch.bfloat16,
-                                       "16-true": torch.float16, "bf16-mixed": torch.float32, "32-true": torch.float32}
+from lit_adapter.errors import UserError
+from lit_adapter.quantize import fp8
 
 
-def base_dtype(precision: Precision) -> torch.dtype:
-    """The dtype the frozen base model is loaded in."""
-    return BASE_DTYPES[precision]
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    base_dtype: torch.dtype
+    """The dtype the frozen base is loaded and computed in."""
+    lightning: str
+    """The Lightning precision that runs it ("bf16-true" keeps the adapter float32: ``train.strategies``)."""
+    quantize: Optional[Callable[[nn.Module], int]] = None
+    """Stores the frozen blocks' linear layers in another format (None: they stay in ``base_dtype``)."""
+    check_device: Optional[Callable[[torch.device], None]] = None
+    """Refuses, in one line, a device that cannot run it."""
+    training: bool = True
+    generation: bool = True
+    shardable: bool = True
+    """Whether ``--strategy fsdp`` can shard a base in this precision."""
 
 
-def default_precision(on_gpu: bool, gpu_without_bf16: Precision = "32-true") -> Precision:
-    """bf16-true on a GPU that supports it, ``gpu_without_bf16`` on another GPU, 32-true on the CPU."""
+PRECISIONS = {p.name: p for p in (
+    Precision("bf16-true", torch.bfloat16, "bf16-true"),
+    Precision("bf16-mixed", torch.float32, "bf16-mixed", generation=False),
+    Precision("32-true", torch.float32, "32-true"),
+    Precision("16-true", torch.float16, "16-true", training=False),
+    Precision("fp8-base", torch.bfloat16, "bf16-true", quantize=fp8.quantize_frozen_linears,
+              check_device=fp8.check_fp8_device, generation=False, shardable=False),
+)}
+TrainingPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.training)]  # type: ignore[valid-type]
+GenerationPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.generation)]  # type: ignore[valid-type]
+
+
+def get_precision(name: str, purpose: Literal["training", "generation"] = "training") -> Precision:
+    """The precision called ``name``, if it serves ``purpose``; else a one-line ``UserError``."""
+    usable = [n for n, p in PRECISIONS.items() if getattr(p, purpose)]
+    if name not in usable:
+        raise UserError(f"precision {name!r} is not available for {purpose}: choose one of {', '.join(usable)}")
+    return PRECISIONS[name]
+
+
+def base_dtype(name: str) -> torch.dtype:
+    """The dtype the frozen base model is loaded in under precision ``name``."""
+    return PRECISIONS[name].base_dtype
+
+
+def default_precision(on_gpu: bool, purpose: Literal["training", "generation"] = "training") -> str:
+    """bf16-true on a GPU that supports it; on another GPU 16-true for generation, 32-true for training; 32-true on
+    the CPU."""
     if not on_gpu:
         return "32-true"
-    return "bf16-true" if torch.cuda.is_bf16_supported() else gpu_without_bf16
+    if torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "16-true" if purpose == "generation" else "32-true"
+
+
+def check_precision(name: str, strategy: str = "auto") -> Precision:
+    """The training precision ``name``, refused in one line where ``strategy`` cannot run it."""
+    precision = get_precision(name)
+    if strategy == "fsdp" and not precision.shardable:
+        raise UserError(f"--precision {name} does not shard: use --strategy auto or ddp")
+    return precision
+
+
+def check_device(name: str, device: torch.device) -> None:
+    """Refuse in one line a ``device`` that cannot run precision ``name``."""
+    if PRECISIONS[name].check_device is not None:
+        PRECISIONS[name].check_device(device)
+
+
+def quantize_base(model: nn.Module, name: str) -> nn.Module:
+    """Store the frozen blocks of ``model`` in the format of precision ``name`` (nothing to do for most)."""
+    quantize = PRECISIONS[name].quantize
+    if quantize is not None:
+        quantize(model)
+    return model

@@ -1,11 +1,14 @@
-"""Prompt styles, shared by data preparation, training samples and generation.
+"""Prompt styles: how a training record or a conversation becomes the text a model reads, for data preparation,
+training samples and generation alike.
 
-``alpaca``: the Alpaca instruction template (Taori et al. 2023), the paper's. ``chat``: the model's own chat
-template (from its tokenizer config), rendered by the tokenizer as Hugging Face transformers does. A style is
-recorded in ``prep_config.yaml`` and in the adapter file, so generation uses the style that training used.
+A style is a class registered in ``STYLES`` under its ``name``: ``plain`` (the text as it is, for a base model
+continuing it), ``alpaca`` (the Alpaca instruction template of Taori et al. 2023, the paper's) and ``chat`` (the
+model's own chat template from its tokenizer config, rendered as Hugging Face transformers does). The name is
+recorded in ``prep_config.yaml`` and in the adapter file, so generation writes prompts as training did; files from
+before styles were recorded mean ``LEGACY_STYLE``. A new style is one class and one entry.
 """
 
-from typing import TYPE_CHECKING, Literal, Optional, get_args
+from typing import TYPE_CHECKING, Literal, Optional
 
 from lit_adapter.errors import UserError
 
@@ -14,39 +17,124 @@ if TYPE_CHECKING:
 
     from lit_adapter.tokenizer import Tokenizer
 
-PromptStyle = Literal["alpaca", "chat"]
-PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 ROLES = ("system", "user", "assistant")
-RESPONSE_MARKER = "### Response:\n"
-
 Message = dict[str, str]
+Segments = list[tuple[str, bool]]
+"""Consecutive pieces of a training sample's text, each with whether training learns it."""
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:
-    """The prompt the model sees for an instruction (and optional input); the response follows it."""
-    if input:
-        return (
-            "Below is an instruction that describes a task, paired with an input that provides further context. "
-            "Write a response that appropriately completes the request.\n\n"
-            f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{RESPONSE_MARKER}"
-        )
-    return (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-        f"### Instruction:\n{instruction}\n\n{RESPONSE_MARKER}"
-    )
+class PromptStyle:
+    """How conversations become text: ``prompt`` for generation, ``segments`` for training samples."""
+
+    name: str
+
+    def render(self, tokenizer: "Tokenizer", messages: list[Message], add_generation_prompt: bool) -> str:
+        """The text of ``messages``, followed where asked by what opens the assistant's answer."""
+        raise NotImplementedError
+
+    def prompt(self, tokenizer: "Tokenizer", messages: list[Message]) -> str:
+        """The text the model continues with its answer to the last user turn of ``messages``."""
+        return self.render(tokenizer, messages, add_generation_prompt=True)
+
+    def segments(self, tokenizer: "Tokenizer", record: dict) -> Segments:
+        """A training record (Alpaca fields or ``messages``) as pieces of text, the answers learned. Joined, they
+        are the whole sample; each answer follows the ``prompt`` of the turns before it. The caller closes a
+        sample whose answers carry no end-of-turn token (``split_closing``) with EOS."""
+        return conversation_segments(self, tokenizer, record_messages(record))
+
+    def adds_bos(self, tokenizer: "Tokenizer") -> bool:
+        """Whether a prompt in this style is encoded after a BOS token (the tokenizer's configuration decides)."""
+        return tokenizer.add_bos
+
+    def encode(self, tokenizer: "Tokenizer", messages: list[Message]) -> "torch.Tensor":
+        """The token ids of ``prompt``, led by BOS where ``adds_bos`` says so."""
+        return tokenizer.encode(self.prompt(tokenizer, messages), bos=self.adds_bos(tokenizer))
+
+    def split_closing(self, ids: list[int], learned: list[bool],
+                      tokenizer: "Tokenizer") -> tuple[list[int], list[bool], list[int]]:
+        """A sample's tokens and the tokens that close it: EOS after the last answer."""
+        return ids, learned, [tokenizer.eos_id]
 
 
-def check_prompt_style(style: str) -> PromptStyle:
-    """``style`` if it names a prompt style, else a one-line ``UserError``."""
-    if style not in PROMPT_STYLES:
-        raise UserError(f"unknown prompt style {style!r}: choose one of {', '.join(PROMPT_STYLES)}")
-    return style
+class Plain(PromptStyle):
+    """The turns' texts one after the other: a base model continues the text."""
+
+    name = "plain"
+
+    def render(self, tokenizer: "Tokenizer", messages: list[Message], add_generation_prompt: bool) -> str:
+        return "".join(message["content"] for message in messages)
 
 
-def adds_bos(style: Optional[PromptStyle], tokenizer: "Tokenizer") -> bool:
-    """Whether a prompt in ``style`` (None: plain text) is encoded after a BOS token: a chat template writes its
-    own, else the tokenizer's configuration decides."""
-    return style != "chat" and tokenizer.add_bos
+class Alpaca(PromptStyle):
+    """The Alpaca instruction template: each user turn an instruction, each answer after its "### Response:"."""
+
+    name = "alpaca"
+    response_marker = "### Response:\n"
+
+    def render(self, tokenizer: "Tokenizer", messages: list[Message], add_generation_prompt: bool) -> str:
+        if any(message["role"] == "system" for message in messages):
+            raise UserError("the alpaca prompt style has no system prompt: use --prompt_style chat")
+        return "".join(self.instruction(message["content"]) if message["role"] == "user" else
+                       message["content"] + "\n\n" for message in messages)
+
+    def instruction(self, instruction: str, input: str = "") -> str:
+        """The prompt of an instruction (and optional input); the response follows it."""
+        if input:
+            return ("Below is an instruction that describes a task, paired with an input that provides further "
+                    "context. Write a response that appropriately completes the request.\n\n"
+                    f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{self.response_marker}")
+        return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                f"request.\n\n### Instruction:\n{instruction}\n\n{self.response_marker}")
+
+    def segments(self, tokenizer: "Tokenizer", record: dict) -> Segments:
+        if "messages" not in record:
+            return [(self.instruction(record["instruction"], record.get("input", "")), False),
+                    (record["output"], True)]
+        roles = [message["role"] for message in record["messages"]]
+        if roles != ["user", "assistant"]:
+            raise UserError(f"the alpaca prompt style holds one instruction and its answer, not a conversation of "
+                            f"{roles}: prepare with --prompt_style chat (the model's chat template)")
+        question, answer = record["messages"]
+        return [(self.instruction(question["content"]), False), (answer["content"], True)]
+
+
+class Chat(PromptStyle):
+    """The model's own chat template; it writes its own BOS and closes each answer with its end-of-turn token."""
+
+    name = "chat"
+
+    def render(self, tokenizer: "Tokenizer", messages: list[Message], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def adds_bos(self, tokenizer: "Tokenizer") -> bool:
+        return False
+
+    def split_closing(self, ids: list[int], learned: list[bool],
+                      tokenizer: "Tokenizer") -> tuple[list[int], list[bool], list[int]]:
+        """The sample without its trailing turns that hold no answer, cut before its closing: the last answer's
+        end-of-turn token and what the template writes after it (EOS where the answer has no stop token)."""
+        answers = [i for i, learn in enumerate(learned) if learn]
+        ids, learned = ids[:answers[-1] + 1], learned[:answers[-1] + 1]
+        stops = [i for i in answers if ids[i] in tokenizer.stop_ids]
+        end = stops[-1] if stops else len(ids)
+        return ids[:end], learned[:end], ids[end:] or [tokenizer.eos_id]
+
+
+STYLES: dict[str, PromptStyle] = {style.name: style for style in (Plain(), Alpaca(), Chat())}
+StyleName = Literal[tuple(STYLES)]  # type: ignore[valid-type]
+"""A prompt style's name, as options and files give it."""
+LEGACY_STYLE = Alpaca.name
+"""The style of prepared sets, adapter files and training states from before styles were recorded."""
+BASE_MODEL_STYLE = Plain.name
+"""How prompts to a base model without an adapter are written unless an option says otherwise."""
+
+
+def get_style(name: Optional[str]) -> PromptStyle:
+    """The style called ``name`` (None: ``LEGACY_STYLE``), or a one-line ``UserError``."""
+    name = LEGACY_STYLE if name is None else name
+    if name not in STYLES:
+        raise UserError(f"unknown prompt style {name!r}: choose one of {', '.join(STYLES)}")
+    return STYLES[name]
 
 
 def user_message(instruction: str, input: str = "") -> Message:
@@ -54,71 +142,30 @@ def user_message(instruction: str, input: str = "") -> Message:
     return {"role": "user", "content": f"{instruction}\n\n{input}" if input else instruction}
 
 
-def format_prompt(style: Optional[PromptStyle], tokenizer: "Tokenizer", messages: list[Message]) -> str:
-    """The text the model continues with its answer to the last user turn of ``messages``.
-
-    ``None`` writes the turns as plain text one after the other (a base model continuing a text). In the alpaca
-    style each user turn is an Alpaca instruction and each earlier answer follows its instruction, then a blank
-    line; the chat style is the model's own chat template.
-    """
-    if style is None:
-        return "".join(message["content"] for message in messages)
-    if check_prompt_style(style) == "chat":
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    if any(message["role"] == "system" for message in messages):
-        raise UserError("the alpaca prompt style has no system prompt: use --prompt_style chat")
-    return "".join(alpaca_prompt(message["content"]) if message["role"] == "user" else message["content"] + "\n\n"
-                   for message in messages)
-
-
-def encode_prompt(style: Optional[PromptStyle], tokenizer: "Tokenizer", messages: list[Message]) -> "torch.Tensor":
-    """The token ids of ``format_prompt``, led by BOS where ``adds_bos`` says so."""
-    return tokenizer.encode(format_prompt(style, tokenizer, messages), bos=adds_bos(style, tokenizer))
-
-
 def record_messages(record: dict) -> list[Message]:
-    """The conversation of a training record: its ``messages``, or an Alpaca record as one user and one assistant turn."""
+    """The conversation of a training record: its ``messages``, or an Alpaca record as a user and an assistant turn."""
     if "messages" in record:
         return record["messages"]
     return [user_message(record["instruction"], record.get("input", "")),
             {"role": "assistant", "content": record["output"]}]
 
 
-def sample_segments(style: PromptStyle, tokenizer: "Tokenizer", record: dict) -> list[tuple[str, bool]]:
-    """A training record as consecutive pieces of text, each with whether training learns it (assistant answers).
-
-    Joined, the pieces are the whole sample in ``style``; every learned piece is an assistant turn as the model
-    writes it after the prompt that ``format_prompt`` gives for the turns before it. In the alpaca style the answer
-    is learned without an end marker (the caller appends EOS); a chat template closes each answer itself.
-    """
-    if check_prompt_style(style) == "alpaca":
-        if "messages" not in record:
-            return [(alpaca_prompt(record["instruction"], record.get("input", "")), False), (record["output"], True)]
-        roles = [message["role"] for message in record["messages"]]
-        if roles != ["user", "assistant"]:
-            raise UserError(f"the alpaca prompt style holds one instruction and its answer, not a conversation of "
-                            f"{roles}: prepare with --prompt_style chat (the model's chat template)")
-        question, answer = record["messages"]
-        return [(alpaca_prompt(question["content"]), False), (answer["content"], True)]
-    return chat_segments(tokenizer, record_messages(record))
-
-
-def chat_segments(tokenizer: "Tokenizer", messages: list[Message]) -> list[tuple[str, bool]]:
-    """``sample_segments`` in the chat style: the chat template rendered turn by turn."""
+def conversation_segments(style: PromptStyle, tokenizer: "Tokenizer", messages: list[Message]) -> Segments:
+    """``messages`` rendered turn by turn: each answer after the prompt of the turns before it, then learned."""
     segments, rendered = [], ""
 
     def extend(text: str, learned: bool) -> None:
         nonlocal rendered
         if not text.startswith(rendered):
-            raise UserError("the chat template does not render conversations turn by turn (a later turn changes the "
-                            "text before it), so answers cannot be told apart from prompts")
+            raise UserError(f"the {style.name} style does not render conversations turn by turn (a later turn changes "
+                            "the text before it), so answers cannot be told apart from prompts")
         if len(text) > len(rendered):
             segments.append((text[len(rendered):], learned))
         rendered = text
 
     for turn, message in enumerate(messages):
         if message["role"] == "assistant":
-            extend(tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True), False)
-        extend(tokenizer.apply_chat_template(messages[:turn + 1], add_generation_prompt=False),
+            extend(style.prompt(tokenizer, messages[:turn]), False)
+        extend(style.render(tokenizer, messages[:turn + 1], add_generation_prompt=False),
                message["role"] == "assistant")
     return segments

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from lit_adapter.adapter import (AdapterAttention, AdapterGPT, adapter_state_dict, mark_only_adapter_trainable,
+from lit_adapter.adapter import (AdapterAttention, AdapterConfig, AdapterGPT, adapter_state_dict, mark_only_adapter_trainable,
                                  num_trainable_params)
-from lit_adapter.checkpoint import (ADAPTER_FORMAT, WEIGHTS_FILE, adapter_config, adapter_prompt_style, load_adapter, load_model,
-                                    save_adapter, save_checkpoint_dir)
-from lit_adapter.config import CONFIG_FILE, Config
+from lit_adapter.checkpoint import (ADAPTER_FORMAT, CONFIG_FILE, WEIGHTS_FILE, adapter_config, adapter_prompt_style,
+                                    load_adapter, load_model, read_config, save_adapter, save_checkpoint_dir, save_config)
+from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from tests.test_model import cached_logits, random_model, reference_logits
 
-TINY = Config.from_name("tiny")  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4)  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
 
 
 def adapter_names(config):
@@ -44,7 +44,7 @@ def one_line_user_error(excinfo, *words):
 # ---------------------------------------------------------------- the forward pass
 
 
-@pytest.mark.parametrize("config", [TINY, Config.from_name("tiny", n_kv_head=4), Config.from_name("tiny", tie_embeddings=True)],
+@pytest.mark.parametrize("config", [TINY, AdapterConfig.from_name("tiny", n_kv_head=4), AdapterConfig.from_name("tiny", tie_embeddings=True)],
                          ids=["gqa", "mha", "tied"])
 def test_zero_gates_equal_the_base_model_exactly(config):
     base = random_model(GPT, config)
@@ -61,7 +61,7 @@ def test_zero_gates_equal_the_base_model_exactly(config):
                                        {"adapter_start_layer": 0, "adapter_prompt_length": 7}],
                          ids=["gqa", "mha", "mqa", "tied", "all-layers"])
 def test_adapter_matches_the_papers_equation(overrides):
-    config = Config.from_name("tiny", **overrides)
+    config = AdapterConfig.from_name("tiny", **overrides)
     model = random_model(AdapterGPT, config, gate_scale=1.0)
     idx = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
@@ -75,7 +75,7 @@ def test_adapter_matches_the_papers_equation(overrides):
 
 def test_adapter_prompts_attend_through_frozen_kv_projection_per_head():
     """One adapted layer, checked per head: gate h scales head h's prompt attention only."""
-    config = Config.from_name("tiny", n_layer=1, adapter_start_layer=0)
+    config = AdapterConfig.from_name("tiny", n_layer=1, adapter_start_layer=0)
     model = random_model(AdapterGPT, config)
     attn = model.blocks[0].attn
     idx = torch.randint(0, 512, (1, 5))
@@ -233,7 +233,7 @@ def test_adapter_file_round_trip_is_exact(tmp_path):
     assert set(load_file(path)) == adapter_names(TINY)
     assert adapter_prompt_style(path) == "chat"
 
-    assert adapter_config(path, Config.from_name("tiny", adapter_prompt_length=10, adapter_start_layer=0)) == TINY
+    assert adapter_config(path, AdapterConfig.from_name("tiny", adapter_prompt_length=10, adapter_start_layer=0)) == TINY
     other = random_model(AdapterGPT, TINY, seed=2)
     load_adapter(other, path)
     for name, tensor in adapter_state_dict(model).items():
@@ -244,7 +244,7 @@ def test_adapter_file_round_trip_is_exact(tmp_path):
 
 def test_adapter_file_records_adapter_shape(tmp_path):
     """A file trained with another prompt length / start layer yields that config, and loads into it."""
-    config = Config.from_name("tiny", adapter_prompt_length=6, adapter_start_layer=2)
+    config = AdapterConfig.from_name("tiny", adapter_prompt_length=6, adapter_start_layer=2)
     path = tmp_path / "adapter.safetensors"
     model = trained_adapter(config)
     save_adapter(path, model, config)
@@ -288,7 +288,7 @@ def test_adapter_for_another_preset_of_the_same_shape_is_refused(tmp_path):
 def test_adapter_file_of_another_shape_does_not_load(tmp_path, overrides, words):
     path = tmp_path / "adapter.safetensors"
     save_adapter(path, trained_adapter(), TINY)
-    model = AdapterGPT(Config.from_name("tiny", **overrides))
+    model = AdapterGPT(AdapterConfig.from_name("tiny", **{"adapter_prompt_length": 4, **overrides}))
     before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     with pytest.raises(UserError) as excinfo:
         load_adapter(model, path)
@@ -383,7 +383,7 @@ def test_checkpoint_dir_round_trip(checkpoint_dir):
     assert {p.name for p in directory.iterdir()} == {WEIGHTS_FILE, CONFIG_FILE}
     idx = torch.randint(0, 512, (2, 7))
     model = load_model(directory)
-    assert type(model) is GPT and model.config == TINY
+    assert type(model) is GPT and model.config == TINY.base()  # the folder holds the base shape only
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
     with torch.no_grad():
         assert torch.equal(model.eval()(idx), base(idx))
@@ -397,7 +397,7 @@ def test_checkpoint_dir_in_bfloat16_keeps_adapter_float32_and_loads_an_adapter(c
     trained = trained_adapter()
     adapter_path = tmp_path / "adapter.safetensors"
     save_adapter(adapter_path, trained, TINY)
-    model = load_model(directory, adapter=True, config=adapter_config(adapter_path, Config.from_file(directory)),
+    model = load_model(directory, adapter=True, config=adapter_config(adapter_path, read_config(directory)),
                        dtype=torch.bfloat16)
     load_adapter(model, adapter_path)
     assert model.embed.weight.dtype == torch.bfloat16
@@ -421,11 +421,11 @@ def test_checkpoint_dir_without_config_is_refused(checkpoint_dir):
 
 def test_checkpoint_dir_with_mismatched_shapes_is_refused(checkpoint_dir):
     directory, _ = checkpoint_dir
-    Config.from_name("tiny", n_embd=64).save(directory)
+    save_config(Config.from_name("tiny", n_embd=64), directory)
     with pytest.raises(UserError) as excinfo:
         load_model(directory)
     one_line_user_error(excinfo, WEIGHTS_FILE, "has shape", "expects")
-    Config.from_name("tiny", n_layer=4).save(directory)
+    save_config(Config.from_name("tiny", n_layer=4), directory)
     with pytest.raises(UserError) as excinfo:
         load_model(directory, adapter=True)
     one_line_user_error(excinfo, "missing keys [blocks.3.")

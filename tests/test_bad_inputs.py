@@ -35,9 +35,10 @@ from conftest import ROOT, run_script, run_script_in_this_process, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
-from lit_adapter.config import CONFIG_FILE, Config
-from lit_adapter.trainer_cli import AdapterCLI
-from lit_adapter.trainer_cli import main as trainer_main
+from lit_adapter.checkpoint import CONFIG_FILE, read_config, save_config
+from lit_adapter.config import Config
+from lit_adapter.train.lightning_cli import AdapterCLI
+from lit_adapter.train.lightning_cli import main as trainer_main
 
 TIMEOUT = 120
 

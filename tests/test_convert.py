@@ -11,9 +11,12 @@ import torch
 from conftest import run_script, run_script_in_this_process, shared_file
 from safetensors.torch import load_file, save_file
 
-from lit_adapter.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint_dir
-from lit_adapter.config import CONFIG_FILE, Config, swiglu_hidden_size
-from lit_adapter.convert import convert, convert_hf, convert_llama2c, convert_meta, meta_config
+from lit_adapter.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config, save_checkpoint_dir
+from lit_adapter.config import Config, swiglu_hidden_size
+from lit_adapter.convert import convert
+from lit_adapter.convert.hf import convert_hf
+from lit_adapter.convert.llama2c import convert_llama2c
+from lit_adapter.convert.meta import convert_meta, meta_config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -387,7 +390,7 @@ def test_cli_converts_llama2c(tmp_path, stories260k_bin):
                         "--output_dir", str(tmp_path / "out"), "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(tmp_path / "out")) == sorted([WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE])
-    assert Config.from_file(tmp_path / "out").name == "stories260K"
+    assert read_config(tmp_path / "out").name == "stories260K"
     assert {t.dtype for t in load_file(tmp_path / "out" / WEIGHTS_FILE).values()} == {torch.bfloat16}
 
 

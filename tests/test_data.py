@@ -19,13 +19,18 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from lightning.fabric.utilities.data import _set_sampler_epoch
 
-from lit_adapter.batching import StepPlan, collate, padding_fraction
+from lit_adapter.data.batching import StepPlan, collate, padding_fraction
+from lit_adapter.checkpoint import save_config
 from lit_adapter.config import Config
-from lit_adapter.data import IGNORE_INDEX, download_alpaca, load_records, prepare_alpaca, tokenize_sample
-from lit_adapter.datamodule import AlpacaDataModule
+from lit_adapter.data.batching import IGNORE_INDEX
+from lit_adapter.data.prepare import prepare_dataset, tokenize_sample
+from lit_adapter.data.records import download_alpaca, load_records
+from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.prompts import STYLES
 from lit_adapter.tokenizer import Tokenizer
+
+alpaca_prompt = STYLES["alpaca"].instruction
 
 EMPTY_OUTPUT_RECORD = 284  # the one record of the first 335 whose output is ""
 GOOD_RECORDS = 334
@@ -332,7 +337,7 @@ def test_collate_shifts_and_pads():
 
 def test_prepare_writes_a_reproducible_split(tmp_path, alpaca_json, llama_tokenizer, capsys):
     records, tok = real_records(alpaca_json), tokenizer(llama_tokenizer)
-    config = prepare_alpaca(records, tok, tmp_path / "a", val_size=34, seed=7, max_seq_length=256, source=alpaca_json)
+    config = prepare_dataset(records, tok, tmp_path / "a", val_size=34, seed=7, max_seq_length=256, source=alpaca_json)
     train = torch.load(tmp_path / "a" / "train.pt", weights_only=True)
     val = torch.load(tmp_path / "a" / "val.pt", weights_only=True)
     assert (len(train), len(val)) == (300, 34)
@@ -344,18 +349,18 @@ def test_prepare_writes_a_reproducible_split(tmp_path, alpaca_json, llama_tokeni
     output = capsys.readouterr().out
     assert "tokens per sample: min 50, median" in output and f"truncated {config['truncated']} of 334" in output
 
-    prepare_alpaca(records, tok, tmp_path / "b", val_size=34, seed=7, max_seq_length=256)
+    prepare_dataset(records, tok, tmp_path / "b", val_size=34, seed=7, max_seq_length=256)
     assert torch.load(tmp_path / "b" / "val.pt", weights_only=True)[0]["input_ids"].equal(val[0]["input_ids"])
     with pytest.raises(UserError, match=rf"val_size=334 does not fit {alpaca_json}: it has 334 records"):
-        prepare_alpaca(records, tok, tmp_path / "c", val_size=334, source=alpaca_json)
+        prepare_dataset(records, tok, tmp_path / "c", val_size=334, source=alpaca_json)
 
 
 def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_tokenizer):
     with pytest.raises(UserError, match="train.pt not found: run scripts/prepare_alpaca.py first"):
-        AlpacaDataModule(tmp_path).setup()
-    prepare_alpaca(real_records(alpaca_json), tokenizer(llama_tokenizer), tmp_path, val_size=34, max_seq_length=512)
+        InstructionDataModule(tmp_path).setup()
+    prepare_dataset(real_records(alpaca_json), tokenizer(llama_tokenizer), tmp_path, val_size=34, max_seq_length=512)
 
-    data = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4, pad_to_multiple_of=8)
+    data = InstructionDataModule(tmp_path, global_batch_size=8, micro_batch_size=4, pad_to_multiple_of=8)
     loader = data.train_dataloader()  # the Trainer's: a micro-batch at a time, with its step's response tokens
     items = list(loader)
     assert len(items) == len(loader) == 76  # steps 0..37 start in epoch 0 (300 samples / 8 = 37.5)
@@ -364,7 +369,7 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
         assert (targets.gather(1, last_learned[:, None]) == 2).all()
     assert all(x.shape == y.shape and x.shape[1] % 8 == 0 for [(x, y)], _ in items)
     assert sum(x.shape[0] for [(x, _)], _ in items) == 304
-    default = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)  # what both training routes use
+    default = InstructionDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)  # what both training routes use
     assert all(x.shape[1] % 8 == 0 for [(x, _)], _ in default.train_dataloader())
     for k in range(38):  # both micro-batches of a step carry the step's response tokens
         assert items[2 * k][1] == items[2 * k + 1][1] == sum(int((t != IGNORE_INDEX).sum()) for [(_, t)], _ in items[2 * k:2 * k + 2])
@@ -377,7 +382,7 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
 
     seen = []
     for rank in range(2):
-        data = AlpacaDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)
+        data = InstructionDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)
         data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         data.resume_at(epoch=0, batches_done=30)
         loader = data.train_dataloader()
@@ -406,7 +411,7 @@ def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_
         script.main(data_file=alpaca_json)
     checkpoint_dir = tmp_path / "checkpoint"
     checkpoint_dir.mkdir()
-    Config.from_name("tiny").save(checkpoint_dir)
+    save_config(Config.from_name("tiny"), checkpoint_dir)
     shutil.copyfile(tok512, checkpoint_dir / "tokenizer.model")
     script.main(destination_dir=tmp_path / "data", checkpoint_dir=checkpoint_dir, data_file=alpaca_json,
                 val_size=10, skip_bad_records=True)

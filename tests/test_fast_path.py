@@ -12,17 +12,19 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from lit_adapter.adapter import AdapterGPT, is_adapter_param
-from lit_adapter.checkpoint import load_adapter, load_model, read_safetensors, save_adapter, save_checkpoint_dir
+from lit_adapter.adapter import AdapterConfig, AdapterGPT, is_adapter_param
+from lit_adapter.checkpoint import load_adapter, load_model, save_adapter, save_checkpoint_dir
+from lit_adapter.files import read_safetensors
 from lit_adapter.config import Config
-from lit_adapter.data import IGNORE_INDEX
+from lit_adapter.data.batching import IGNORE_INDEX
 from lit_adapter.precision import base_dtype
-from lit_adapter.recipe import TrainArgs, build_optimizer
-from lit_adapter.strategies import fabric_precision
-from lit_adapter.training import accumulate_gradients, apply_gradients, setup_training
+from lit_adapter.train.args import TrainArgs
+from lit_adapter.train.recipe import build_optimizer
+from lit_adapter.train.strategies import fabric_precision
+from lit_adapter.train.fabric_loop import accumulate_gradients, apply_gradients, setup_training
 from tests.test_model import random_model
 
-CONFIG = Config("fast-path", block_size=64, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+CONFIG = AdapterConfig("fast-path", block_size=64, vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
                 intermediate_size=128, norm_eps=1e-5, adapter_prompt_length=4, adapter_start_layer=1)
 TRAIN = TrainArgs(learning_rate=1e-2, weight_decay=0.02, max_grad_norm=1.0)
 MICRO_BATCHES, BATCH = 2, 2
@@ -77,7 +79,7 @@ def micro_batches(lengths: tuple[int, ...]) -> list[list[tuple[torch.Tensor, tor
 def train(checkpoint, precision: str, compile: bool, activation_checkpointing: bool,
           lengths: tuple[int, ...]) -> Run:
     torch.manual_seed(1234)
-    model = load_model(checkpoint / "base", adapter=True, dtype=base_dtype(precision))
+    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision))
     load_adapter(model, checkpoint / "adapter.safetensors")
     fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision))
     wrapped, optimizer, train_loss_fn = setup_training(fabric, model, TRAIN, compile, activation_checkpointing)
@@ -175,7 +177,7 @@ def test_fast_path_loss_equals_the_plain_paths_in_bfloat16(checkpoint):
 
 def one_forward_backward(checkpoint, precision: str, activation_checkpointing: bool) -> dict:
     """Default dtype seen by the last block in forward (and recompute), and the dtype of the logits the loss gets."""
-    model = load_model(checkpoint / "base", adapter=True, dtype=base_dtype(precision))
+    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision))
     fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision))
     wrapped, _, train_loss_fn = setup_training(fabric, model, TRAIN, False, activation_checkpointing)
     block, seen = model.blocks[-1], []

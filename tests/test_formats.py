@@ -5,11 +5,14 @@ import json
 import pytest
 import torch
 
-from lit_adapter.convert import download_hf
-from lit_adapter.data import load_records, tokenize_sample
+from lit_adapter.convert.hf import download_hf
+from lit_adapter.data.prepare import tokenize_sample
+from lit_adapter.data.records import load_records
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import alpaca_prompt, format_prompt, sample_segments, user_message
+from lit_adapter.prompts import STYLES, get_style, user_message
 from lit_adapter.tokenizer import Tokenizer
+
+alpaca_prompt = STYLES["alpaca"].instruction
 
 GOOD = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
@@ -50,8 +53,8 @@ def test_bad_json_lines_name_the_line(tmp_path, lines, fragment):
 def test_alpaca_style_takes_a_single_turn_chat_record_as_an_instruction(llama_tokenizer):
     tok = Tokenizer(llama_tokenizer)
     single = {"messages": [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"}]}
-    assert sample_segments("alpaca", tok, single) == [(alpaca_prompt("Add 2 and 3."), False), ("5", True)]
-    assert format_prompt("alpaca", tok, [user_message("Add 2 and 3.")]) == alpaca_prompt("Add 2 and 3.")
+    assert get_style("alpaca").segments(tok, single) == [(alpaca_prompt("Add 2 and 3."), False), ("5", True)]
+    assert get_style("alpaca").prompt(tok, [user_message("Add 2 and 3.")]) == alpaca_prompt("Add 2 and 3.")
     with pytest.raises(UserError, match="alpaca prompt style holds one instruction and its answer, not a conversation"):
         tokenize_sample(CHAT, tok, 512, style="alpaca")
     sample, _ = tokenize_sample(single, tok, 512, style="alpaca")

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from bench.common import random_model
-from lit_adapter.adapter import AdapterAttention
+from lit_adapter.adapter import AdapterConfig, AdapterAttention
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.fp8 import FP8_MAX, Fp8Linear, check_fp8_device, quantize_frozen_linears, quantize_rows
-from lit_adapter.recipe import loss_fn
+from lit_adapter.quantize.fp8 import FP8_MAX, Fp8Linear, check_fp8_device, quantize_frozen_linears, quantize_rows
+from lit_adapter.train.recipe import loss_fn
 
 
 def test_row_quantization_error_is_within_e4m3_rounding():
@@ -76,7 +76,7 @@ def test_fp8_is_refused_off_hopper_gpus():
 def test_no_backward_work_below_the_first_adapted_layer():
     """The paper's recipe adapts the top 30 of 32 layers: the frozen layers below produce no autograd graph."""
     torch.manual_seed(0)
-    config = Config.from_name("tiny", n_layer=4, adapter_start_layer=2)
+    config = AdapterConfig.from_name("tiny", n_layer=4, adapter_start_layer=2)
     model = random_model(config, adapter=True, device="cpu", dtype=torch.float32)
     outputs, backward_calls = [], []
     for i, block in enumerate(model.blocks):

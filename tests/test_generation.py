@@ -19,20 +19,22 @@ import torch
 import torch.nn as nn
 
 from conftest import convert_in_this_process, run_script, run_script_in_this_process, shared_file
-from lit_adapter import serving
-from lit_adapter.adapter import AdapterGPT, adapter_state_dict, is_adapter_param
+from lit_adapter.generate import cli as serving
+from lit_adapter.adapter import AdapterConfig, AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generation import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
+from lit_adapter.generate.decode import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
                                     stream_text)
 from lit_adapter.model import GPT
-from lit_adapter.prompts import alpaca_prompt
+from lit_adapter.prompts import STYLES
 from lit_adapter.tokenizer import Tokenizer
 from tests.test_convert import Llama2cReference
 from tests.test_model import random_model
 
-TINY = Config.from_name("tiny")  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+alpaca_prompt = STYLES["alpaca"].instruction
+
+TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4)  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
 
 
 def uncached_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[int]:
@@ -548,7 +550,7 @@ def test_a_requests_file_with_several_adapters_equals_answering_one_by_one(stori
 def test_a_wrong_adapter_among_several_gives_one_line_and_exit_1(stories, story_adapter, tmp_path, capfd):
     tiny_adapter = tmp_path / "tiny.safetensors"
     save_adapter(tiny_adapter, AdapterGPT(TINY), TINY)
-    shorter_config = replace(load_model(stories["checkpoint"]).config, adapter_prompt_length=3)
+    shorter_config = AdapterConfig.of(load_model(stories["checkpoint"]).config, adapter_prompt_length=3)
     start = shorter_config.adapter_start_layer
     shorter = tmp_path / "shorter.safetensors"
     save_adapter(shorter, AdapterGPT(shorter_config), shorter_config)

@@ -25,8 +25,9 @@ import torch
 import yaml
 
 from conftest import ROOT, shared_file
-from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, RUN_LOCK, STATE_FILE, STEP_DIR, find_resume_state,
-                                    read_safetensors, read_safetensors_metadata, torch_load)
+from lit_adapter.checkpoint import ADAPTER_FILE
+from lit_adapter.files import read_safetensors, read_safetensors_metadata, torch_load
+from lit_adapter.train.state import HPARAMS_FILE, RUN_LOCK, STATE_FILE, STEP_DIR, find_resume_state
 
 STEPS = 20
 OPTIONS = {"accelerator": "cpu", "save_interval": 1, "train.max_steps": STEPS, "train.global_batch_size": 8,

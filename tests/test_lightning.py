@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from lit_adapter.adapter import is_adapter_param
 from lit_adapter.checkpoint import ADAPTER_FILE, adapter_prompt_style, load_adapter, load_model, save_adapter
 from lit_adapter.cli import run_cli
-from lit_adapter.datamodule import AlpacaDataModule
-from lit_adapter.lightning import AdapterModule
-from lit_adapter.trainer_cli import AdapterCLI, main, requested_devices
-from lit_adapter.recipe import build_optimizer, build_scheduler, loss_fn
-from lit_adapter.strategies import TrainerFrozenHalfPrecision
+from lit_adapter.data.module import InstructionDataModule
+from lit_adapter.train.lightning_module import AdapterModule
+from lit_adapter.train.lightning_cli import AdapterCLI, main, requested_devices
+from lit_adapter.train.recipe import build_optimizer, build_scheduler, loss_fn
+from lit_adapter.train.strategies import TrainerFrozenHalfPrecision
 from tests.conftest import ROOT, run_script_in_this_process, shared_file
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -91,7 +91,7 @@ def adapter_weights(module: AdapterModule) -> dict[str, torch.Tensor]:
 
 def val_loss(model: torch.nn.Module, data_dir: Path) -> float:
     """Validation loss per response token over the prepared val split (as the training loops compute it)."""
-    data = AlpacaDataModule(data_dir, micro_batch_size=4)
+    data = InstructionDataModule(data_dir, micro_batch_size=4)
     model.eval()
     with torch.no_grad():
         totals = [(loss_fn(model(x), y, "sum").item(), (y != -100).sum().item()) for x, y in data.val_dataloader()]

@@ -7,14 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_adapter.adapter import AdapterGPT
-from lit_adapter.config import CONFIG_FILE, Config
+from lit_adapter.adapter import AdapterConfig, AdapterGPT
+from lit_adapter.checkpoint import CONFIG_FILE, read_config, save_config
+from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, apply_rope, build_rope_cache, init_weights
 
 # grouped-query attention (2 query heads per kv head) and plain multi-head attention
-GQA = Config.from_name("tiny")
-MHA = Config.from_name("tiny", n_kv_head=4)
+GQA = AdapterConfig.from_name("tiny")
+MHA = AdapterConfig.from_name("tiny", n_kv_head=4)
 
 
 def random_model(model_class, config, seed=0, gate_scale=1.0):
@@ -261,7 +262,7 @@ def test_rope_cache_rebuilt_after_meta_init():
 
 
 def test_llama_presets_have_published_shapes():
-    c = Config.from_name("llama-7b")
+    c = AdapterConfig.from_name("llama-7b")
     assert (c.n_layer, c.n_embd, c.intermediate_size, c.n_head, c.n_kv_head, c.vocab_size) == (32, 4096, 11008, 32, 32, 32000)
     assert c.n_adapter_layers == 30 and c.adapter_prompt_length == 10 and c.head_dim == 128
     c = Config.from_name("llama-65b")
@@ -292,15 +293,15 @@ def test_config_overrides_and_validation():
     with pytest.raises(UserError, match="divisible by n_kv_head"):
         Config(n_head=8, n_kv_head=3, n_embd=64)
     with pytest.raises(UserError, match="adapter_start_layer"):
-        Config.from_name("tiny", adapter_start_layer=4)
+        AdapterConfig.from_name("tiny", adapter_start_layer=4)
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama-2-70b", "stories15M", "llama-3.1-8b"])
 def test_config_save_and_from_file_round_trip(tmp_path, name):
-    config = Config.from_name(name, adapter_start_layer=1)
-    config.save(tmp_path)
-    assert Config.from_file(tmp_path) == config
-    assert Config.from_file(tmp_path / CONFIG_FILE) == config
+    config = Config.from_name(name)
+    save_config(config, tmp_path)
+    assert read_config(tmp_path) == config
+    assert read_config(tmp_path / CONFIG_FILE) == config
     # the scaling's parameters are written only for a model that scales its RoPE
     written = (tmp_path / CONFIG_FILE).read_text()
     assert ("rope_low_freq_factor" in written) == (config.rope_scaling_factor is not None), written
@@ -309,6 +310,6 @@ def test_config_save_and_from_file_round_trip(tmp_path, name):
 def test_config_from_file_rejects_unknown_keys_and_missing_file(tmp_path):
     (tmp_path / CONFIG_FILE).write_text("n_layer: 2\nn_embd: 32\nn_head: 4\nhidden_size: 12\n")
     with pytest.raises(UserError, match=r"unknown config keys \['hidden_size'\]"):
-        Config.from_file(tmp_path)
+        read_config(tmp_path)
     with pytest.raises(UserError, match="not found"):
-        Config.from_file(tmp_path / "elsewhere")
+        read_config(tmp_path / "elsewhere")

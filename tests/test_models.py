@@ -13,13 +13,16 @@ import torch
 from conftest import SMOLLM2_GGUF, run_script_in_this_process, shared_file
 from test_convert import lit_to_meta, randomize_
 
-from lit_adapter.checkpoint import load_model, save_checkpoint_dir
+from lit_adapter.checkpoint import load_model, read_config, save_checkpoint_dir, save_tokenizer_files
 from lit_adapter.config import Config
-from lit_adapter.convert import (GGUF_LAYER_NAMES, GGUF_NAMES, convert, convert_hf, find_tokenizer, hf_config,
-                                 meta_config)
+from lit_adapter.convert import convert, find_tokenizer
+from lit_adapter.convert.gguf import GGUF_LAYER_NAMES, GGUF_NAMES
+from lit_adapter.convert.hf import convert_hf, hf_config
+from lit_adapter.convert.meta import meta_config
+from lit_adapter.convert.tokenizers import bytes_to_unicode
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, llama3_scaled_frequencies
-from lit_adapter.tokenizer import Tokenizer, bytes_to_unicode, save_tokenizer_files
+from lit_adapter.tokenizer import Tokenizer
 
 CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 NEW_TOKENS = 40
@@ -345,7 +348,7 @@ def test_smollm2_gguf_tokenizer_and_chat_template(smollm2):
     tokenizer, prompt = smollm2["tokenizer"], smollm2["prompt"]
     assert sorted(os.listdir(smollm2["ours"])) == ["model.safetensors", "model_config.yaml", "tokenizer.json",
                                                    "tokenizer_config.json"]
-    assert Config.from_file(smollm2["ours"]).name == "smollm2-135m"
+    assert read_config(smollm2["ours"]).name == "smollm2-135m"
     assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.add_bos) == (49152, 1, 2, False)
     assert tokenizer.stop_ids == {0, 2}  # <|endoftext|>, <|im_end|>
     assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"

@@ -22,12 +22,17 @@ import yaml
 from safetensors import SafetensorError
 
 from conftest import ROOT, shared_file
-from lit_adapter import checkpoint, lightning, recipe, trainer_cli, training
-from lit_adapter.checkpoint import HPARAMS_FILE, RUN_LOCK, STATE_FILE, torch_load
+from lit_adapter import checkpoint, files
+from lit_adapter.train import fabric_loop as training
+from lit_adapter.train import lightning_cli as trainer_cli
+from lit_adapter.train import lightning_module as lightning
+from lit_adapter.train import recipe
+from lit_adapter.files import torch_load
+from lit_adapter.train.state import HPARAMS_FILE, RUN_LOCK, STATE_FILE
 from lit_adapter.cli import EXIT_INTERRUPTED, fail, run_cli
-from lit_adapter.datamodule import AlpacaDataModule
+from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
-from lit_adapter.generation import sample
+from lit_adapter.generate.decode import sample
 
 RUN = {"accelerator": "cpu", "train.max_steps": 2, "train.global_batch_size": 4, "train.micro_batch_size": 4,
        "train.learning_rate": 0.05, "train.warmup_steps": 1, "save_interval": 1, "eval.interval": 1000,
@@ -163,9 +168,9 @@ def test_a_preparation_stopped_between_its_files_is_refused_by_readers(assets, t
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(UserError, match=r"train\.pt is not the file that .*prep_config\.yaml describes \(a "
                                         r"preparation stopped half-way"):
-        AlpacaDataModule(data).setup()
+        InstructionDataModule(data).setup()
     prepare(**{**options, "seed": 7})
-    AlpacaDataModule(data).setup()
+    InstructionDataModule(data).setup()
 
 
 # ------------------------------------------------------------------------------ 6. one run per folder
@@ -213,14 +218,14 @@ def torch_save_on_a_full_disk(obj, path, *args, **kwargs):
 def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, capsys, monkeypatch, writer):
     out = tmp_path / "out"
     if writer.startswith("convert"):
-        target = "checkpoint.save_file" if writer == "convert-weights" else "tokenizer.shutil.copyfile"
+        target = "checkpoint.save_file" if writer == "convert-weights" else "checkpoint.shutil.copyfile"
         monkeypatch.setattr(f"lit_adapter.{target}", half_then_no_space if "weights" in writer else no_space)
         call = (run_cli, script("scripts/convert_checkpoint.py")["convert_checkpoint"],
                 ["--format", "llama2c", "--checkpoint_path", str(shared_file("stories260K/stories260K.bin")),
                  "--output_dir", str(out)])
     elif writer == "prepare":
         monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
-        monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
+        monkeypatch.setattr(files, "free_bytes", lambda directory: 0)
         call = (run_cli, script("scripts/prepare_alpaca.py")["main"],
                 ["--destination_dir", str(out), "--checkpoint_dir", str(assets["checkpoint"]), "--data_file",
                  str(assets["records"]), "--val_size", "2"])
@@ -231,7 +236,7 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
                 ["--state_path", str(tmp_path / "run" / "step-000001"), "--output_path", str(out / "a.safetensors")])
     elif writer == "finetune-state":
         monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
-        monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
+        monkeypatch.setattr(files, "free_bytes", lambda directory: 0)
         call = (finetune, assets, out)
     else:
         monkeypatch.setattr("lightning.fabric.plugins.io.torch_io._atomic_save",
@@ -250,11 +255,11 @@ def test_a_full_disk_ends_with_one_line_and_no_partial_output(assets, tmp_path, 
 
 
 def test_only_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
-    assert checkpoint.ran_out_of_space(OSError(errno.EDQUOT, "quota"), tmp_path)
-    assert not checkpoint.ran_out_of_space(OSError(errno.EIO, "I/O error"), tmp_path)
-    assert not checkpoint.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)  # room left: a bug
-    monkeypatch.setattr(checkpoint, "free_bytes", lambda directory: 0)
-    assert checkpoint.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)
+    assert files.ran_out_of_space(OSError(errno.EDQUOT, "quota"), tmp_path)
+    assert not files.ran_out_of_space(OSError(errno.EIO, "I/O error"), tmp_path)
+    assert not files.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)  # room left: a bug
+    monkeypatch.setattr(files, "free_bytes", lambda directory: 0)
+    assert files.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path)
 
 
 # ------------------------------------------------------------------------------ 11. one line, not a traceback

@@ -8,14 +8,16 @@ import torch
 from test_training import cli_args, logged
 
 from conftest import shared_file
-from lit_adapter import training
+from lit_adapter.train import fabric_loop as training
 from lit_adapter.checkpoint import adapter_prompt_style, load_model
 from lit_adapter.cli import run_cli
-from lit_adapter.data import IGNORE_INDEX, load_records, prepare_alpaca, tokenize_sample
-from lit_adapter.datamodule import AlpacaDataModule
-from lit_adapter.prompts import encode_prompt, user_message
-from lit_adapter.recipe import loss_fn
-from lit_adapter.serving import main as generate
+from lit_adapter.data.batching import IGNORE_INDEX
+from lit_adapter.data.prepare import prepare_dataset, tokenize_sample
+from lit_adapter.data.records import load_records
+from lit_adapter.data.module import InstructionDataModule
+from lit_adapter.prompts import get_style, user_message
+from lit_adapter.train.recipe import loss_fn
+from lit_adapter.generate.cli import main as generate
 from lit_adapter.tokenizer import Tokenizer
 
 INSTRUCTION = "Give three tips for staying healthy."
@@ -35,7 +37,7 @@ def alpaca(smollm2_checkpoint, tmp_path_factory) -> dict:
     tokenizer = Tokenizer(smollm2_checkpoint)
     root = tmp_path_factory.mktemp("smollm2_data")
     for style in ("alpaca", "chat"):
-        prepare_alpaca(records, tokenizer, root / style, val_size=35, max_seq_length=96, style=style)
+        prepare_dataset(records, tokenizer, root / style, val_size=35, max_seq_length=96, style=style)
     return {"records": records, "tokenizer": tokenizer, **{style: root / style for style in ("alpaca", "chat")}}
 
 
@@ -51,7 +53,7 @@ def fine_tuned(smollm2_checkpoint, alpaca, tmp_path_factory) -> dict:
 def base_val_loss(checkpoint_dir, data_dir, max_batches: int) -> float:
     """The base model's validation loss per answer token, computed here without the training code."""
     model = load_model(checkpoint_dir).eval()
-    data = AlpacaDataModule(data_dir, global_batch_size=8, micro_batch_size=8)
+    data = InstructionDataModule(data_dir, global_batch_size=8, micro_batch_size=8)
     total = count = 0.0
     with torch.no_grad():
         for i, (input_ids, targets) in enumerate(data.val_dataloader()):
@@ -92,12 +94,12 @@ def test_chat_samples_learn_exactly_the_assistant_turns(alpaca):
     assert learned == (tokenizer.encode("Blue.", bos=False).tolist() + end
                        + tokenizer.encode("Red.", bos=False).tolist() + end)
     # the prompt of the first answer is the model's own chat prompt, as generation writes it
-    prompt = encode_prompt("chat", tokenizer, [user_message("Name a color.")]).tolist()
+    prompt = get_style("chat").encode(tokenizer, [user_message("Name a color.")]).tolist()
     assert ids[:len(prompt)] == prompt and not truncated
 
 
 def test_chat_prepared_data_records_its_style_and_masks_the_template(alpaca):
-    data = AlpacaDataModule(alpaca["chat"], global_batch_size=8, micro_batch_size=8)
+    data = InstructionDataModule(alpaca["chat"], global_batch_size=8, micro_batch_size=8)
     data.setup()
     assert data.prompt_style == "chat"
     tokenizer = alpaca["tokenizer"]

@@ -25,15 +25,21 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, shared_file
-from lit_adapter import recipe, serving, training
+from lit_adapter.generate import cli as serving
+from lit_adapter.train import args as train_args
+from lit_adapter.train import fabric_loop as training
+from lit_adapter.train import recipe
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
-from lit_adapter.checkpoint import (ADAPTER_FILE, HPARAMS_FILE, STATE_FILE, adapter_config, load_adapter, load_config,
-                                    load_model, read_safetensors, read_safetensors_metadata, save_adapter, torch_load)
+from lit_adapter.checkpoint import ADAPTER_FILE, adapter_config, load_adapter, load_config, load_model, save_adapter
+from lit_adapter.files import read_safetensors, read_safetensors_metadata, torch_load
+from lit_adapter.train.state import HPARAMS_FILE, STATE_FILE
 from lit_adapter.cli import run_cli
-from lit_adapter.datamodule import AlpacaDataModule
+from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import alpaca_prompt
-from lit_adapter.recipe import build_optimizer, loss_fn
+from lit_adapter.prompts import STYLES
+from lit_adapter.train.recipe import build_optimizer, loss_fn
+
+alpaca_prompt = STYLES["alpaca"].instruction
 
 SEED = 1337  # main's default seed, so the data order below is the one training sees
 MICRO_BATCH = 4
@@ -86,7 +92,7 @@ def base_loss(assets: dict, data: str, split: str, batches: int) -> float:
     """The base model's loss per response token on the first ``batches`` micro-batches of ``split``, in training's
     order (training: the first step's micro-batches)."""
     model = load_model(assets["checkpoint"])
-    loader_data = AlpacaDataModule(assets[data], global_batch_size=SMALL_RUN["train.global_batch_size"],
+    loader_data = InstructionDataModule(assets[data], global_batch_size=SMALL_RUN["train.global_batch_size"],
                                    micro_batch_size=MICRO_BATCH, seed=SEED)
     loader = next(iter(loader_data.train_steps()))[0] if split == "train" else loader_data.val_dataloader()
     total = count = 0.0
@@ -222,7 +228,7 @@ def test_resume_refuses_another_data_layout(assets, small_run, tmp_path):
     with pytest.raises(UserError, match="global_batch_size"):
         training.main(checkpoint_dir=assets["checkpoint"], data_dir=assets["small"], out_dir=tmp_path,
                       accelerator="cpu", resume=small_run / "step-000002",
-                      train=recipe.TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4))
+                      train=train_args.TrainArgs(global_batch_size=4, micro_batch_size=2, max_steps=4))
 
 
 def test_sigterm_saves_a_resumable_state_and_exits(assets, tmp_path):
@@ -275,7 +281,7 @@ def test_token_budget_micro_batches_give_the_fixed_batches_losses_and_adapter(as
     """Micro-batches of at most 300 padded tokens (1 to 8 samples) instead of 4 samples: the same steps of 8 samples,
     the same loss per response token, the same adapter, on one process and on two (DDP)."""
     options = {**SMALL_RUN, "train.micro_batch_size": "null", "train.micro_batch_tokens": 300, "devices": devices}
-    plan = AlpacaDataModule(assets["small"], 8, None, 300, seed=SEED, pad_to_multiple_of=8).plan()
+    plan = InstructionDataModule(assets["small"], 8, None, 300, seed=SEED, pad_to_multiple_of=8).plan()
     assert [len(b) for b in plan.step(0)[0]] != [4, 4]  # the micro-batches really differ
     if devices == 1:
         train(assets, "small", tmp_path, **options)
@@ -307,7 +313,7 @@ def test_token_budget_step_gradient_equals_the_fixed_batches(assets):
     model = fabric.setup_module(model)
     results = []
     for size, tokens in [(4, None), (None, 520), (1, None)]:
-        data = AlpacaDataModule(assets["small"], 8, size, tokens, seed=SEED, pad_to_multiple_of=8)
+        data = InstructionDataModule(assets["small"], 8, size, tokens, seed=SEED, pad_to_multiple_of=8)
         batches, step_tokens = next(iter(data.train_steps(start_step=3)))
         loss = training.accumulate_gradients(fabric, model, batches, step_tokens)
         results.append((len(batches), loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -431,7 +437,7 @@ def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
     from lit_adapter.adapter import AdapterGPT
     from lit_adapter.config import Config
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.recipe import compile_for_training, sample_response
+    from lit_adapter.train.recipe import compile_for_training, sample_response
 
     torch._dynamo.reset()
     model = AdapterGPT(Config.from_name("tiny"))

@@ -2,9 +2,10 @@
 the reader of a format and finds the tokenizer files that go with it.
 
 One module per format (``meta``, ``hf`` with the Hub download, ``gguf``, ``llama2c``) reads it under Meta's
-parameter names (llama2.c uses the same ones); ``common`` maps those onto ``lit_adapter.model.GPT``'s names in one
-place, ``meta_to_lit``. Files are read as safetensors, with ``torch.load(weights_only=True)`` or as raw float32
-arrays, so nothing that carries code is ever run.
+parameter names (llama2.c uses the same ones); ``common`` maps those onto ``lit_adapter.model.LLaMA``'s names in one
+place, ``meta_to_lit``; ``tokenizers`` builds the tokenizer files of Meta's tiktoken file and of GGUF vocabularies.
+Files are read as safetensors, with ``torch.load(weights_only=True)`` or as raw float32 arrays, so nothing that
+carries code is ever run.
 """
 
 from pathlib import Path
@@ -13,30 +14,14 @@ from typing import Optional, get_args
 import torch
 
 from lit_adapter.config import Config
-from lit_adapter.convert.common import (DEFAULT_BLOCK_SIZE, Format, StateDict, check_meta_weights, check_vocab_size,
-                                        check_weight_dtypes, make_config, meta_shapes, meta_to_lit)
-from lit_adapter.convert.gguf import (GGUF_LAYER_KEY, GGUF_LAYER_NAMES, GGUF_NAMES, GGUF_SPECIAL_TOKEN_TYPES,
-                                      GGUF_TYPES, convert_gguf, gguf_config, gguf_rope_scaling, gguf_tokenizer_files,
-                                      gguf_value, open_gguf)
-from lit_adapter.convert.hf import (HF_DOWNLOAD_PATTERNS, HF_LAYER_KEY, HF_LAYER_NAMES, HF_NAMES, convert_hf,
-                                    download_hf, hf_config, hf_to_interleaved_rope, hf_weight_files)
-from lit_adapter.convert.llama2c import (LLAMA2C_HEADER, LLAMA2C_LAYER_ARRAYS, LLAMA2C_MAGIC, LLAMA2C_NORM_EPS,
-                                         convert_llama2c)
-from lit_adapter.convert.meta import META_SPLIT_DIM, convert_meta, meta_config, merge_meta_shards
+from lit_adapter.convert.common import Format, StateDict
+from lit_adapter.convert.gguf import convert_gguf, gguf_tokenizer_files, open_gguf
+from lit_adapter.convert.hf import convert_hf
+from lit_adapter.convert.llama2c import convert_llama2c
+from lit_adapter.convert.meta import convert_meta
+from lit_adapter.convert.tokenizers import llama3_tokenizer_files
 from lit_adapter.errors import UserError
 from lit_adapter.tokenizer import TOKENIZER_FILE, TOKENIZER_JSON, Tokenizer, TokenizerFiles, tokenizer_files
-
-__all__ = [
-    "DEFAULT_BLOCK_SIZE", "Format", "StateDict", "check_meta_weights", "check_vocab_size", "check_weight_dtypes",
-    "make_config", "meta_shapes", "meta_to_lit",
-    "GGUF_LAYER_KEY", "GGUF_LAYER_NAMES", "GGUF_NAMES", "GGUF_SPECIAL_TOKEN_TYPES", "GGUF_TYPES", "convert_gguf",
-    "gguf_config", "gguf_rope_scaling", "gguf_tokenizer_files", "gguf_value", "open_gguf",
-    "HF_DOWNLOAD_PATTERNS", "HF_LAYER_KEY", "HF_LAYER_NAMES", "HF_NAMES", "convert_hf", "download_hf", "hf_config",
-    "hf_to_interleaved_rope", "hf_weight_files",
-    "LLAMA2C_HEADER", "LLAMA2C_LAYER_ARRAYS", "LLAMA2C_MAGIC", "LLAMA2C_NORM_EPS", "convert_llama2c",
-    "META_SPLIT_DIM", "convert_meta", "meta_config", "merge_meta_shards",
-    "convert", "find_tokenizer",
-]
 
 
 def convert(format: Format, checkpoint_path: Path, tokenizer_path: Optional[Path] = None,
@@ -50,7 +35,7 @@ def convert(format: Format, checkpoint_path: Path, tokenizer_path: Optional[Path
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.exists():
         raise UserError(f"{checkpoint_path} not found")
-    given = tokenizer_files(Path(tokenizer_path), convert_tiktoken=True) if tokenizer_path is not None else None
+    given = tokenizer_files(Path(tokenizer_path), llama3_tokenizer_files) if tokenizer_path is not None else None
     if format == "gguf":  # the file holds its tokenizer: one reader for both
         with open_gguf(checkpoint_path) as reader:
             files = given or gguf_tokenizer_files(reader, checkpoint_path)
@@ -70,5 +55,5 @@ def find_tokenizer(format: Format, checkpoint_path: Path) -> TokenizerFiles:
     for folder in folders:
         for name in names:
             if (folder / name).is_file():
-                return tokenizer_files(folder / name, convert_tiktoken=True)
+                return tokenizer_files(folder / name, llama3_tokenizer_files)
     raise UserError(f"no {' or '.join(names)} in {' or '.join(map(str, folders))}: pass the tokenizer path")

@@ -1,5 +1,5 @@
 """What the format readers share: the ``Config`` of a source's shape, the key, shape and dtype checks under Meta's
-names, the one mapping from Meta's names onto ``lit_adapter.model.GPT``'s (``meta_to_lit``), and small readers."""
+names, the one mapping from Meta's names onto ``lit_adapter.model.LLaMA``'s (``meta_to_lit``), and small readers."""
 
 import json
 from dataclasses import replace
@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import compare_shapes, preview_keys, shapes_of
+from lit_adapter.files import compare_shapes, preview_keys, shapes_of
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 

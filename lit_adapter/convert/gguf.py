@@ -15,8 +15,8 @@ from lit_adapter.config import Config
 from lit_adapter.convert.common import StateDict, check_vocab_size, make_config, meta_to_lit
 from lit_adapter.errors import UserError
 from lit_adapter.model import llama3_scaled_frequencies
-from lit_adapter.tokenizer import (TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, TokenizerFiles, byte_level_bpe,
-                                   sentencepiece_model)
+from lit_adapter.convert.tokenizers import byte_level_bpe, sentencepiece_model
+from lit_adapter.tokenizer import TOKENIZER_CONFIG, TOKENIZER_FILE, TOKENIZER_JSON, TokenizerFiles
 
 GGUF_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
               "output.weight": "output.weight"}

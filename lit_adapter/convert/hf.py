@@ -9,7 +9,7 @@ from typing import Any, Optional
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import read_safetensors, torch_load
+from lit_adapter.files import read_safetensors, torch_load
 from lit_adapter.config import Config
 from lit_adapter.convert.common import (StateDict, check_meta_weights, check_vocab_size, make_config, meta_to_lit,
                                         read_json, require, tensor_dict)

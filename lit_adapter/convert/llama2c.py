@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from lit_adapter.checkpoint import require_file, torch_load
+from lit_adapter.files import require_file, torch_load
 from lit_adapter.config import Config, swiglu_hidden_size
 from lit_adapter.convert.common import StateDict, check_vocab_size, make_config, meta_to_lit, require, tensor_dict
 from lit_adapter.errors import UserError

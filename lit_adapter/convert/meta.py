@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from lit_adapter.checkpoint import torch_load
+from lit_adapter.files import torch_load
 from lit_adapter.config import Config, swiglu_hidden_size
 from lit_adapter.convert.common import (StateDict, check_vocab_size, make_config, meta_to_lit, read_json, require,
                                         tensor_dict)

@@ -1,5 +1,5 @@
 """Generation from the command line (``generate/base.py``, ``generate/adapter.py`` run ``main``): one prompt, a
-file of requests in batches, or a chat, with several adapters on one base. The decoding itself is ``generation``.
+file of requests in batches, or a chat, with several adapters on one base. The decoding itself is ``decode``.
 """
 
 import json
@@ -10,20 +10,20 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import groupby
 from pathlib import Path
-from typing import Collection, Iterator, Literal, Optional, Sequence
+from typing import Collection, Iterator, Optional, Sequence
 
 import torch
 
-from lit_adapter.adapter import AdapterGPT
-from lit_adapter.checkpoint import (adapter_config, adapter_prompt_style, atomic_path, load_model, open_checkpoint,
-                                    read_adapter)
+from lit_adapter.adapter import AdapterLLaMA
+from lit_adapter.checkpoint import adapter_config, adapter_prompt_style, load_model, open_checkpoint, read_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generation import (DecodeFn, GraphDecode, compile_decode, decode_one_token, generate, generate_batch,
-                                    stream_text)
-from lit_adapter.model import GPT
+from lit_adapter.files import atomic_path
+from lit_adapter.generate.decode import (DecodeFn, GraphDecode, compile_decode, decode_one_token, generate,
+                                         generate_batch, stream_text)
+from lit_adapter.model import LLaMA
 from lit_adapter.precision import GenerationPrecision, base_dtype, default_precision
-from lit_adapter.prompts import Message, PromptStyle, encode_prompt, user_message
+from lit_adapter.prompts import BASE_MODEL_STYLE, Message, StyleName, get_style, user_message
 from lit_adapter.tokenizer import Tokenizer
 
 
@@ -151,7 +151,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
          precision: Optional[GenerationPrecision] = None,
          compile: bool = False, cuda_graph: bool = True,
-         prompt_style: Optional[Literal["plain", "alpaca", "chat"]] = None) -> list[str]:
+         prompt_style: Optional[StyleName] = None) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
@@ -190,7 +190,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     if interactive and requests_path is not None:
         raise UserError("--interactive and --requests_path exclude each other: chat, or answer a file")
     device = default_device()
-    dtype = base_dtype(precision or default_precision(device.type == "cuda", gpu_without_bf16="16-true"))
+    dtype = base_dtype(precision or default_precision(device.type == "cuda", purpose="generation"))
     torch.manual_seed(seed)
 
     start = time.perf_counter()
@@ -207,7 +207,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     rows = [adapter_index(r.adapter, names) for r in requests]
     styles = {name: adapter_prompt_style(path) for name, path in zip(names, paths)}
     style_of = partial(request_style, prompt_style, styles)
-    prompt_ids = [encode_prompt(style_of(r), tokenizer, [user_message(r.prompt)]) for r in requests]
+    prompt_ids = [get_style(style_of(r)).encode(tokenizer, [user_message(r.prompt)]) for r in requests]
     for number, (ids, request) in enumerate(zip(prompt_ids, requests), start=1):
         if ids.numel() + request.max_new_tokens > config.block_size:
             where = f"request {number}: " if requests_path is not None else ""
@@ -238,20 +238,19 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     return texts
 
 
-def request_style(option: Optional[str], styles: dict[str, PromptStyle], request: Request) -> Optional[PromptStyle]:
-    """How ``request``'s prompt is written: the ``--prompt_style`` option, else its adapter's style (None: plain)."""
-    if option is not None:
-        return None if option == "plain" else option
-    return styles.get(request.adapter)
+def request_style(option: Optional[str], styles: dict[str, str], request: Request) -> str:
+    """The name of the style ``request``'s prompt is written in: the ``--prompt_style`` option, else its adapter's
+    style, else (the base model) plain text."""
+    return option or styles.get(request.adapter) or BASE_MODEL_STYLE
 
 
-def select_rows(model: GPT, rows: list[int]) -> None:
+def select_rows(model: LLaMA, rows: list[int]) -> None:
     """Give row b of the next generation its adapter ``rows[b]`` (a base model has none to choose)."""
-    if isinstance(model, AdapterGPT):
+    if isinstance(model, AdapterLLaMA):
         model.select_adapters(rows)
 
 
-def stream_samples(model: GPT, tokenizer: Tokenizer, request: Request, row: int, prompt_ids: torch.Tensor,
+def stream_samples(model: LLaMA, tokenizer: Tokenizer, request: Request, row: int, prompt_ids: torch.Tensor,
                    num_samples: int, stop_ids: Collection[int], decode_fn: DecodeFn) -> list[str]:
     """Answer one prompt ``num_samples`` times, streaming each answer to stdout."""
     model.set_kv_cache(batch_size=1, max_seq_length=prompt_ids.numel() + request.max_new_tokens)
@@ -267,7 +266,7 @@ def stream_samples(model: GPT, tokenizer: Tokenizer, request: Request, row: int,
     return texts
 
 
-def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], rows: list[int],
+def answer_requests(model: LLaMA, tokenizer: Tokenizer, requests: list[Request], rows: list[int],
                     prompt_ids: list[torch.Tensor], batch_size: int, stop_ids: Collection[int],
                     decode_fn: DecodeFn) -> tuple[list[str], list[int]]:
     """The answers to ``requests`` and their token counts, generated in batches of one size (short ones padded)."""
@@ -290,7 +289,7 @@ def answer_requests(model: GPT, tokenizer: Tokenizer, requests: list[Request], r
     return texts, n_tokens
 
 
-def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, style: Optional[PromptStyle],
+def chat(model: LLaMA, tokenizer: Tokenizer, request: Request, row: int, style: str,
          stop_ids: Collection[int], decode_fn: DecodeFn, context: int) -> list[str]:
     """Answer the messages read from stdin until an empty line, each in the light of the conversation so far.
 
@@ -305,10 +304,10 @@ def chat(model: GPT, tokenizer: Tokenizer, request: Request, row: int, style: Op
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = encode_prompt(style, tokenizer, messages)
+        ids = get_style(style).encode(tokenizer, messages)
         while ids.numel() + request.max_new_tokens > context and len(messages) > 1:
             messages = messages[2:]
-            ids = encode_prompt(style, tokenizer, messages)
+            ids = get_style(style).encode(tokenizer, messages)
         if ids.numel() + request.max_new_tokens > context:
             raise UserError(f"the message is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} it "
                             f"exceeds the chat's context of {context} tokens (--chat_context, at most the "

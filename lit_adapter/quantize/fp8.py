@@ -1,4 +1,4 @@
-"""An FP8 frozen base: ``Fp8Linear`` quantizes a frozen weight once to float8 (e4m3) with a float32 scale per output
+"""An FP8 frozen base (``--precision fp8-base``): ``Fp8Linear`` quantizes a frozen weight once to float8 (e4m3) with a float32 scale per output
 row, keeps it in the two layouts the matmuls need (2 bytes a parameter in all, as in bf16), and runs the forward
 and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales (activations and gradients
 are scaled per token), accumulating in Hopper's fast mode. There is no weight gradient: the base is frozen.
@@ -24,8 +24,8 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_s
                   out_dtype: torch.dtype) -> torch.Tensor:
     """``(a * a_scale) @ (b_t * b_scale).T`` for e4m3 ``a`` (M, K) and ``b_t`` (N, K), scales (M, 1) and (N, 1).
 
-    Fast accumulation (partial sums promoted to float32 less often) makes the 7B step about 10% faster; the
-    validation loss stays within 0.06% of the bf16 run's, as without it (bench/RESULTS.md).
+    Fast accumulation (partial sums promoted to float32 less often) is faster at the same validation loss as full
+    accumulation (bench/RESULTS.md).
     """
     return torch._scaled_mm(a, b_t.t(), scale_a=a_scale, scale_b=b_scale.t(), out_dtype=out_dtype,
                             use_fast_accum=True)

@@ -1,14 +1,14 @@
 """The Trainer route's command line (``finetune/adapter_trainer.py`` runs ``main``): ``AdapterCLI`` is a
-``LightningCLI`` with the subcommands ``fit`` and ``validate`` (arguments that do not start with one are ``fit``'s,
-as before subcommands existed); it builds the ``Trainer`` for ``lightning.AdapterModule`` and
-``datamodule.AlpacaDataModule`` from the model's arguments, checks ``--ckpt_path`` before any work, and ends with the
-shell's exit statuses.
+``LightningCLI`` with the subcommands ``fit`` and ``validate`` (arguments that do not start with one are ``fit``'s);
+it builds the ``Trainer`` for ``lightning_module.AdapterModule`` and ``InstructionDataModule`` from the model's
+arguments, checks ``--ckpt_path`` before any work, and ends with the shell's exit statuses. It uses LightningCLI's
+public hooks only.
 """
 
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -19,22 +19,23 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_adapter.checkpoint import atomic_path, check_can_create, is_trainer_checkpoint, torch_load
-from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error
-from lit_adapter.datamodule import AlpacaDataModule
+from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error, out_of_memory_hint
+from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
-from lit_adapter.lightning import AdapterModule
-from lit_adapter.precision import TrainingPrecision, default_precision
-from lit_adapter.recipe import accumulation_steps, check_train_args
-from lit_adapter.strategies import trainer_precision, trainer_strategy
+from lit_adapter.files import atomic_path, check_can_create, torch_load
+from lit_adapter.precision import PRECISIONS, default_precision
+from lit_adapter.train.args import accumulation_steps, check_eval_args, check_train_args
+from lit_adapter.train.lightning_module import AdapterModule
+from lit_adapter.train.state import is_trainer_checkpoint
+from lit_adapter.train.strategies import trainer_precision, trainer_strategy
 
-OUT_OF_MEMORY_HINT = ("lower --model.train.micro_batch_size (the global batch stays the same), or use "
-                      "--trainer.precision bf16-true, --model.activation_checkpointing true, or --trainer.strategy "
-                      "fsdp over more devices")
+TRAINER_PRECISIONS = [name for name, p in PRECISIONS.items() if p.training and p.quantize is None]
+"""What the Trainer route runs: no quantized base (finetune/adapter.py has those)."""
 
 
 class AdapterCLI(LightningCLI):
-    """``LightningCLI`` for ``AdapterModule`` and ``AlpacaDataModule`` whose Trainer is set from the model's arguments.
+    """``LightningCLI`` for ``AdapterModule`` and ``InstructionDataModule`` whose Trainer is set from the model's
+    arguments.
 
     Subcommands: ``fit`` (also when the arguments do not start with a subcommand) and ``validate``; ``run=False``
     only builds the classes. Derived from ``--model.train.*`` / ``--model.eval.*``, and therefore not options of
@@ -52,7 +53,7 @@ class AdapterCLI(LightningCLI):
         self.default_subcommand = "fit" if run else None
         kwargs.setdefault("parser_kwargs", {name: {"description": main.__doc__} for name in self.subcommands()})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # config.yaml of the run, beside its logs
-        super().__init__(AdapterModule, AlpacaDataModule, args=args, run=run, auto_configure_optimizers=False,
+        super().__init__(AdapterModule, InstructionDataModule, args=args, run=run, auto_configure_optimizers=False,
                          seed_everything_default=1337, trainer_defaults={
                              "default_root_dir": "out/adapter_trainer/alpaca", "num_sanity_val_steps": 0,
                              "check_val_every_n_epoch": None}, **kwargs)
@@ -65,28 +66,28 @@ class AdapterCLI(LightningCLI):
         return {name: skip | own for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Optional[list[str]]) -> None:
-        """Parse the command line; arguments that do not start with a subcommand are those of ``fit``."""
+        """Parse the command line (arguments that do not start with a subcommand are those of ``fit``), and check
+        ``--ckpt_path`` before any work, "last" resolved."""
         args = sys.argv[1:] if args is None else args
         if self.default_subcommand and (not args or args[0] not in self.subcommands()):
             args = [self.default_subcommand, *args]
         self.config = parser.parse_args(args)
-
-    def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` before any work, and resolve "last". (Lightning would read the checkpoint's
-        hyperparameters here, over the command line's: here the command line's apply, and the checkpoint's adapter
-        must fit them.)"""
         config = self.config.get(str(self.config.get("subcommand")), self.config)  # (run=False: no subcommand)
         config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.trainer.default_root_dir or "."))
 
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-        """Lightning's arguments of ``Trainer.fit`` / ``Trainer.validate``, with this CLI's ``--ckpt_path``."""
-        return {**super()._prepare_subcommand_kwargs(subcommand), "ckpt_path": self.config_init[subcommand].ckpt_path}
+    def fit(self, **kwargs: Any) -> None:
+        """``Trainer.fit`` from this CLI's --ckpt_path (the subcommand ``fit``)."""
+        self.run_with_exit_statuses(self.trainer.fit, **kwargs)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Lightning's, ending an interrupted run with the shell's statuses (Lightning ends Ctrl-C with 1 and
-        SIGTERM with 0)."""
+    def validate(self, **kwargs: Any) -> None:
+        """``Trainer.validate`` of this CLI's --ckpt_path (the subcommand ``validate``)."""
+        self.run_with_exit_statuses(self.trainer.validate, **kwargs)
+
+    def run_with_exit_statuses(self, method: Callable, **kwargs: Any) -> None:
+        """Run a Trainer method, ending an interrupted run with the shell's statuses (Lightning ends Ctrl-C with 1
+        and SIGTERM with 0)."""
         try:
-            super()._run_subcommand(subcommand)
+            method(ckpt_path=self.config_init[self.subcommand].ckpt_path, **kwargs)
         except SystemExit as exit:
             if isinstance(exit, SIGTERMException):
                 sys.exit(128 + signal.SIGTERM)
@@ -113,47 +114,11 @@ class AdapterCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer of the command line, with the settings that follow from the model's arguments."""
         config = {**self._get(self.config_init, "trainer", {}), **kwargs}
-        model: AdapterModule = self.model
-        train, eval = model.train_args, model.eval_args
-        if eval.interval < 1 or eval.max_batches < 1:
-            raise UserError("model.eval.interval and model.eval.max_batches must be at least 1")
-        check_train_args(train, prefix="model.train.")
-        if train.micro_batch_tokens is not None:
-            raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
-                            "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
-        accumulation_steps(train, 1)  # a bad batch size fails before any process starts
-        check_can_create(Path(config.get("default_root_dir") or "."), "--trainer.default_root_dir")
-        overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
-                                     "val_check_interval": eval.interval}
-        if config.get("max_steps", -1) == -1 and config.get("max_epochs") is None:
-            if train.max_steps is not None:
-                overrides["max_steps"] = train.max_steps
-            else:
-                overrides["max_epochs"] = train.epochs
-        if config.get("limit_val_batches") is None:
-            overrides["limit_val_batches"] = eval.max_batches
-        if config.get("log_every_n_steps") is None:
-            overrides["log_every_n_steps"] = train.log_interval
-        if config.get("logger") in (None, True):
-            overrides["logger"] = TensorBoardLogger(save_dir=config.get("default_root_dir") or ".", name="logs")
         fsdp_size = None
         if config.get("strategy") == "fsdp":
             devices = requested_devices(config.get("devices", "auto"), config.get("accelerator", "auto"))
             fsdp_size = devices * config.get("num_nodes", 1)
-            overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
-        precision = config.get("precision")
-        if precision is None:
-            precision = default_precision(config.get("accelerator") in ("auto", "gpu", "cuda")
-                                          and torch.cuda.is_available())
-        if precision not in get_args(TrainingPrecision) or precision == "fp8-base":
-            raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
-                            f"{', '.join(p for p in get_args(TrainingPrecision) if p != 'fp8-base')} (fp8-base: "
-                            "finetune/adapter.py)")
-        overrides.update({"precision": None, **trainer_precision(precision)})
-        overrides["plugins"] = overrides.get("plugins", []) + [AtomicCheckpointIO()]
-        if config.get("plugins"):
-            plugins = config["plugins"]
-            overrides["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + overrides["plugins"]
+        overrides = self.derived_trainer_settings(config, fsdp_size)
         try:
             trainer = super().instantiate_trainer(**overrides)
         except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than devices
@@ -164,10 +129,51 @@ class AdapterCLI(LightningCLI):
             raise UserError(f"--trainer.devices {config.get('devices')} means {trainer.num_devices} devices here; "
                             "pass their number")
         # gradient accumulation and the validation interval (in micro-batches) depend on the number of devices
-        accumulate = accumulation_steps(train, world_size)
+        accumulate = accumulation_steps(self.model.train_args, world_size)
         trainer.accumulate_grad_batches = accumulate
-        trainer.val_check_interval = eval.interval * accumulate
+        trainer.val_check_interval = self.model.eval_args.interval * accumulate
         return trainer
+
+    def derived_trainer_settings(self, config: dict[str, Any], fsdp_size: Optional[int]) -> dict[str, Any]:
+        """The Trainer settings that follow from the model's arguments, checked first (with the --trainer options
+        given in ``config``, and the number of processes FSDP shards over if it is the strategy)."""
+        train, eval = self.model.train_args, self.model.eval_args
+        check_eval_args(eval, prefix="model.eval.")
+        check_train_args(train, prefix="model.train.")
+        if train.micro_batch_tokens is not None:
+            raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
+                            "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
+        accumulation_steps(train, 1)  # a bad batch size fails before any process starts
+        root_dir = config.get("default_root_dir") or "."
+        check_can_create(Path(root_dir), "--trainer.default_root_dir")
+        overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
+                                     "val_check_interval": eval.interval}
+        if config.get("max_steps", -1) == -1 and config.get("max_epochs") is None:
+            overrides.update({"max_steps": train.max_steps} if train.max_steps is not None else
+                             {"max_epochs": train.epochs})
+        defaults = {"limit_val_batches": eval.max_batches, "log_every_n_steps": train.log_interval}
+        overrides.update({key: value for key, value in defaults.items() if config.get(key) is None})
+        if config.get("logger") in (None, True):
+            overrides["logger"] = TensorBoardLogger(save_dir=root_dir, name="logs")
+        if fsdp_size is not None:
+            overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
+        overrides.update({"precision": None, **trainer_precision(self.checked_precision(config))})
+        given = config.get("plugins") or []
+        overrides["plugins"] = (given if isinstance(given, list) else [given]) + overrides.get("plugins", []) + [
+            AtomicCheckpointIO()]
+        return overrides
+
+    @staticmethod
+    def checked_precision(config: dict[str, Any]) -> str:
+        """--trainer.precision, or its default; a precision the Trainer route cannot run is refused."""
+        precision = config.get("precision")
+        if precision is None:
+            gpu = config.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            precision = default_precision(gpu)
+        if precision not in TRAINER_PRECISIONS:
+            raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
+                            f"{', '.join(TRAINER_PRECISIONS)} (a quantized base: finetune/adapter.py)")
+        return precision
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -242,5 +248,5 @@ def main(args: Optional[list[str]] = None) -> None:
     out/adapter_trainer/alpaca/logs/version_N); Lightning checkpoints (adapter and optimizer only) go to its
     checkpoints/, and --ckpt_path resumes from one.
     """
-    with exit_on_user_error(OUT_OF_MEMORY_HINT):
+    with exit_on_user_error(out_of_memory_hint("--model.")):
         AdapterCLI(args=args)

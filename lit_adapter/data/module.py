@@ -1,4 +1,5 @@
-"""The LightningDataModule: a prepared set's files, served in the step plans of ``batching.py``."""
+"""The LightningDataModule: a prepared set's files, served in the step plans of ``batching``, and the checks of a
+prepared set against the model it trains."""
 
 from functools import partial
 from pathlib import Path
@@ -9,16 +10,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-from lit_adapter.batching import (PAD_TO_MULTIPLE_OF, EpochMicroBatchSampler, Step, StepData, StepPlan, StepSampler,
-                                  collate, response_token_count)
-from lit_adapter.checkpoint import torch_load
-from lit_adapter.config import read_yaml_mapping
-from lit_adapter.data import PREP_CONFIG_FILE, SPLITS, Sample, check_prepared_set
+from lit_adapter.config import Config
+from lit_adapter.data.batching import (PAD_TO_MULTIPLE_OF, EpochMicroBatchSampler, Sample, Step, StepData, StepPlan,
+                                       StepSampler, collate, response_token_count)
+from lit_adapter.data.prepare import read_prepared_set
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import PromptStyle, check_prompt_style
+from lit_adapter.prompts import get_style
+from lit_adapter.tokenizer import Tokenizer
 
 
-class AlpacaDataModule(L.LightningDataModule):
+class InstructionDataModule(L.LightningDataModule):
     """Train/val dataloaders over the files of ``scripts/prepare_alpaca.py``, length-grouped and padded per batch.
 
     Training serves optimizer steps of exactly ``global_batch_size`` samples (``StepPlan``). The rank and world
@@ -53,27 +54,39 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def setup(self, stage: str = "") -> None:
         """Load ``train.pt``, ``val.pt`` and ``prep_config.yaml`` (once)."""
-        if self.splits:
-            return
-        for path in [self.data_dir / f"{name}.pt" for name in SPLITS] + [self.data_dir / PREP_CONFIG_FILE]:
-            if not path.is_file():
-                raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first "
-                                f"(with --destination_dir {self.data_dir})")
-        prep_config = read_yaml_mapping(self.data_dir / PREP_CONFIG_FILE)
-        check_prepared_set(self.data_dir, prep_config)
-        self.splits = {name: torch_load(self.data_dir / f"{name}.pt") for name in SPLITS}
-        self.prep_config = prep_config
+        if not self.splits:
+            self.splits, self.prep_config = read_prepared_set(self.data_dir)
 
     @property
-    def prompt_style(self) -> PromptStyle:
-        """The prompt style the data was prepared in (data from before styles existed: alpaca)."""
-        return check_prompt_style(self.prep_config.get("prompt_style", "alpaca"))
+    def prompt_style(self) -> str:
+        """The name of the prompt style the data was prepared in (data from before styles: the legacy style)."""
+        return get_style(self.prep_config.get("prompt_style")).name
 
-    def plan(self, split: str = "train") -> StepPlan:
-        """The step plan of ``split`` on this rank."""
+    def check_fits(self, tokenizer: Tokenizer, config: Config) -> None:
+        """The data must come from this tokenizer and fit the model's context."""
+        prepared = self.prep_config.get("tokenizer", {})
+        if prepared.get("vocab_size") not in (None, tokenizer.vocab_size):
+            raise UserError(f"{self.data_dir} was prepared with a tokenizer of {prepared['vocab_size']} tokens, but "
+                            f"the model's has {tokenizer.vocab_size}: run scripts/prepare_alpaca.py with this "
+                            "--checkpoint_dir")
+        longest = max(len(s["input_ids"]) for split in self.splits.values() for s in split) - 1
+        if longest > config.block_size:
+            raise UserError(f"{self.data_dir} holds sequences of {longest} tokens, longer than the model's "
+                            f"block_size {config.block_size}: prepare it with --max_seq_length {config.block_size}")
+
+    def check_fills_a_step(self, option: str) -> None:
+        """The training set must fill an optimizer step (else every step would repeat samples, and the Trainer's
+        epochs would hold no step); ``option`` names the global batch size."""
+        samples = len(self.splits["train"])
+        if samples < self.global_batch_size:
+            raise UserError(f"{self.data_dir} has {samples} training samples, fewer than one optimizer step of "
+                            f"{self.global_batch_size} ({option}): lower it, or prepare more data")
+
+    def plan(self, split: str = "train", replicas: Optional[tuple[int, int]] = None) -> StepPlan:
+        """The step plan of ``split`` for ``replicas`` (world size, rank; default: this process's)."""
         self.setup()
         samples = self.splits[split]
-        num_replicas, rank = self._replicas()
+        num_replicas, rank = replicas or self._replicas()
         return StepPlan([len(s["input_ids"]) for s in samples], [response_token_count(s) for s in samples],
                         self.global_batch_size, self.micro_batch_size, self.micro_batch_tokens, self.seed,
                         num_replicas, rank, pad_to_multiple_of=self.pad_to_multiple_of)
@@ -93,8 +106,7 @@ class AlpacaDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
-        plan = self.plan("val")
-        plan.num_replicas, plan.rank = 1, 0
+        plan = self.plan("val", replicas=(1, 0))
         batches = plan.micro_batches(range(len(plan.lengths)))
         num_replicas, rank = self._replicas()
         mine = batches[:len(batches) - len(batches) % num_replicas][rank::num_replicas]

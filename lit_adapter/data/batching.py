@@ -8,11 +8,15 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from lit_adapter.data import IGNORE_INDEX, Sample
 from lit_adapter.errors import UserError
 
+IGNORE_INDEX = -100
+"""Label of positions that do not count in the loss (``torch.nn.functional.cross_entropy``'s default)."""
 PAD_TO_MULTIPLE_OF = 8
-"""Micro-batch lengths are rounded up to this: the 7B recipe ran 18.6k tokens/s with 8 and 15.4k with 1 (H200)."""
+"""Micro-batch lengths are rounded up to this, which GPU kernels run faster on (bench/RESULTS.md)."""
+
+Sample = dict[str, torch.Tensor]
+"""A tokenized sample: ``input_ids`` and ``labels`` (int64, ``IGNORE_INDEX`` where nothing is learned)."""
 
 Step = tuple[list[list[int]], int]
 """One optimizer step on one rank: its micro-batches (sample indices) and the step's response tokens on all ranks."""

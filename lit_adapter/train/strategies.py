@@ -1,9 +1,8 @@
-"""Precision and distribution choices, one place for both Fabric and the Lightning Trainer.
+"""Precision plugins and distribution strategies, one place for both Fabric and the Lightning Trainer.
 
-Precision names what the frozen base is stored and computed in; the adapter's parameters (and so the
-optimizer state) always stay float32. "fp8-base" is "bf16-true" with the blocks' linear layers stored in float8
-(``fp8.Fp8Linear``, Hopper GPUs only); embedding, norms, attention, head, adapter and loss stay as in bf16-true. ``fsdp`` shards every block and the rest with FSDP2 (``fully_shard``)
-through Lightning's ``ModelParallelStrategy``, which runs on GPUs and on CPUs alike.
+A precision of ``lit_adapter.precision`` runs under its Lightning precision; "bf16-true" is Lightning's except that
+the trainable adapter keeps float32. ``fsdp`` shards every block and the rest with FSDP2 (``fully_shard``) through
+Lightning's ``ModelParallelStrategy``, which runs on GPUs and on CPUs alike.
 """
 
 from contextlib import AbstractContextManager, nullcontext
@@ -17,7 +16,7 @@ from lightning.pytorch.plugins.precision import HalfPrecision as TrainerHalfPrec
 from lightning.pytorch.strategies import ModelParallelStrategy as TrainerModelParallel
 from torch.distributed.device_mesh import DeviceMesh
 
-from lit_adapter.precision import TrainingPrecision
+from lit_adapter.precision import PRECISIONS
 
 StrategyName = Literal["auto", "ddp", "fsdp"]
 
@@ -57,16 +56,6 @@ class TrainerFrozenHalfPrecision(TrainerHalfPrecision):
         return nullcontext()
 
 
-def quantize_base(model: nn.Module, precision: TrainingPrecision, device: torch.device) -> nn.Module:
-    """Store the frozen blocks' linear layers in FP8 where ``precision`` asks for it (refused off Hopper GPUs)."""
-    if precision == "fp8-base":
-        from lit_adapter.fp8 import check_fp8_device, quantize_frozen_linears
-
-        check_fp8_device(device)
-        quantize_frozen_linears(model)
-    return model
-
-
 def shard_model(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     """FSDP2: shard each transformer block, then the embedding, final norm and head together."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -90,11 +79,12 @@ def fabric_strategy(name: StrategyName, devices: int = 1) -> Union[str, FabricMo
     return name
 
 
-def fabric_precision(precision: TrainingPrecision) -> dict:
-    """Keyword arguments for ``Fabric`` that implement ``precision``."""
-    if precision in ("bf16-true", "fp8-base"):
-        return {"plugins": FabricFrozenHalfPrecision("bf16-true")}
-    return {"precision": precision}
+def fabric_precision(name: str) -> dict:
+    """Keyword arguments for ``Fabric`` that run the precision called ``name``."""
+    lightning = PRECISIONS[name].lightning
+    if lightning == "bf16-true":
+        return {"plugins": FabricFrozenHalfPrecision(lightning)}
+    return {"precision": lightning}
 
 
 def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, TrainerModelParallel]:
@@ -103,8 +93,9 @@ def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, Trainer
     return name
 
 
-def trainer_precision(precision: TrainingPrecision) -> dict:
-    """Keyword arguments for ``Trainer`` that implement ``precision``."""
-    if precision == "bf16-true":
-        return {"plugins": [TrainerFrozenHalfPrecision("bf16-true")]}
-    return {"precision": precision}
+def trainer_precision(name: str) -> dict:
+    """Keyword arguments for ``Trainer`` that run the precision called ``name``."""
+    lightning = PRECISIONS[name].lightning
+    if lightning == "bf16-true":
+        return {"plugins": [TrainerFrozenHalfPrecision(lightning)]}
+    return {"precision": lightning}

@@ -1,6 +1,6 @@
 """The Trainer route's LightningModule: ``AdapterModule`` drives the shared ``recipe`` (model preparation, loss,
-optimizer, schedule, accumulation, sample response) for the Lightning ``Trainer``; ``trainer_cli`` runs it from the
-command line. Nothing here trains differently from the Fabric loop.
+optimizer, schedule, evaluation) for the Lightning ``Trainer``; ``lightning_cli`` runs it from the command line.
+Nothing here trains differently from the Fabric loop.
 """
 
 import math
@@ -15,18 +15,19 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_adapter.adapter import AdapterGPT, is_adapter_param, num_trainable_params
-from lit_adapter.batching import padding_fraction
-from lit_adapter.checkpoint import (ADAPTER_FILE, BaseCheckpoint, adapter_and_optimizer_state, check_can_create,
-                                    compare_shapes, load_model, open_checkpoint, save_adapter, shapes_of)
-from lit_adapter.data import IGNORE_INDEX
-from lit_adapter.datamodule import AlpacaDataModule
+from lit_adapter.adapter import AdapterArgs, AdapterLLaMA, is_adapter_param, trainable_summary
+from lit_adapter.checkpoint import ADAPTER_FILE, BaseCheckpoint, load_model, open_checkpoint, save_adapter
+from lit_adapter.data.batching import padding_fraction
+from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
+from lit_adapter.files import check_can_create, compare_shapes, shapes_of
 from lit_adapter.precision import base_dtype
-from lit_adapter.prompts import PromptStyle
-from lit_adapter.recipe import (AdapterArgs, EvalArgs, TrainArgs, adopt_hyperparameters, build_optimizer,
-                                build_scheduler, check_data_fits, check_enough_samples, learned_positions_loss,
-                                loss_fn, prepare_for_training, resumed_message, sample_response)
+from lit_adapter.prompts import LEGACY_STYLE
+from lit_adapter.train.args import EvalArgs, TrainArgs
+from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, evaluation_report,
+                                      learned_positions_loss, micro_batch_loss, prepare_for_training,
+                                      resumed_message, sample_response, validation_sums)
+from lit_adapter.train.state import adapter_and_optimizer_state
 
 
 class AdapterModule(L.LightningModule):
@@ -62,14 +63,15 @@ class AdapterModule(L.LightningModule):
         self.adapter_args = adapter
         self.train_args = train
         self.eval_args = eval
-        # plain types only, so that a checkpoint loads with torch.load(weights_only=True)
-        self.save_hyperparameters({
+        # plain types only, so that a checkpoint loads with torch.load(weights_only=True); kept under a key of our
+        # own, not as Lightning's hyper_parameters, which its CLI would apply over the command line's options
+        self.run_options = {
             "checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if out_dir is None else str(out_dir),
             "compile": compile, "activation_checkpointing": activation_checkpointing,
-            "adapter": asdict(adapter), "train": asdict(train), "eval": asdict(eval)})
+            "adapter": asdict(adapter), "train": asdict(train), "eval": asdict(eval)}
         # checkpoints hold the adapter only: the frozen base comes from checkpoint_dir (see on_load_checkpoint)
         self.strict_loading = False
-        self.model: Optional[AdapterGPT] = None
+        self.model: Optional[AdapterLLaMA] = None
         self._base: Optional[BaseCheckpoint] = None
         self.train_loss_fn = learned_positions_loss  # compiled in configure_model where asked
         self.total_steps: Optional[int] = None
@@ -94,23 +96,22 @@ class AdapterModule(L.LightningModule):
         compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
         self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
         if sharded:
-            from lit_adapter.strategies import shard_model
+            from lit_adapter.train.strategies import shard_model
 
             shard_model(model, self.device_mesh)
         self.model = model
-        self.print(f"{num_trainable_params(model):,} trainable adapter parameters "
-                   f"({model.config.n_adapter_layers} layers x {model.config.adapter_prompt_length} prompts + gates)")
+        self.print(trainable_summary(model, model.config))
 
     def setup(self, stage: str) -> None:
         """Check, before any work, that the data fits the model (and fills a step, to fit) and that the output
         directory is writable."""
         base = self.base
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if isinstance(datamodule, AlpacaDataModule):
+        if isinstance(datamodule, InstructionDataModule):
             datamodule.setup(stage)
-            check_data_fits(datamodule, base.tokenizer, base.config)
+            datamodule.check_fits(base.tokenizer, base.config)
             if stage == TrainerFn.FITTING:
-                check_enough_samples(datamodule, self.train_args.global_batch_size, "--model.train.global_batch_size")
+                datamodule.check_fills_a_step("--model.train.global_batch_size")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
@@ -118,14 +119,15 @@ class AdapterModule(L.LightningModule):
     def base(self) -> BaseCheckpoint:
         """The base checkpoint directory, opened once: its config with this adapter's shape, and its tokenizer."""
         if self._base is None:
-            self._base = open_checkpoint(self.checkpoint_dir, self.adapter_args.apply)
+            self._base = open_checkpoint(self.checkpoint_dir,
+                                         lambda base: self.adapter_args.config(base, option="--model.adapter."))
         return self._base
 
     @property
-    def prompt_style(self) -> PromptStyle:
-        """The prompt style of the prepared data (alpaca without a data module)."""
+    def prompt_style(self) -> str:
+        """The name of the prepared data's prompt style (without a data module: the legacy style)."""
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        return datamodule.prompt_style if isinstance(datamodule, AlpacaDataModule) else "alpaca"
+        return datamodule.prompt_style if isinstance(datamodule, InstructionDataModule) else LEGACY_STYLE
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -163,10 +165,10 @@ class AdapterModule(L.LightningModule):
                                 gradient_clip_algorithm=gradient_clip_algorithm or "norm")
 
     def training_step(self, batch: tuple[list[tuple[torch.Tensor, torch.Tensor]], int], batch_idx: int) -> torch.Tensor:
-        """One micro-batch's part of the step loss (as ``training.accumulate_gradients``), scaled up by the
-        accumulation and the world size that the trainer and DDP/FSDP divide by."""
+        """One micro-batch's ``micro_batch_loss``, scaled up by the accumulation and the world size that the trainer
+        and DDP/FSDP divide by."""
         [(input_ids, targets)], step_tokens = batch
-        loss = self.train_loss_fn(self.model, input_ids, targets) / step_tokens
+        loss = micro_batch_loss(self.train_loss_fn, self.model, input_ids, targets, step_tokens)
         self._loss_sum += loss.detach()
         self._tokens += input_ids.numel()
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -216,11 +218,10 @@ class AdapterModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         input_ids, targets = batch
-        self._val_losses.append(torch.stack([loss_fn(self.model(input_ids), targets, "sum"),
-                                             (targets != IGNORE_INDEX).sum().float()]))
+        self._val_losses.append(validation_sums(self.model, input_ids, targets))
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``val_loss`` (per response token over batches and ranks, as ``training.validate``) and, on every
+        """Log ``val_loss`` (per response token over batches and ranks, as ``fabric_loop.validate``) and, on every
         rank, generate the sample response; print both (with the step, in fit)."""
         totals = sum(self._val_losses, torch.zeros(2, device=self.device))
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
@@ -231,8 +232,8 @@ class AdapterModule(L.LightningModule):
         instruction = self.eval_args.instruction
         response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)
-        step = f"step {self.global_step}: " if self.trainer.state.fn == TrainerFn.FITTING else ""
-        self.print(f"\n{step}val loss {val_loss.item():.4f}\n{instruction}\n> {response}")
+        step = self.global_step if self.trainer.state.fn == TrainerFn.FITTING else None
+        self.print(evaluation_report(step, val_loss.item(), instruction, response))
 
     # ------------------------------------------------------------------------------------------ files
 
@@ -250,6 +251,7 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
         checkpoint["prompt_style"] = self.prompt_style
+        checkpoint["run_options"] = self.run_options
         checkpoint["data_layout"] = self._data_layout()
 
     def _data_layout(self) -> dict[str, Any]:
@@ -271,7 +273,7 @@ class AdapterModule(L.LightningModule):
                 raise UserError(f"the checkpoint's weights do not fit this adapter: missing {missing[:3]}, "
                                 f"unexpected {unexpected[:3]}, other shapes {shapes[:3]}")
         datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(datamodule, AlpacaDataModule) or self._trainer.state.fn != TrainerFn.FITTING:
+        if not isinstance(datamodule, InstructionDataModule) or self._trainer.state.fn != TrainerFn.FITTING:
             return
         layout = self._data_layout()
         saved = checkpoint.get("data_layout", layout)

@@ -1,10 +1,10 @@
-"""Text generation: prefill the prompts, then decode one token at a time from a static KV cache.
+"""The decoding core: prefill the prompts, then decode one token at a time from a static KV cache.
 
 The one-token step has fixed shapes and fixed addresses, so on a GPU it is captured as is in a CUDA graph
-(``GraphDecode``, ready in about a second) or compiled into one (``compile_decode``: over a minute of warm-up, then
-about 18% faster on an H200); sampling stays on the device (no host synchronisation inside the step). A batch holds
-prompts of different lengths, each row at its own positions and, with an adapter model, with its own adapter.
-The command line around it (requests files, adapter sets, conversations, ``main``) is ``lit_adapter.serving``.
+(``GraphDecode``, ready within seconds) or compiled into one (``compile_decode``: a long warm-up, then faster;
+bench/RESULTS.md has the figures); sampling stays on the device (no host synchronisation inside the step). A batch
+holds prompts of different lengths, each row at its own positions and, with an adapter model, with its own adapter.
+The command line around it is ``lit_adapter.generate.cli``.
 """
 
 import sys
@@ -13,7 +13,7 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Text
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
+from lit_adapter.model import LLaMA
 from lit_adapter.tokenizer import Tokenizer
 
 DecodeFn = Callable[..., torch.Tensor]
@@ -40,7 +40,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
 
 
-def decode_one_token(model: GPT, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
+def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
                      top_k: Optional[int], top_p: float) -> torch.Tensor:
     """One decoding step: each row's token (B, 1) at its own position ``input_pos`` (B, 1) in, the next (B, 1) out."""
     logits = model(token, input_pos)[:, -1]
@@ -57,7 +57,7 @@ def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
 
 
 class GraphDecode:
-    """The eager decoding step captured in a CUDA graph: no compiler, so it is ready within about a second.
+    """The eager decoding step captured in a CUDA graph: no compiler, so it is ready within seconds.
 
     The KV cache is static and the graph keeps its own token and position buffers, so every address is fixed; a
     call copies the inputs in and replays. It captures again for another batch size, sampling options or KV cache
@@ -69,7 +69,7 @@ class GraphDecode:
         self.captured_for: Optional[tuple] = None
         self.cache: Optional[torch.Tensor] = None
 
-    def __call__(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
+    def __call__(self, model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
                  top_k: Optional[int], top_p: float) -> torch.Tensor:
         key = (id(model), tuple(token.shape), temperature, top_k, top_p)
         if key != self.captured_for or model.cache_positions is not self.cache:
@@ -80,7 +80,7 @@ class GraphDecode:
         self.replay()
         return self.next_token
 
-    def capture(self, model: GPT, token: torch.Tensor, input_pos: torch.Tensor, *sampling: Any) -> None:
+    def capture(self, model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, *sampling: Any) -> None:
         self.token, self.input_pos = token.clone(), input_pos.clone()
 
         def step() -> torch.Tensor:
@@ -105,7 +105,7 @@ class GraphDecode:
 
 
 @torch.no_grad()
-def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int],
+def generate_steps(model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int],
                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
                    decode_fn: DecodeFn = decode_one_token) -> Iterator[list[int]]:
     """Yield the next token id of every row, as many times as the largest ``max_new_tokens`` (one per row or shared).
@@ -149,7 +149,7 @@ def generate_steps(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: 
         yield host_token[:, 0].tolist()
 
 
-def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Collection[int] = (),
              decode_fn: DecodeFn = decode_one_token) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids following ``prompt`` (1-D ids), the last one a stop id if one came.
@@ -162,7 +162,7 @@ def generate(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature:
             return
 
 
-def generate_batch(model: GPT, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int],
+def generate_batch(model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens: int | Sequence[int],
                    temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
                    stop_ids: Collection[int] = (), decode_fn: DecodeFn = decode_one_token) -> list[list[int]]:
     """Each prompt's new token ids, generated as one batch: up to its ``max_new_tokens``, ending at a stop id.

@@ -1,0 +1,1 @@
+"""Training data: records, prepared sets, step plans and batching, and the LightningDataModule."""

@@ -1,0 +1,64 @@
+"""The command line of data preparation (``scripts/prepare_alpaca.py`` runs ``main``): records in, a prepared set
+out, with the model's tokenizer and context."""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lit_adapter.checkpoint import CONFIG_FILE, read_config
+from lit_adapter.data.prepare import prepare_dataset
+from lit_adapter.data.records import download_alpaca, load_records
+from lit_adapter.errors import UserError
+from lit_adapter.files import check_can_create
+from lit_adapter.prompts import LEGACY_STYLE, StyleName
+from lit_adapter.tokenizer import Tokenizer
+
+DEFAULT_MAX_SEQ_LENGTH = 512
+
+
+def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[Path] = None,
+         tokenizer_path: Optional[Path] = None, data_file: Optional[Path] = None, val_size: int = 2000,
+         seed: int = 42, max_seq_length: Optional[int] = None, mask_prompt: bool = True,
+         skip_bad_records: bool = False, prompt_style: StyleName = LEGACY_STYLE) -> None:
+    """Tokenize instruction data into train.pt, val.pt and prep_config.yaml.
+
+    Args:
+        destination_dir: Where the files are written (and the downloaded alpaca_data.json kept).
+        checkpoint_dir: A converted checkpoint directory; its tokenizer and block_size are used.
+        tokenizer_path: A tokenizer.json or SentencePiece tokenizer.model; overrides the one in checkpoint_dir.
+        data_file: A JSON list or JSON Lines file (.jsonl) of records: Alpaca records {instruction, input, output}
+            or chat records {messages: [{role: system|user|assistant, content}, ...]}; only the answers are
+            learned. Default: download the Stanford Alpaca data to destination_dir/alpaca_data.json, or reuse it
+            if already there.
+        val_size: How many random samples go to the validation split.
+        seed: Seed of the train/val split.
+        max_seq_length: Longest tokenized sample; longer ones are truncated, always keeping their EOS.
+            Default: the block_size of checkpoint_dir's model, else 512.
+        mask_prompt: Leave the prompt out of the loss, so only the response (and EOS) is learned.
+        skip_bad_records: Skip malformed records (with a count) instead of stopping at the first one.
+        prompt_style: "alpaca": the Alpaca template of the paper (BOS where the tokenizer adds one, EOS after the
+            answer); "chat": the model's own chat template (from its tokenizer config), for chat models and
+            multi-turn records. Training and generation take the style from what is prepared here.
+    """
+    if tokenizer_path is None and checkpoint_dir is None:
+        raise UserError("pass --checkpoint_dir (holding the tokenizer) or --tokenizer_path")
+    check_can_create(destination_dir, "--destination_dir")
+    tokenizer = Tokenizer(tokenizer_path or checkpoint_dir)
+    has_config = checkpoint_dir is not None and (checkpoint_dir / CONFIG_FILE).is_file()
+    block_size = read_config(checkpoint_dir).block_size if has_config else None
+    if max_seq_length is None:
+        max_seq_length = block_size or DEFAULT_MAX_SEQ_LENGTH
+    elif block_size is not None and max_seq_length > block_size:
+        raise UserError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size} "
+                        f"({checkpoint_dir / CONFIG_FILE}): pass --max_seq_length {block_size} or less")
+    if data_file is None:
+        data_file = destination_dir / "alpaca_data.json"
+        if data_file.is_file():
+            print(f"using the previously downloaded {data_file}")
+        else:
+            download_alpaca(data_file)
+    records, problems = load_records(data_file, skip_bad_records)
+    if problems:
+        print(f"skipped {len(problems)} bad records of {data_file}; the first: {problems[0]}", file=sys.stderr)
+    prepare_dataset(records, tokenizer, destination_dir, val_size=val_size, seed=seed,
+                    max_seq_length=max_seq_length, mask_prompt=mask_prompt, source=data_file, style=prompt_style)

@@ -1,0 +1,1 @@
+"""Generation: the decoding core and the generate scripts' command line."""
