@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.model import CausalSelfAttention, KVCache, LLaMA
+from lit_adapter.model import CacheView, CausalSelfAttention, KVCache, LLaMA
 
 ADAPTER_PARAM_PREFIX = "adapter_"
 DEFAULT_PROMPT_LENGTH = 10
@@ -129,13 +129,14 @@ class AdapterAttention(CausalSelfAttention):
         # gate_h * softmax(q k^T) v == softmax(q k^T) (gate_h * v)
         return k, v * gates.to(v.dtype).view(A, H, 1, 1)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        y = super().attend(q, k, v, mask)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               view: Optional[CacheView] = None) -> torch.Tensor:
+        y = super().attend(q, k, v, mask, view)
         if self.kv_cache is None:
             own = self.prompt_kv(self.adapter_prompt[None], self.adapter_gate[None], q.dtype)
             prompt_k, prompt_v = (t.expand(q.size(0), -1, -1, -1) for t in own)
         else:
-            prompt_k, prompt_v = self.generation_prompt_kv()
+            prompt_k, prompt_v = (t[view.rows] for t in self.generation_prompt_kv())
         return y + F.scaled_dot_product_attention(q, prompt_k, prompt_v)
 
     def adapter_table(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,12 +211,14 @@ class AdapterLLaMA(LLaMA):
                 module.served = (torch.stack(prompts).to(device, torch.float32),
                                  torch.stack(gates).to(device, torch.float32))
 
-    def select_adapters(self, rows: Sequence[int]) -> None:
-        """Row b of the next generation uses adapter ``rows[b]`` (``n_adapters``: the base); after ``set_kv_cache``."""
+    def select_adapters(self, rows: Sequence[Optional[int]]) -> None:
+        """Row b of the next generation uses adapter ``rows[b]`` (None or ``n_adapters``: the base); after
+        ``set_kv_cache``."""
+        rows = [self.n_adapters if i is None else i for i in rows]
         if any(not 0 <= i <= self.n_adapters for i in rows):
-            raise UserError(f"adapter indices {list(rows)} out of range: {self.n_adapters} adapters, "
+            raise UserError(f"adapter indices {rows} out of range: {self.n_adapters} adapters, "
                             f"{self.n_adapters} is the base model")
-        index = torch.tensor(list(rows), device=self.embed.weight.device)
+        index = torch.tensor(rows, device=self.embed.weight.device)
         for module in self.adapted_layers():
             module.select_adapters(index)
 

@@ -3,6 +3,7 @@
 Shapes: B batch, T sequence, C = n_embd, H query heads, G key/value heads, D = head_dim.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -64,6 +65,21 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
 
 
+@dataclass(frozen=True)
+class CacheView:
+    """The part of the KV cache a forward pass works on: the rows ``start`` to ``stop`` - 1 (the batch's rows, in
+    order) and the first ``length`` positions (a query attends to no position beyond them). A running batch decodes in
+    a view of the rows in use and the positions reached, and prefills a new request in a view of its one row."""
+
+    start: int
+    stop: int
+    length: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of past positions, so every decoding step has the same shapes."""
 
@@ -75,16 +91,18 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, G, T, D) at ``input_pos`` ((T,) for every row or (B, T) per row); return the whole cache.
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               view: CacheView) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, G, T, D) at ``input_pos`` ((T,) for every row or (B, T) per row) of the ``view``'s rows;
+        return the view's keys and values (views of the cache, not copies).
 
         Indexed assignment, not ``scatter_``: compiled, it writes the T positions in place, where a scatter made
         Inductor copy the whole cache twice per layer and step.
         """
-        rows = self.rows[:k.size(0)]
+        rows = self.rows[view.rows]
         self.k[rows, :, input_pos] = k.transpose(1, 2)  # (B, T) positions, each (G, D)
         self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k, self.v
+        return self.k[view.rows, :, :view.length], self.v[view.rows, :, :view.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -100,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, view: Optional[CacheView] = None) -> torch.Tensor:
         B, T, _ = x.shape
         D = self.config.head_dim
         qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -108,12 +126,14 @@ class CausalSelfAttention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, G, T, D)
         v = v.view(B, T, -1, D).transpose(1, 2)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-        y = self.attend(q, k, v, mask)
+            k, v = self.kv_cache.update(input_pos, k, v, view)
+        y = self.attend(q, k, v, mask, view)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.q_size))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Causal attention of the queries over the keys/values (a boolean ``mask`` replaces causality when cached)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+               view: Optional[CacheView] = None) -> torch.Tensor:
+        """Causal attention of the queries over the keys/values (a boolean ``mask`` replaces causality when cached;
+        ``view`` is the cache's part in use)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                               enable_gqa=q.size(1) != k.size(1))
 
@@ -146,8 +166,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask, input_pos)
+                input_pos: Optional[torch.Tensor] = None, view: Optional[CacheView] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, input_pos, view)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -179,9 +199,11 @@ class LLaMA(nn.Module):
         self.rope_cache = self.build_rope(self.embed.weight.device)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                logits_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                logits_at: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                view: Optional[CacheView] = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with a KV cache, ``input_pos`` gives their positions:
-        (T,) shared by all rows, or (B, T) for rows at different positions (a batch of prompts of different lengths).
+        (T,) shared by all rows, or (B, T) for rows at different positions (a batch of prompts of different lengths),
+        in the cache's ``view`` (default: its first B rows and all its positions).
 
         ``logits_at``, a (rows, columns) pair of N indices, asks for the logits of those positions only: (N, vocab),
         without the output head's work and memory for the others (a prefill needs each prompt's last position,
@@ -195,15 +217,16 @@ class LLaMA(nn.Module):
         else:
             if self.cache_positions is None:
                 raise RuntimeError("input_pos needs a KV cache: call set_kv_cache() first")
+            view = view or CacheView(0, idx.size(0), self.cache_positions.numel())
             rope = self.rope_cache[input_pos]
             # causal over the cache: a query at position p sees the slots 0..p
-            mask = (self.cache_positions <= input_pos[..., None]).view(-1, 1, T, self.cache_positions.numel())
+            mask = (self.cache_positions[:view.length] <= input_pos[..., None]).view(-1, 1, T, view.length)
         x = self.embed(idx)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, input_pos, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, mask, input_pos, view, use_reentrant=False)
             else:
-                x = block(x, rope, mask, input_pos)
+                x = block(x, rope, mask, input_pos, view)
         if logits_at is not None:
             x = x[logits_at]
         return self.logits(self.norm(x))

@@ -24,8 +24,9 @@ from lit_adapter.adapter import AdapterConfig, AdapterGPT, adapter_state_dict, i
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generate.decode import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch, sample,
-                                    stream_text)
+from lit_adapter.generate.decode import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch,
+                                         stream_text)
+from lit_adapter.generate.sampling import sample
 from lit_adapter.model import GPT
 from lit_adapter.prompts import STYLES
 from lit_adapter.tokenizer import Tokenizer
@@ -91,9 +92,9 @@ class CountingGraphDecode(GraphDecode):
         super().__init__()
         self.captures = 0
 
-    def capture(self, *args) -> None:
+    def capture(self, *args):
         self.captures += 1
-        super().capture(*args)
+        return super().capture(*args)
 
 
 # ---------------------------------------------------------------- batches and several adapters
@@ -211,7 +212,7 @@ class ScriptedModel(nn.Module):
         self.cache_positions = torch.arange(cache_length)
         self.fed: list[list[int]] = []
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, logits_at=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor, logits_at=None, view=None) -> torch.Tensor:
         assert idx.shape == (1, input_pos.numel())
         self.fed.append(input_pos.flatten().tolist())
         logits = torch.randn(1, idx.size(1), self.vocab_size)

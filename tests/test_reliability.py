@@ -32,7 +32,7 @@ from lit_adapter.train.state import HPARAMS_FILE, RUN_LOCK, STATE_FILE
 from lit_adapter.cli import EXIT_INTERRUPTED, fail, run_cli
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
-from lit_adapter.generate.decode import sample
+from lit_adapter.generate.sampling import sample
 
 RUN = {"accelerator": "cpu", "train.max_steps": 2, "train.global_batch_size": 4, "train.micro_batch_size": 4,
        "train.learning_rate": 0.05, "train.warmup_steps": 1, "save_interval": 1, "eval.interval": 1000,

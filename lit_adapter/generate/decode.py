@@ -13,38 +13,21 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Text
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.model import LLaMA
+from lit_adapter.generate.sampling import Option, sample, seeded_noise
+from lit_adapter.model import CacheView, LLaMA
 from lit_adapter.tokenizer import Tokenizer
 
 DecodeFn = Callable[..., torch.Tensor]
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0) -> torch.Tensor:
-    """Next token ids (B, 1) from last-position logits (B, vocab); temperature 0 is greedy."""
-    if temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that it would be 0 in float32: greedy
-        return logits.argmax(dim=-1, keepdim=True)
-    # scaled after subtracting the maximum: a tiny temperature then gives -inf, never nan (inf - inf)
-    logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token once the more likely ones already reach top_p; the most likely one always stays
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    # argmax of p / Exp(1) noise draws from p without a host synchronisation (unlike torch.multinomial)
-    return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1, keepdim=True)
-
-
-def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
-                     top_k: Optional[int], top_p: float) -> torch.Tensor:
-    """One decoding step: each row's token (B, 1) at its own position ``input_pos`` (B, 1) in, the next (B, 1) out."""
-    logits = model(token, input_pos)[:, -1]
-    return sample(logits, temperature, top_k, top_p)
+def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, temperature: Option,
+                     top_k: Optional[Option], top_p: Option, seeds: Optional[torch.Tensor] = None,
+                     view: Optional[CacheView] = None) -> torch.Tensor:
+    """One decoding step: each row's token (B, 1) at its own position ``input_pos`` (B, 1) in, the next (B, 1) out,
+    drawn with torch's generator or, given ``seeds`` (B,), with each row's ``seeded_noise``."""
+    logits = model(token, input_pos, view=view)[:, -1]
+    noise = None if seeds is None else seeded_noise(seeds, input_pos + 1, logits.size(-1))
+    return sample(logits, temperature, top_k, top_p, noise)
 
 
 def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
@@ -57,39 +40,43 @@ def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
 
 
 class GraphDecode:
-    """The eager decoding step captured in a CUDA graph: no compiler, so it is ready within seconds.
+    """The eager decoding step captured in CUDA graphs: no compiler, so it is ready within seconds.
 
-    The KV cache is static and the graph keeps its own token and position buffers, so every address is fixed; a
-    call copies the inputs in and replays. It captures again for another batch size, sampling options or KV cache
-    (``set_kv_cache``). Off CUDA (tests) a replay runs the same step eagerly on the same buffers.
+    The KV cache is static and each graph keeps its own input buffers, so every address is fixed; a call copies the
+    tensor arguments in and replays. One graph is kept per kind of call (the tensors' shapes and the other
+    arguments: sampling options, cache views), all in one memory pool; a new KV cache (``set_kv_cache``) starts
+    afresh. Off CUDA (tests) a replay runs the same step eagerly on the same buffers.
     """
 
     def __init__(self, fn: DecodeFn = decode_one_token) -> None:
         self.fn = fn
-        self.captured_for: Optional[tuple] = None
+        self.graphs: dict[tuple, tuple[list[Any], Callable[[], None], torch.Tensor]] = {}
         self.cache: Optional[torch.Tensor] = None
+        self.pool: Any = None
 
-    def __call__(self, model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, temperature: float,
-                 top_k: Optional[int], top_p: float) -> torch.Tensor:
-        key = (id(model), tuple(token.shape), temperature, top_k, top_p)
-        if key != self.captured_for or model.cache_positions is not self.cache:
-            self.capture(model, token, input_pos, temperature, top_k, top_p)
-            self.captured_for, self.cache = key, model.cache_positions
-        self.token.copy_(token)
-        self.input_pos.copy_(input_pos)
-        self.replay()
-        return self.next_token
+    def __call__(self, model: LLaMA, *args: Any) -> torch.Tensor:
+        if model.cache_positions is not self.cache:
+            self.graphs, self.cache = {}, model.cache_positions
+        key = (id(model), *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(model, *args)
+        buffers, replay, output = self.graphs[key]
+        for buffer, arg in zip(buffers, args):
+            if isinstance(arg, torch.Tensor):
+                buffer.copy_(arg)
+        replay()
+        return output
 
-    def capture(self, model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor, *sampling: Any) -> None:
-        self.token, self.input_pos = token.clone(), input_pos.clone()
+    def capture(self, model: LLaMA, *args: Any) -> tuple[list[Any], Callable[[], None], torch.Tensor]:
+        """The buffers, the replay and the output of a new graph of the step for calls like ``args``."""
+        buffers = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
         def step() -> torch.Tensor:
-            return self.fn(model, self.token, self.input_pos, *sampling)
+            return self.fn(model, *buffers)
 
-        if token.device.type != "cuda":
-            self.next_token = step()
-            self.replay = lambda: self.next_token.copy_(step())
-            return
+        if buffers[0].device.type != "cuda":
+            output = step()
+            return buffers, lambda: output.copy_(step()), output
         # warm-up on a side stream, so lazy initialisations (library handles, workspaces) are not captured; it
         # writes the same keys/values the real step writes next
         side = torch.cuda.Stream()
@@ -98,10 +85,11 @@ class GraphDecode:
             for _ in range(2):
                 step()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.next_token = step()
-        self.replay = self.graph.replay
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = step()
+        return buffers, graph.replay, output
 
 
 @torch.no_grad()

@@ -1,0 +1,268 @@
+"""The batch engine: continuous batching on one base model, each request with its own adapter, sampling options,
+stop tokens and length.
+
+The KV cache has ``max_batch`` rows (slots) of ``max_seq_length`` positions. Each engine step admits waiting jobs
+into free slots, prefills at most ``prefill_chunk`` prompt tokens of the jobs being admitted (a long prompt over
+several steps, so running rows never wait for more than about one step), then decodes one token for every running
+row; a row leaves as soon as its job ends, and its slot takes a new job at the next step. The decode step works on
+the rows 0..b-1 and positions 0..L-1 of the cache, b and L rounded up to buckets, and on a GPU it is replayed as one
+CUDA graph per bucket (``GraphDecode``). Sampling options and seeds live in device tensors, one value per row.
+"""
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from lit_adapter.adapter import AdapterLLaMA
+from lit_adapter.generate.decode import DecodeFn, GraphDecode, decode_one_token
+from lit_adapter.generate.sampling import sample, seeded_noise
+from lit_adapter.model import CacheView, LLaMA
+
+SEED_RANGE = 1 << 62
+"""Seeds are reduced to this range (the hash multiplies them in int64)."""
+
+
+class QueueFull(Exception):
+    """The engine holds as many jobs as it may; the job was not taken."""
+
+
+@dataclass
+class Sampling:
+    """How a job draws its tokens: greedy at temperature 0; ``seed`` makes the draws repeatable (None: random)."""
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request to the engine and what it has produced. ``on_token`` receives each new token id and
+    ``on_finish`` the job once it has ended (both on the engine's thread); ``adapter`` None is the base model."""
+
+    prompt: torch.Tensor
+    max_new_tokens: int
+    adapter: Optional[int] = None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop_ids: frozenset[int] = frozenset()
+    on_token: Optional[Callable[[int], None]] = None
+    on_finish: Optional[Callable[["Job"], None]] = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    """"stop" (a stop token came), "length", "cancelled" or "error"."""
+    error: Optional[BaseException] = None
+    submitted_at: float = 0.0
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    finished_step: Optional[int] = None
+    cancelled: bool = False
+
+
+class Engine:
+    """Runs jobs in a continuously refilled batch: ``submit`` them (from any thread), then ``step`` (or ``run``)."""
+
+    def __init__(self, model: LLaMA, max_batch: int, max_seq_length: int, decode_fn: Optional[DecodeFn] = None,
+                 prefill_chunk: int = 512, length_bucket: int = 256, max_waiting: Optional[int] = None) -> None:
+        self.model, self.max_batch, self.max_seq_length = model, max_batch, max_seq_length
+        self.prefill_chunk, self.length_bucket, self.max_waiting = prefill_chunk, length_bucket, max_waiting
+        self.device = model.embed.weight.device
+        self.decode_fn = decode_fn or (GraphDecode() if self.device.type == "cuda" else decode_one_token)
+        self.adapters = isinstance(model, AdapterLLaMA)
+        model.set_kv_cache(max_batch, max_seq_length)
+        self.slots: list[Optional[Job]] = [None] * max_batch
+        self.prefilled = [0] * max_batch
+        self.waiting: deque[Job] = deque()
+        self.lock = threading.Condition()
+        self.steps = 0
+        self.generator = torch.Generator().manual_seed(int(torch.randint(SEED_RANGE, ()).item()))
+        rows = (max_batch, 1)
+        self.token = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.active = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.temperature = torch.zeros(rows, device=self.device)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.top_p = torch.ones(rows, device=self.device)
+        self.seeds = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.row_adapters: list[Optional[int]] = [None] * max_batch  # None: the base model
+
+    # ---------------------------------------------------------------------------------------------- jobs
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; ``QueueFull`` where ``max_waiting`` jobs already wait and no slot is free."""
+        if job.prompt.numel() < 1 or job.max_new_tokens < 1:
+            raise ValueError("a job needs a prompt of at least one token and max_new_tokens of at least 1")
+        if job.prompt.numel() + job.max_new_tokens > self.max_seq_length:
+            raise ValueError(f"prompt ({job.prompt.numel()} tokens) + max_new_tokens ({job.max_new_tokens}) exceed "
+                             f"the engine's {self.max_seq_length} positions per request")
+        with self.lock:
+            free = self.slots.count(None) - len(self.waiting)
+            if self.max_waiting is not None and free <= 0 and len(self.waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests wait for {self.max_batch} slots")
+            job.submitted_at = time.perf_counter()
+            self.waiting.append(job)
+            self.lock.notify()
+
+    def cancel(self, job: Job) -> None:
+        """End ``job`` at the next step (its slot is freed); a finished job stays as it is."""
+        job.cancelled = True
+        with self.lock:
+            self.lock.notify()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(job is not None for job in self.slots)
+
+    def run(self, stop: threading.Event) -> None:
+        """Step while there is work, wait while there is none, until ``stop`` is set (then finish what runs)."""
+        while True:
+            with self.lock:
+                while not self.busy and not stop.is_set():
+                    self.lock.wait(timeout=0.5)
+            if not self.busy and stop.is_set():
+                return
+            self.step()
+
+    def run_until_done(self) -> None:
+        """Step until every submitted job has ended."""
+        while self.busy:
+            self.step()
+
+    # ---------------------------------------------------------------------------------------------- one step
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Free the slots of cancelled jobs, admit waiting jobs, prefill, then decode one token per running row."""
+        self.steps += 1
+        for slot, job in enumerate(self.slots):
+            if job is not None and job.cancelled:
+                self.finish(slot, "cancelled")
+        self.admit()
+        budget = self.prefill_chunk
+        for slot in range(self.max_batch):
+            if budget > 0 and self.slots[slot] is not None and self.prefilling(slot):
+                budget -= self.run_job_part(slot, lambda: self.prefill(slot, budget))
+        if any(self.decoding(slot) for slot in range(self.max_batch)):
+            self.decode()
+
+    def admit(self) -> None:
+        """Give waiting jobs the free slots, lowest first (the decode step then works on fewer rows)."""
+        with self.lock:
+            for slot in range(self.max_batch):
+                if self.slots[slot] is None and self.waiting:
+                    self.slots[slot], self.prefilled[slot] = self.waiting.popleft(), 0
+                    if self.slots[slot].cancelled:
+                        self.finish(slot, "cancelled")
+                        continue
+                    self.set_row(slot, self.slots[slot])
+
+    def set_row(self, slot: int, job: Job) -> None:
+        """The row's sampling options, seed and adapter; it does not decode until its prompt is prefilled."""
+        s = job.sampling
+        seed = s.seed if s.seed is not None else int(torch.randint(SEED_RANGE, (), generator=self.generator))
+        self.temperature[slot], self.top_p[slot], self.seeds[slot] = s.temperature, s.top_p, seed % SEED_RANGE
+        self.top_k[slot] = self.model.config.vocab_size if s.top_k is None else s.top_k
+        self.active[slot], self.position[slot] = 0, 0
+        self.row_adapters[slot] = job.adapter
+        if self.adapters:  # the prompt keys/values are computed afresh by the next forward (a prefill)
+            self.model.select_adapters(self.row_adapters)
+
+    def prefilling(self, slot: int) -> bool:
+        return self.prefilled[slot] < self.slots[slot].prompt.numel()
+
+    def decoding(self, slot: int) -> bool:
+        return self.slots[slot] is not None and not self.prefilling(slot)
+
+    def prefill(self, slot: int, budget: int) -> int:
+        """Prefill up to ``budget`` more prompt tokens of the job in ``slot``; after its last, draw its first token.
+        Return the tokens prefilled."""
+        job, start = self.slots[slot], self.prefilled[slot]
+        chunk = job.prompt[start:start + budget].to(self.device)
+        end = start + chunk.numel()
+        positions = torch.arange(start, end, device=self.device)
+        last = (torch.tensor([0], device=self.device), torch.tensor([chunk.numel() - 1], device=self.device))
+        logits = self.model(chunk[None], positions, logits_at=last, view=CacheView(slot, slot + 1, end))
+        self.prefilled[slot] = end
+        self.position[slot] = end  # a decode step that runs over this row before it decodes writes here
+        if end == job.prompt.numel():
+            rows = slice(slot, slot + 1)
+            noise = seeded_noise(self.seeds[rows], self.position[slot], logits.size(-1))
+            first = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], noise)
+            self.token[slot] = first[0]
+            self.active[slot] = 1
+            self.accept(slot, int(first.item()))
+        return chunk.numel()
+
+    def decode(self) -> None:
+        """One token for every decoding row, in the smallest bucket of rows and positions that holds them."""
+        used = max(slot for slot in range(self.max_batch) if self.decoding(slot)) + 1
+        b = min(size for size in bucket_sizes(self.max_batch) if size >= used)
+        longest = int(self.position[:b].max()) + 1
+        length = min(self.max_seq_length, -(-longest // self.length_bucket) * self.length_bucket)
+        rows = slice(0, b)
+        decoding = [self.slots[slot] for slot in range(b) if self.decoding(slot)]
+        greedy = all(job.sampling.temperature == 0 for job in decoding)
+        filtering = any(job.sampling.top_k is not None or job.sampling.top_p < 1 for job in decoding)
+        try:
+            tokens = self.decode_fn(self.model, self.token[rows], self.position[rows],
+                                    0.0 if greedy else self.temperature[rows],
+                                    self.top_k[rows] if filtering else None, self.top_p[rows] if filtering else 1.0,
+                                    None if greedy else self.seeds[rows], CacheView(0, b, length))
+        except Exception as err:  # the step of all rows failed: their jobs end, the engine goes on
+            for slot in range(b):
+                if self.decoding(slot):
+                    self.finish(slot, "error", err)
+            return
+        self.token[rows] = tokens
+        self.position[rows] += self.active[rows]
+        self.position.clamp_(max=self.max_seq_length - 1)
+        for slot, token in enumerate(tokens[:, 0].tolist()):
+            if self.decoding(slot):
+                self.run_job_part(slot, lambda: self.accept(slot, token))
+
+    def accept(self, slot: int, token: int) -> int:
+        """Give the job in ``slot`` its new token; end it at a stop token or its length."""
+        job = self.slots[slot]
+        job.first_token_at = job.first_token_at or time.perf_counter()
+        if token in job.stop_ids:
+            self.finish(slot, "stop")
+            return 0
+        job.tokens.append(token)
+        if job.on_token is not None:
+            job.on_token(token)
+        if len(job.tokens) == job.max_new_tokens:
+            self.finish(slot, "length")
+        return 0
+
+    def run_job_part(self, slot: int, part: Callable[[], int]) -> int:
+        """Run one job's part of a step; if it fails, that job ends with the error and every other goes on."""
+        try:
+            return part()
+        except Exception as err:
+            self.finish(slot, "error", err)
+            return 0
+
+    def finish(self, slot: int, reason: str, error: Optional[BaseException] = None) -> None:
+        """End the job in ``slot`` (if it has not ended) and free the slot."""
+        job = self.slots[slot]
+        if job is None:
+            return
+        self.slots[slot] = None
+        self.active[slot] = 0
+        job.finish_reason, job.error = reason, error
+        job.finished_at, job.finished_step = time.perf_counter(), self.steps
+        if job.on_finish is not None:
+            job.on_finish(job)
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """The batch sizes the decode step runs at: powers of two below ``max_batch``, and ``max_batch``."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max_batch]
