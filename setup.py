@@ -24,6 +24,8 @@ setup(
         "tensorboard>=2.14",
         "pyyaml",
         "tqdm",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "accelerate"]},
+    extras_require={"test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "accelerate", "openai>=1.30", "httpx2"]},
 )

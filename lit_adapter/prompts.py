@@ -129,6 +129,11 @@ BASE_MODEL_STYLE = Plain.name
 """How prompts to a base model without an adapter are written unless an option says otherwise."""
 
 
+def chat_style_for(tokenizer: "Tokenizer") -> str:
+    """The style a base model answers chat messages in: its chat template if it has one, else plain text."""
+    return Chat.name if tokenizer.chat_template else Plain.name
+
+
 def get_style(name: Optional[str]) -> PromptStyle:
     """The style called ``name`` (None: ``LEGACY_STYLE``), or a one-line ``UserError``."""
     name = LEGACY_STYLE if name is None else name

@@ -100,7 +100,7 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     """The real SmolLM2-135M-Instruct GGUF converted by scripts/convert_checkpoint.py (once per test session).
 
     Its command line runs in this process: a new interpreter's start-up would double the conversion's seconds, and
-    the script's own process is tested in tests/test_convert.py.
+    the script's own process is tested in tests/convert/test_convert.py.
     """
     gguf = shared_file(SMOLLM2_GGUF)
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"

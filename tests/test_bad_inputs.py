@@ -264,7 +264,7 @@ ROWS = [
         r"--resume auto"),
     row("finetune-resume-into-another-runs-folder", finetune("--out_dir", "{used_out}", "--resume", "{state}"), 1,
         r"error: {used_out} holds training states of another run than {state} \(step-000001\)"),
-    # 7. values that cannot train (those of finetune/adapter.py: tests/test_training.py, in-process)
+    # 7. values that cannot train (those of finetune/adapter.py: tests/train/test_fabric_loop.py, in-process)
     row("convert-odd-head-size", convert("--checkpoint_path", "{odd_heads_bin}", "--tokenizer_path", "{tok512}"), 1,
         r"error: {odd_heads_bin}: the head size n_embd / n_head = 12 / 4 = 3 must be even"),
     row("convert-int8-weights", convert("--checkpoint_path", "{int8_pt}", "--tokenizer_path", "{tok512}"), 1,

@@ -5,7 +5,7 @@ greedy answer; chat-style samples learn exactly the assistant's tokens; generati
 
 import pytest
 import torch
-from test_training import cli_args, logged
+from tests.train.test_fabric_loop import cli_args, logged
 
 from conftest import shared_file
 from lit_adapter.train import fabric_loop as training

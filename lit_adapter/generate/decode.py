@@ -170,24 +170,64 @@ def generate_batch(model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens
     return outputs
 
 
+class TextStream:
+    """The text of generated tokens, released piece by piece as it settles: never half a character, never text that
+    may still turn out to start a ``stop`` string. Once the text holds a stop string, it ends before it
+    (``stopped``). Each token decodes a window of the last few ids, not all of them."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] decode to ``settled``, the settled text's tail
+        self.settled = ""
+        self.text, self.released, self.stopped = "", 0, False
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that is now settled and released."""
+        self.ids.append(token_id)
+        self.read_window(final=False)
+        return self.release(final=False)
+
+    def finish(self) -> str:
+        """The text not released yet, at the end of generation (a partial character as its replacement)."""
+        self.read_window(final=True)
+        return self.release(final=True)
+
+    def read_window(self, final: bool) -> None:
+        """Add the unread ids' text, unless (before the end) bytes of a character are still to come."""
+        window = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(window) > len(self.settled) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(self.settled):]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.settled = self.tokenizer.decode(self.ids[self.prefix:self.read])
+
+    def release(self, final: bool) -> str:
+        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped, final = self.text[:cut], True, True
+        end = len(self.text) if final else len(self.text) - self.held_back()
+        piece = self.text[self.released:end]
+        self.released = max(self.released, end)
+        return piece
+
+    def held_back(self) -> int:
+        """How many of the text's last characters could begin a stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if s.startswith(self.text[-n:])), default=0)
+
+
 def stream_text(tokenizer: Tokenizer, tokens: Iterator[int], out: Optional[TextIO] = None,
                 stop_ids: Optional[Collection[int]] = None) -> list[int]:
     """Print the text of ``tokens`` to ``out`` (stdout) as they arrive, up to a stop id (default: the tokenizer's stop
     tokens, not printed); return the ids."""
     out = out or sys.stdout
     stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-    ids: list[int] = []
-    printed = ""
+    stream = TextStream(tokenizer)
     for token_id in tokens:
         if token_id in stop_ids:
             break
-        ids.append(token_id)
-        text = tokenizer.decode(ids)
-        # SentencePiece may change the tail of the text as bytes complete a character; print only settled text
-        if not text.endswith("\ufffd"):
-            out.write(text[len(printed):])
-            out.flush()
-            printed = text
-    out.write(tokenizer.decode(ids)[len(printed):] + "\n")
+        out.write(stream.push(token_id))
+        out.flush()
+    out.write(stream.finish() + "\n")
     out.flush()
-    return ids
+    return stream.ids

@@ -76,6 +76,7 @@ class Engine:
         model.set_kv_cache(max_batch, max_seq_length)
         self.slots: list[Optional[Job]] = [None] * max_batch
         self.prefilled = [0] * max_batch
+        self.positions = [0] * max_batch  # the host's copy of ``position``: no wait for the device to read it
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.steps = 0
@@ -93,16 +94,16 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- jobs
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; ``QueueFull`` where ``max_waiting`` jobs already wait and no slot is free."""
+        """Queue ``job``; ``QueueFull`` where ``max_waiting`` jobs already wait for a row beyond the free ones."""
         if job.prompt.numel() < 1 or job.max_new_tokens < 1:
             raise ValueError("a job needs a prompt of at least one token and max_new_tokens of at least 1")
         if job.prompt.numel() + job.max_new_tokens > self.max_seq_length:
             raise ValueError(f"prompt ({job.prompt.numel()} tokens) + max_new_tokens ({job.max_new_tokens}) exceed "
                              f"the engine's {self.max_seq_length} positions per request")
         with self.lock:
-            free = self.slots.count(None) - len(self.waiting)
-            if self.max_waiting is not None and free <= 0 and len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self.waiting)} requests wait for {self.max_batch} slots")
+            beyond_free_rows = len(self.waiting) - self.slots.count(None)
+            if self.max_waiting is not None and beyond_free_rows >= self.max_waiting:
+                raise QueueFull(f"{len(self.waiting)} requests wait for {self.max_batch} rows")
             job.submitted_at = time.perf_counter()
             self.waiting.append(job)
             self.lock.notify()
@@ -142,12 +143,27 @@ class Engine:
             if job is not None and job.cancelled:
                 self.finish(slot, "cancelled")
         self.admit()
-        budget = self.prefill_chunk
-        for slot in range(self.max_batch):
-            if budget > 0 and self.slots[slot] is not None and self.prefilling(slot):
-                budget -= self.run_job_part(slot, lambda: self.prefill(slot, budget))
+        rows = self.rows_to_prefill()
+        try:
+            if rows:
+                self.prefill(rows)
+        except Exception:  # prefilled one by one, so that only the job that fails ends
+            for slot in rows:
+                self.run_job_part(slot, lambda: self.prefill([slot]))
         if any(self.decoding(slot) for slot in range(self.max_batch)):
             self.decode()
+
+    def rows_to_prefill(self) -> list[int]:
+        """The adjacent rows, prefilled in one pass, around the row whose job has waited longest for its prefill."""
+        admitting = [slot for slot in range(self.max_batch) if self.slots[slot] is not None and self.prefilling(slot)]
+        if not admitting:
+            return []
+        first = last = min(admitting, key=lambda slot: self.slots[slot].submitted_at)
+        while first - 1 in admitting:
+            first -= 1
+        while last + 1 in admitting:
+            last += 1
+        return list(range(first, last + 1))
 
     def admit(self) -> None:
         """Give waiting jobs the free slots, lowest first (the decode step then works on fewer rows)."""
@@ -166,7 +182,6 @@ class Engine:
         seed = s.seed if s.seed is not None else int(torch.randint(SEED_RANGE, (), generator=self.generator))
         self.temperature[slot], self.top_p[slot], self.seeds[slot] = s.temperature, s.top_p, seed % SEED_RANGE
         self.top_k[slot] = self.model.config.vocab_size if s.top_k is None else s.top_k
-        self.active[slot], self.position[slot] = 0, 0
         self.row_adapters[slot] = job.adapter
         if self.adapters:  # the prompt keys/values are computed afresh by the next forward (a prefill)
             self.model.select_adapters(self.row_adapters)
@@ -177,31 +192,46 @@ class Engine:
     def decoding(self, slot: int) -> bool:
         return self.slots[slot] is not None and not self.prefilling(slot)
 
-    def prefill(self, slot: int, budget: int) -> int:
-        """Prefill up to ``budget`` more prompt tokens of the job in ``slot``; after its last, draw its first token.
-        Return the tokens prefilled."""
-        job, start = self.slots[slot], self.prefilled[slot]
-        chunk = job.prompt[start:start + budget].to(self.device)
-        end = start + chunk.numel()
-        positions = torch.arange(start, end, device=self.device)
-        last = (torch.tensor([0], device=self.device), torch.tensor([chunk.numel() - 1], device=self.device))
-        logits = self.model(chunk[None], positions, logits_at=last, view=CacheView(slot, slot + 1, end))
-        self.prefilled[slot] = end
-        self.position[slot] = end  # a decode step that runs over this row before it decodes writes here
-        if end == job.prompt.numel():
-            rows = slice(slot, slot + 1)
-            noise = seeded_noise(self.seeds[rows], self.position[slot], logits.size(-1))
-            first = sample(logits, self.temperature[rows], self.top_k[rows], self.top_p[rows], noise)
-            self.token[slot] = first[0]
-            self.active[slot] = 1
-            self.accept(slot, int(first.item()))
-        return chunk.numel()
+    def prefill(self, rows: list[int]) -> None:
+        """Prefill the next prompt tokens of the jobs in ``rows`` (adjacent), at most ``prefill_chunk`` in all, in one
+        pass; a job whose prompt is then complete draws its first token. Rows are right-padded to the longest part:
+        the padding's keys and values lie beyond each row's prompt, and are written over before anything attends to
+        them."""
+        starts = [self.prefilled[slot] for slot in rows]
+        remaining = [self.slots[slot].prompt.numel() - start for slot, start in zip(rows, starts)]
+        width = min(max(remaining), max(1, self.prefill_chunk // len(rows)))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (slot, start) in enumerate(zip(rows, starts)):
+            part = self.slots[slot].prompt[start:start + width]
+            ids[i, :part.numel()] = part
+        positions = (torch.tensor(starts)[:, None] + torch.arange(width)).clamp_(max=self.max_seq_length - 1)
+        lengths = [min(width, left) for left in remaining]
+        done = [i for i, (length, left) in enumerate(zip(lengths, remaining)) if length == left]
+        at = (torch.tensor(done, dtype=torch.long), torch.tensor([lengths[i] - 1 for i in done], dtype=torch.long))
+        view = CacheView(rows[0], rows[-1] + 1, int(positions.max()) + 1)
+        logits = self.model(ids.to(self.device), positions.to(self.device),
+                            logits_at=tuple(t.to(self.device) for t in at), view=view)
+        for slot, start, length in zip(rows, starts, lengths):
+            self.prefilled[slot] = self.positions[slot] = start + length
+            self.position[slot] = start + length  # a decode step over this row before it decodes writes here
+        if done:
+            self.first_tokens([rows[i] for i in done], logits)
+
+    def first_tokens(self, slots: list[int], logits: torch.Tensor) -> None:
+        """Draw the first token of each job in ``slots`` (their prompts prefilled) from its last prompt logits."""
+        index = torch.tensor(slots, device=self.device)
+        noise = seeded_noise(self.seeds[index], self.position[index], logits.size(-1))
+        first = sample(logits, self.temperature[index], self.top_k[index], self.top_p[index], noise)
+        self.token[index] = first
+        self.active[index] = 1
+        for slot, token in zip(slots, first[:, 0].tolist()):
+            self.run_job_part(slot, lambda: self.accept(slot, token))
 
     def decode(self) -> None:
         """One token for every decoding row, in the smallest bucket of rows and positions that holds them."""
         used = max(slot for slot in range(self.max_batch) if self.decoding(slot)) + 1
         b = min(size for size in bucket_sizes(self.max_batch) if size >= used)
-        longest = int(self.position[:b].max()) + 1
+        longest = max(self.positions[:b]) + 1
         length = min(self.max_seq_length, -(-longest // self.length_bucket) * self.length_bucket)
         rows = slice(0, b)
         decoding = [self.slots[slot] for slot in range(b) if self.decoding(slot)]
@@ -219,32 +249,30 @@ class Engine:
             return
         self.token[rows] = tokens
         self.position[rows] += self.active[rows]
-        self.position.clamp_(max=self.max_seq_length - 1)
         for slot, token in enumerate(tokens[:, 0].tolist()):
             if self.decoding(slot):
+                self.positions[slot] += 1
                 self.run_job_part(slot, lambda: self.accept(slot, token))
 
-    def accept(self, slot: int, token: int) -> int:
+    def accept(self, slot: int, token: int) -> None:
         """Give the job in ``slot`` its new token; end it at a stop token or its length."""
         job = self.slots[slot]
         job.first_token_at = job.first_token_at or time.perf_counter()
         if token in job.stop_ids:
             self.finish(slot, "stop")
-            return 0
+            return
         job.tokens.append(token)
         if job.on_token is not None:
             job.on_token(token)
         if len(job.tokens) == job.max_new_tokens:
             self.finish(slot, "length")
-        return 0
 
-    def run_job_part(self, slot: int, part: Callable[[], int]) -> int:
+    def run_job_part(self, slot: int, part: Callable[[], None]) -> None:
         """Run one job's part of a step; if it fails, that job ends with the error and every other goes on."""
         try:
-            return part()
+            part()
         except Exception as err:
             self.finish(slot, "error", err)
-            return 0
 
     def finish(self, slot: int, reason: str, error: Optional[BaseException] = None) -> None:
         """End the job in ``slot`` (if it has not ended) and free the slot."""
@@ -252,7 +280,7 @@ class Engine:
         if job is None:
             return
         self.slots[slot] = None
-        self.active[slot] = 0
+        self.active[slot], self.position[slot], self.positions[slot] = 0, 0, 0
         job.finish_reason, job.error = reason, error
         job.finished_at, job.finished_step = time.perf_counter(), self.steps
         if job.on_finish is not None:

@@ -2,7 +2,7 @@
 
 The end-to-end tests convert the real 260K TinyStories model with scripts/convert_checkpoint.py and check what
 generate/base.py and generate/adapter.py print against the independent NumPy llama2.c forward pass of
-tests/test_convert.py.
+tests/convert/test_convert.py.
 """
 
 import copy
@@ -30,7 +30,7 @@ from lit_adapter.generate.sampling import sample
 from lit_adapter.model import GPT
 from lit_adapter.prompts import STYLES
 from lit_adapter.tokenizer import Tokenizer
-from tests.test_convert import Llama2cReference
+from tests.convert.test_convert import Llama2cReference
 from tests.test_model import random_model
 
 alpaca_prompt = STYLES["alpaca"].instruction
@@ -419,7 +419,7 @@ def test_stream_text_defaults_to_stdout(tok512, capsys):
 
 @pytest.fixture(scope="module")
 def stories(tmp_path_factory) -> dict:
-    """stories260K converted by the conversion script's command line (in this process: tests/test_convert.py runs
+    """stories260K converted by the conversion script's command line (in this process: tests/convert/test_convert.py runs
     it in its own), its tokenizer, and an adapter file with zero gates."""
     stories_bin = shared_file("stories260K/stories260K.bin")  # what the stories260k_bin fixture gives
     out = tmp_path_factory.mktemp("generation") / "stories260K"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMOLLM2_GGUF, run_script_in_this_process, shared_file
-from test_convert import lit_to_meta, randomize_
+from tests.convert.test_convert import lit_to_meta, randomize_
 
 from lit_adapter.checkpoint import load_model, read_config, save_checkpoint_dir, save_tokenizer_files
 from lit_adapter.config import Config

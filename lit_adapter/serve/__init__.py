@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: many adapters on one base, answered by the batch engine."""
