@@ -36,9 +36,10 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
             Default: the block_size of checkpoint_dir's model, else 512.
         mask_prompt: Leave the prompt out of the loss, so only the response (and EOS) is learned.
         skip_bad_records: Skip malformed records (with a count) instead of stopping at the first one.
-        prompt_style: "alpaca": the Alpaca template of the paper (BOS where the tokenizer adds one, EOS after the
-            answer); "chat": the model's own chat template (from its tokenizer config), for chat models and
-            multi-turn records. Training and generation take the style from what is prepared here.
+        prompt_style: How records become text (one of lit_adapter/prompts.py's styles): the Alpaca template of the
+            paper (BOS where the tokenizer adds one, EOS after the answer), the model's own chat template (from its
+            tokenizer config; for chat models and multi-turn records), or the text as it is. Training and
+            generation take the style from what is prepared here.
     """
     if tokenizer_path is None and checkpoint_dir is None:
         raise UserError("pass --checkpoint_dir (holding the tokenizer) or --tokenizer_path")

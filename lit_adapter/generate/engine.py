@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -80,6 +80,8 @@ class Engine:
         self.waiting: deque[Job] = deque()
         self.lock = threading.Condition()
         self.steps = 0
+        self.pending: Optional[tuple[list[Optional[Job]], torch.Tensor, Any]] = None
+        """The launched decoding step whose tokens are not handed out yet: see ``decode``."""
         self.generator = torch.Generator().manual_seed(int(torch.randint(SEED_RANGE, ()).item()))
         rows = (max_batch, 1)
         self.token = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -132,12 +134,14 @@ class Engine:
         """Step until every submitted job has ended."""
         while self.busy:
             self.step()
+        self.pending = None
 
     # ---------------------------------------------------------------------------------------------- one step
 
     @torch.no_grad()
     def step(self) -> None:
-        """Free the slots of cancelled jobs, admit waiting jobs, prefill, then decode one token per running row."""
+        """Free the slots of cancelled jobs, admit waiting jobs, prefill, launch the decoding of one token per running
+        row, then hand out the tokens of the step before: the device computes while the host does its part."""
         self.steps += 1
         for slot, job in enumerate(self.slots):
             if job is not None and job.cancelled:
@@ -150,8 +154,10 @@ class Engine:
         except Exception:  # prefilled one by one, so that only the job that fails ends
             for slot in rows:
                 self.run_job_part(slot, lambda: self.prefill([slot]))
-        if any(self.decoding(slot) for slot in range(self.max_batch)):
-            self.decode()
+        launched = self.decode()
+        if self.pending is not None:
+            self.hand_out(*self.pending)
+        self.pending = launched
 
     def rows_to_prefill(self) -> list[int]:
         """The adjacent rows, prefilled in one pass, around the row whose job has waited longest for its prefill."""
@@ -227,14 +233,19 @@ class Engine:
         for slot, token in zip(slots, first[:, 0].tolist()):
             self.run_job_part(slot, lambda: self.accept(slot, token))
 
-    def decode(self) -> None:
-        """One token for every decoding row, in the smallest bucket of rows and positions that holds them."""
-        used = max(slot for slot in range(self.max_batch) if self.decoding(slot)) + 1
-        b = min(size for size in bucket_sizes(self.max_batch) if size >= used)
+    def decode(self) -> Optional[tuple[list[Optional[Job]], torch.Tensor, Any]]:
+        """Launch one token for every decoding row that needs one more (its job's last may still be in flight), in
+        the smallest bucket of rows and positions that holds them; return the rows' jobs, the tokens' pinned host
+        copy and the event that marks it done (None: nothing to decode)."""
+        rows_needed = [slot for slot in range(self.max_batch) if self.decoding(slot) and
+                       len(self.slots[slot].tokens) + self.in_flight(slot) < self.slots[slot].max_new_tokens]
+        if not rows_needed:
+            return None
+        b = min(size for size in bucket_sizes(self.max_batch) if size > rows_needed[-1])
         longest = max(self.positions[:b]) + 1
         length = min(self.max_seq_length, -(-longest // self.length_bucket) * self.length_bucket)
-        rows = slice(0, b)
-        decoding = [self.slots[slot] for slot in range(b) if self.decoding(slot)]
+        rows, jobs = slice(0, b), [self.slots[slot] if slot in rows_needed else None for slot in range(b)]
+        decoding = [job for job in jobs if job is not None]
         greedy = all(job.sampling.temperature == 0 for job in decoding)
         filtering = any(job.sampling.top_k is not None or job.sampling.top_p < 1 for job in decoding)
         try:
@@ -243,15 +254,31 @@ class Engine:
                                     self.top_k[rows] if filtering else None, self.top_p[rows] if filtering else 1.0,
                                     None if greedy else self.seeds[rows], CacheView(0, b, length))
         except Exception as err:  # the step of all rows failed: their jobs end, the engine goes on
-            for slot in range(b):
-                if self.decoding(slot):
-                    self.finish(slot, "error", err)
-            return
+            for slot in rows_needed:
+                self.finish(slot, "error", err)
+            return None
         self.token[rows] = tokens
         self.position[rows] += self.active[rows]
-        for slot, token in enumerate(tokens[:, 0].tolist()):
-            if self.decoding(slot):
-                self.positions[slot] += 1
+        for slot in rows_needed:
+            self.positions[slot] += 1
+        host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event() if self.device.type == "cuda" else None
+        if done is not None:
+            done.record()
+        return jobs, host, done
+
+    def in_flight(self, slot: int) -> int:
+        """Tokens of the job in ``slot`` computed by the launched step but not handed out yet (0 or 1)."""
+        return int(self.pending is not None and slot < len(self.pending[0]) and
+                   self.pending[0][slot] is self.slots[slot])
+
+    def hand_out(self, jobs: list[Optional[Job]], host: torch.Tensor, done: Any) -> None:
+        """Give each job of a finished decoding step its token (jobs that ended since are passed over)."""
+        if done is not None:
+            done.synchronize()
+        for slot, token in enumerate(host[:, 0].tolist()):
+            if jobs[slot] is not None and self.slots[slot] is jobs[slot]:
                 self.run_job_part(slot, lambda: self.accept(slot, token))
 
     def accept(self, slot: int, token: int) -> None:
