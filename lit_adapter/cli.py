@@ -3,8 +3,10 @@ statuses, and stop requests (Ctrl-C, SIGTERM) that a long run honours at a safe 
 
 import json
 import os
+import re
 import signal
 import sys
+from argparse import ArgumentError
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
@@ -36,6 +38,8 @@ def exit_on_user_error(hint: Optional[str] = None) -> Iterator[None]:
         yield
     except UserError as err:
         fail(str(err))
+    except ArgumentError as err:  # an option mistake: one line, not the usage (that is --help's)
+        fail(option_error_line(str(err)) + "; see --help")
     except torch.OutOfMemoryError as err:
         fail(out_of_memory_message(err, hint or out_of_memory_hint()))
     except BrokenPipeError:
@@ -55,7 +59,15 @@ def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: 
     for option in list_options:
         args = gather_values(args, option)
     with exit_on_user_error():
-        return CLI(function, as_positional=False, args=args)
+        return CLI(function, as_positional=False, args=args, exit_on_error=False)
+
+
+def option_error_line(message: str) -> str:
+    """The parser's message about an option on one line, with the option named as it is typed."""
+    line = " ".join(message.split())
+    line = re.sub(r'Parser key "([^"]+)":', r"--\1:", line)
+    line = re.sub(r"a typing\.Literal\[([^]]*)\]", lambda m: "one of " + m[1].replace("'", ""), line)
+    return re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", line)
 
 
 def fail(message: str) -> NoReturn:

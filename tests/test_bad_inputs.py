@@ -163,8 +163,8 @@ ROWS = [
     row("convert-output-below-a-file", convert("--checkpoint_path", "{stories_bin}", "--output_dir", "{afile}/out"), 1,
         r"error: cannot write to --output_dir {afile}/out: {afile} is a file, not a directory; choose another"),
     row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "ggml", "--checkpoint_path",
-                                                                     "{stories_bin}", "--output_dir", "{out}")), 2,
-        r'error: Parser key "format":', own_process=True),
+                                                                     "{stories_bin}", "--output_dir", "{out}")), 1,
+        r"error: --format: Expected one of meta, hf, llama2c, gguf. Got value: ggml; see --help$", own_process=True),
     # scripts/prepare_alpaca.py
     row("prepare-truncated-json", prepare("--data_file", "{truncated_json}"), 1,
         r"error: {truncated_json} is not valid JSON \(Unterminated string .* in record 1\); is the file truncated\?$",
@@ -535,3 +535,22 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(entry_point, capsys)
     assert len(lines) == 1 and lines[0].startswith(
         "error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
         f"79.19 GiB of which 1.06 GiB is free): lower {option} (the global batch stays the same)"), lines
+
+
+OPTION_MISTAKES = {  # a script, and an option of it that takes a number or a choice (None: it has none)
+    "finetune/adapter.py": "--train.learning_rate", "finetune/adapter_trainer.py": "--model.train.learning_rate",
+    "generate/base.py": "--max_new_tokens", "generate/adapter.py": "--temperature", "generate/serve.py": "--port",
+    "scripts/convert_checkpoint.py": "--dtype", "scripts/prepare_alpaca.py": "--val_size",
+    "scripts/extract_adapter.py": None, "scripts/download.py": None}
+
+
+@pytest.mark.parametrize("script", OPTION_MISTAKES)
+def test_an_option_mistake_is_one_line_and_exit_1(script, capfd):
+    mistakes = [("--no_such_option", "1"), ("--seed",)]
+    if OPTION_MISTAKES[script]:
+        mistakes.append((OPTION_MISTAKES[script], "not-a-number"))
+    for args in mistakes:
+        result = run_script_in_this_process(script, *args, capfd=capfd)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+        assert args[0] in lines[0] and lines[0].endswith("see --help"), lines

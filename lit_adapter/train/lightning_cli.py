@@ -51,7 +51,9 @@ class AdapterCLI(LightningCLI):
 
     def __init__(self, args: Optional[list[str]] = None, run: bool = True, **kwargs: Any) -> None:
         self.default_subcommand = "fit" if run else None
-        kwargs.setdefault("parser_kwargs", {name: {"description": main.__doc__} for name in self.subcommands()})
+        # an option mistake raises (one line from main), the main parser's and each subcommand's
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False, **{
+            name: {"description": main.__doc__, "exit_on_error": False} for name in self.subcommands()}})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # config.yaml of the run, beside its logs
         super().__init__(AdapterModule, InstructionDataModule, args=args, run=run, auto_configure_optimizers=False,
                          seed_everything_default=1337, trainer_defaults={
