@@ -7,6 +7,7 @@ its prompt style as metadata. Everything read is safetensors or ``torch.load(wei
 """
 
 import json
+import re
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
@@ -31,6 +32,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"
 ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
 LEGACY_CONFIG_KEYS = ("adapter_prompt_length", "adapter_start_layer")
 """Keys that model_config.yaml held before the adapter shape left the base config: read and ignored."""
 
@@ -211,9 +213,9 @@ def keep_adapter_float32(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- the adapter file
 
 def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_style: str = LEGACY_STYLE,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write the adapter weights (only) as safetensors, with the adapter shape, the base identity and the prompt
-    style it was trained with as metadata.
+                 state_dict: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None) -> None:
+    """Write the adapter weights (only) as safetensors, with the adapter shape, the base identity, the prompt
+    style it was trained with and its ``name`` (if given) as metadata.
 
     The weights are ``state_dict`` if given, else taken from ``model``.
     """
@@ -224,9 +226,22 @@ def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_
         "base": json.dumps({"name": config.name, **config.base_shape()}),
         "adapter": json.dumps(config.adapter_shape()),
         "prompt_style": get_style(prompt_style).name,
+        **({"name": check_adapter_name(name)} if name else {}),
     }
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
+
+
+def check_adapter_name(name: str) -> str:
+    """``name`` if it can name an adapter (letters, digits, '.', '_', '-'), else a one-line ``UserError``."""
+    if not ADAPTER_NAME.fullmatch(name):
+        raise UserError(f"the adapter name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    return name
+
+
+def adapter_name(path: Path) -> Optional[str]:
+    """The name an adapter file was saved under (None for files from before names were recorded)."""
+    return read_safetensors_metadata(path).get("name")
 
 
 def adapter_config(path: Path, base: Config) -> AdapterConfig:

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 from lit_adapter.adapter import AdapterLLaMA
-from lit_adapter.checkpoint import BaseCheckpoint, adapter_config, adapter_prompt_style, load_model, read_adapter
+from lit_adapter.checkpoint import (BaseCheckpoint, adapter_config, adapter_name, adapter_prompt_style,
+                                    check_adapter_name, load_model, read_adapter)
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import LLaMA
@@ -17,8 +18,9 @@ from lit_adapter.prompts import BASE_MODEL_STYLE
 
 @dataclass(frozen=True)
 class AdapterSet:
-    """Adapter files served together: a name each (``name=path``, else the file name without its suffix), the prompt
-    style each was trained in, and the config of the base with their common adapter shape."""
+    """Adapter files served together: a name each (``name=path``, else the name saved in the file, else the file
+    name without its suffix), the prompt style each was trained in, and the config of the base with their common
+    adapter shape."""
 
     names: list[str]
     paths: list[Path]
@@ -43,9 +45,10 @@ class AdapterSet:
 def open_adapters(specs: Sequence[str | Path], base: Config) -> AdapterSet:
     """The adapters of ``specs`` (each ``name=path`` or a path) on ``base``: every file must fit the base, and all
     must share one adapter shape and have different names."""
-    named = [str(spec).split("=", 1) if "=" in str(spec) else [Path(spec).stem, str(spec)] for spec in specs]
-    names, paths = [name for name, _ in named], [Path(path) for _, path in named]
-    configs = [adapter_config(path, base) for path in paths]
+    named = [str(spec).split("=", 1) if "=" in str(spec) else [None, str(spec)] for spec in specs]
+    paths = [Path(path) for _, path in named]
+    configs = [adapter_config(path, base) for path in paths]  # each file checked before its name is read
+    names = [check_adapter_name(name) if name else adapter_name(path) or path.stem for (name, _), path in zip(named, paths)]
     for path, config in zip(paths[1:], configs[1:]):
         if config.adapter_shape() != configs[0].adapter_shape():
             raise UserError(f"{path} has adapter shape {config.adapter_shape()} but {paths[0]} has "

@@ -17,7 +17,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from lit_adapter.adapter import AdapterArgs, trainable_summary
-from lit_adapter.checkpoint import ADAPTER_FILE, BaseCheckpoint, load_model, open_checkpoint
+from lit_adapter.checkpoint import ADAPTER_FILE, BaseCheckpoint, check_adapter_name, load_model, open_checkpoint
 from lit_adapter.cli import StopRequest
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
@@ -195,7 +195,8 @@ class Run:
 
     def save(self, directory: Path) -> None:
         save_training_state(directory, self.raw_model, self.optimizer, self.scheduler, self.progress,
-                            self.raw_model.config, self.hparams, self.fabric.is_global_zero, self.data.prompt_style)
+                            self.raw_model.config, self.hparams, self.fabric.is_global_zero, self.data.prompt_style,
+                            self.hparams["name"])
         self.fabric.barrier()
 
     def save_or_stop(self, step: int, stop: StopRequest) -> None:
@@ -245,7 +246,8 @@ def load_for_training(fabric: Any, base: BaseCheckpoint, precision: str, strateg
 
 
 def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path = Path("data/alpaca"),
-         out_dir: Path = Path("out/adapter/alpaca"), accelerator: str = "auto", devices: int = 1,
+         out_dir: Path = Path("out/adapter/alpaca"), name: Optional[str] = None, accelerator: str = "auto",
+         devices: int = 1,
          strategy: StrategyName = "auto", precision: Optional[TrainingPrecision] = None,
          resume: Union[bool, Literal["auto"], Path] = False, save_interval: int = 1000, seed: int = 1337,
          compile: Optional[bool] = None, activation_checkpointing: bool = False,
@@ -256,6 +258,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
         checkpoint_dir: Converted base model (scripts/convert_checkpoint.py).
         data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
         out_dir: Where adapters, training states (step-NNNNNN/) and TensorBoard logs (logs/) go.
+        name: The adapter's name, saved in its files: generate/adapter.py and the server call it so (default: the
+            out_dir's folder name).
         accelerator: "cpu", "cuda" or "auto".
         devices: Devices (processes) to train on.
         strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered to save).
@@ -279,6 +283,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path)
                    else v) for k, v in locals().items()}
     check_options(save_interval, eval, train, devices, out_dir)
+    hparams["name"] = check_adapter_name(name or Path(out_dir).resolve().name)
     precision = check_precision(precision or default_precision(torch.cuda.is_available()), strategy).name
     base = open_checkpoint(checkpoint_dir, adapter.config)  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded

@@ -16,7 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_adapter.adapter import AdapterArgs, AdapterLLaMA, is_adapter_param, trainable_summary
-from lit_adapter.checkpoint import ADAPTER_FILE, BaseCheckpoint, load_model, open_checkpoint, save_adapter
+from lit_adapter.checkpoint import (ADAPTER_FILE, BaseCheckpoint, check_adapter_name, load_model, open_checkpoint,
+                                    save_adapter)
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
@@ -39,7 +40,7 @@ class AdapterModule(L.LightningModule):
     """
 
     def __init__(self, checkpoint_dir: Path = Path("checkpoints/stories260K"), out_dir: Optional[Path] = None,
-                 compile: Optional[bool] = None, activation_checkpointing: bool = False,
+                 name: Optional[str] = None, compile: Optional[bool] = None, activation_checkpointing: bool = False,
                  adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(),
                  eval: EvalArgs = EvalArgs()) -> None:
         """
@@ -48,6 +49,8 @@ class AdapterModule(L.LightningModule):
                 model_config.yaml, tokenizer.model.
             out_dir: Where the trained adapter.safetensors goes at the end (default: the trainer's log directory,
                 e.g. out/adapter_trainer/alpaca/logs/version_0).
+            name: The adapter's name, saved in its files: generate/adapter.py and the server call it so (default:
+                the folder name of --trainer.default_root_dir).
             compile: Compile each transformer block with torch.compile (default: on GPU).
             activation_checkpointing: Recompute each block's activations in the backward pass (less memory, slower).
             adapter: The adapter's shape: prompt vectors per layer and the first adapted layer.
@@ -58,6 +61,7 @@ class AdapterModule(L.LightningModule):
         super().__init__()
         self.checkpoint_dir = Path(checkpoint_dir)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.name = check_adapter_name(name) if name else None
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
         self.adapter_args = adapter
@@ -67,7 +71,7 @@ class AdapterModule(L.LightningModule):
         # own, not as Lightning's hyper_parameters, which its CLI would apply over the command line's options
         self.run_options = {
             "checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if out_dir is None else str(out_dir),
-            "compile": compile, "activation_checkpointing": activation_checkpointing,
+            "name": name, "compile": compile, "activation_checkpointing": activation_checkpointing,
             "adapter": asdict(adapter), "train": asdict(train), "eval": asdict(eval)}
         # checkpoints hold the adapter only: the frozen base comes from checkpoint_dir (see on_load_checkpoint)
         self.strict_loading = False
@@ -122,6 +126,11 @@ class AdapterModule(L.LightningModule):
             self._base = open_checkpoint(self.checkpoint_dir,
                                          lambda base: self.adapter_args.config(base, option="--model.adapter."))
         return self._base
+
+    @property
+    def adapter_name(self) -> str:
+        """--model.name, else the folder name of the trainer's root directory."""
+        return self.name or Path(self.trainer.default_root_dir).resolve().name
 
     @property
     def prompt_style(self) -> str:
@@ -242,7 +251,8 @@ class AdapterModule(L.LightningModule):
         adapter, _ = adapter_and_optimizer_state(self.model, self.trainer.optimizers[0])
         directory = self.out_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
-            save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter)
+            save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter,
+                         name=self.adapter_name)
         self.trainer.strategy.barrier()
         self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
 
@@ -251,7 +261,7 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
         checkpoint["prompt_style"] = self.prompt_style
-        checkpoint["run_options"] = self.run_options
+        checkpoint["run_options"] = {**self.run_options, "name": self.adapter_name}
         checkpoint["data_layout"] = self._data_layout()
 
     def _data_layout(self) -> dict[str, Any]:

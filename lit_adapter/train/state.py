@@ -8,7 +8,7 @@ import re
 import uuid
 import zipfile
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -39,13 +39,13 @@ def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
 
 def save_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: Any, progress: dict, config: AdapterConfig, hparams: dict, is_rank_zero: bool,
-                        prompt_style: str) -> None:
+                        prompt_style: str, name: str) -> None:
     """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically)."""
     adapter, optimizer_state = adapter_and_optimizer_state(model, optimizer)
     if not is_rank_zero:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter)
+    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter, name=name)
     save_hparams(directory, hparams)
     state = {
         "adapter": adapter,
@@ -56,6 +56,7 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "model_config": asdict(config),
         "prompt_style": prompt_style,
+        "name": name,
     }
     with atomic_path(directory / STATE_FILE) as tmp:
         torch.save(state, tmp)
@@ -115,26 +116,34 @@ def is_trainer_checkpoint(checkpoint: Any) -> bool:
     return isinstance(checkpoint, dict) and TRAINER_CHECKPOINT_KEYS <= checkpoint.keys()
 
 
-def read_state_adapter(path: Path) -> tuple[dict[str, torch.Tensor], AdapterConfig, str]:
-    """The adapter weights, model config and prompt style of a training state of finetune/adapter.py (its
-    training_state.pt) or of a checkpoint of finetune/adapter_trainer.py (states from before prompt styles were
-    recorded: the legacy style)."""
+@dataclass(frozen=True)
+class SavedAdapter:
+    """The adapter of a training state or a Trainer checkpoint: its weights, shape, prompt style and name."""
+
+    weights: dict[str, torch.Tensor]
+    config: AdapterConfig
+    prompt_style: str
+    name: Optional[str]
+
+
+def read_state_adapter(path: Path) -> SavedAdapter:
+    """The adapter of a training state of finetune/adapter.py (its training_state.pt) or of a checkpoint of
+    finetune/adapter_trainer.py (states from before prompt styles were recorded: the legacy style; from before
+    names were: none)."""
     state = torch_load(path)
     if is_trainer_checkpoint(state):
-        adapter = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
+        weights = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
+        name = (state.get("run_options") or {}).get("name")
     elif isinstance(state, dict) and {"adapter", "model_config"} <= state.keys():
-        adapter = state["adapter"]
+        weights, name = state["adapter"], state.get("name")
     else:
         raise UserError(f"{path} is not a training state of finetune/adapter.py nor a checkpoint of "
                         "finetune/adapter_trainer.py (it has no adapter weights and model config)")
     try:
-        config = AdapterConfig(**state["model_config"])
+        return SavedAdapter(weights, AdapterConfig(**state["model_config"]), get_style(state.get("prompt_style")).name,
+                            name)
     except (TypeError, UserError) as err:
-        raise UserError(f"{path} holds an unreadable model config: {err}") from None
-    try:
-        return adapter, config, get_style(state.get("prompt_style")).name
-    except UserError as err:
-        raise UserError(f"{path}: {err}") from None
+        raise UserError(f"{path} holds an unreadable model config or prompt style: {err}") from None
 
 
 def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Optional[Path]:
@@ -209,9 +218,9 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
     """
     state_path = Path(state_path)
     state_path = state_path / STATE_FILE if state_path.is_dir() else state_path
-    adapter, config, prompt_style = read_state_adapter(state_path)
-    check_state_dict(AdapterLLaMA, config, shapes_of(adapter), source=str(state_path), only_adapter=True)
+    saved = read_state_adapter(state_path)
+    check_state_dict(AdapterLLaMA, saved.config, shapes_of(saved.weights), source=str(state_path), only_adapter=True)
     output_path = Path(output_path) if output_path is not None else state_path.parent / ADAPTER_FILE
-    save_adapter(output_path, None, config, prompt_style, state_dict=adapter)
-    print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in adapter.values()):,} parameters) "
+    save_adapter(output_path, None, saved.config, saved.prompt_style, state_dict=saved.weights, name=saved.name)
+    print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in saved.weights.values()):,} parameters) "
           f"to {output_path}")

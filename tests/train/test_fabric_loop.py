@@ -449,3 +449,19 @@ def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
     response = sample_response(model.eval(), Tokenizer(tok512), "Tell me a story.", max_new_tokens=8)
     assert isinstance(response, str) and response
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_adapters_of_two_runs_are_served_together_by_the_names_they_were_saved_under(assets, tmp_path, capsys):
+    one_step = {**SMALL_RUN, "train.max_steps": 1, "eval.interval": 1000}
+    first = train(assets, "small", tmp_path / "runs" / "first", **one_step)
+    second = train(assets, "small", tmp_path / "runs" / "other", name="second", **one_step)
+    paths = [first / ADAPTER_FILE, second / ADAPTER_FILE]
+    assert [read_safetensors_metadata(path)["name"] for path in paths] == ["first", "second"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"prompt": "Hi", "adapter": "first"}\n{"prompt": "Hi", "adapter": "second"}\n')
+    answers = serving.main(checkpoint_dir=assets["checkpoint"], adapter_path=[str(p) for p in paths],
+                           requests_path=requests, temperature=0, max_new_tokens=5)
+    assert len(answers) == 2
+    with pytest.raises(UserError, match="adapter name 'a b' may hold only"):
+        training.main(checkpoint_dir=assets["checkpoint"], data_dir=assets["small"], out_dir=tmp_path / "x",
+                      name="a b")

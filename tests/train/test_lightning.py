@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lit_adapter.adapter import is_adapter_param
-from lit_adapter.checkpoint import ADAPTER_FILE, adapter_prompt_style, load_adapter, load_model, save_adapter
+from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_name, adapter_prompt_style, load_adapter, load_model,
+                                    save_adapter)
 from lit_adapter.cli import run_cli
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.train.lightning_module import AdapterModule
@@ -309,6 +310,7 @@ def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 15: val loss" in result.stdout and "step 30: val loss" in result.stdout
     adapter_path = out / ADAPTER_FILE
+    assert adapter_name(adapter_path) == tmp_path.name  # named after --trainer.default_root_dir
 
     base_loss = val_loss(load_model(checkpoint_dir), data_dir)
     trained = load_model(checkpoint_dir, adapter=True)
