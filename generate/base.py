@@ -3,11 +3,6 @@
 from lit_adapter.cli import run_cli
 from lit_adapter.generate.cli import main
 
-
-def base(**kwargs) -> None:
-    """Generate text with a base model, streaming it to stdout; load time, speed and memory go to stderr."""
-    main(adapter_path=None, **kwargs)
-
-
 if __name__ == "__main__":
-    run_cli(base)
+    run_cli(main, skip=("adapter_path", "adapter"), description="Generate text with a base model, streaming it to "
+            "stdout; load time, speed and memory go to stderr.")

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, Optional
 
 import torch
-from jsonargparse import CLI, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from lit_adapter.errors import UserError
 
@@ -50,8 +50,12 @@ def exit_on_user_error(hint: Optional[str] = None) -> Iterator[None]:
         sys.exit(EXIT_INTERRUPTED)
 
 
-def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: tuple[str, ...] = ()) -> Any:
-    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``) and call it.
+def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: tuple[str, ...] = (),
+            skip: tuple[str, ...] = (), defaults: Optional[dict[str, Any]] = None,
+            description: Optional[str] = None) -> Any:
+    """Parse the command line into ``function``'s arguments (its docstring is the ``--help``, ``description`` its
+    first line if given) and call it; ``skip`` names parameters the command line does not offer, ``defaults`` other
+    defaults than the function's.
 
     Each of ``list_options`` (e.g. ``--adapter_path``) may be followed by several values, which become one list.
     """
@@ -59,7 +63,15 @@ def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: 
     for option in list_options:
         args = gather_values(args, option)
     with exit_on_user_error():
-        return CLI(function, as_positional=False, args=args, exit_on_error=False)
+        parser = ArgumentParser(exit_on_error=False, description=description)
+        parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of options (--print_config writes "
+                                                                       "one).")
+        parser.add_function_arguments(function, as_group=False, as_positional=False, skip=set(skip), sub_configs=True)
+        parser.description = parser.description or (function.__doc__ or "").split("\n\n")[0]
+        parser.set_defaults(defaults or {})
+        options = parser.instantiate(parser.parse_args(args))
+        options.pop("config", None)
+        return function(**options)
 
 
 def option_error_line(message: str) -> str:

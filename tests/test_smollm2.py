@@ -3,13 +3,15 @@ records. The first validation loss is the base model's, 16 steps lower it by mor
 greedy answer; chat-style samples learn exactly the assistant's tokens; generation follows the adapter's style.
 """
 
+import json
+
 import pytest
 import torch
 from tests.train.test_fabric_loop import cli_args, logged
 
 from conftest import shared_file
 from lit_adapter.train import fabric_loop as training
-from lit_adapter.checkpoint import adapter_prompt_style, load_model
+from lit_adapter.checkpoint import adapter_prompt_style, load_model, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.data.batching import IGNORE_INDEX
 from lit_adapter.data.prepare import prepare_dataset, tokenize_sample
@@ -17,7 +19,10 @@ from lit_adapter.data.records import load_records
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.prompts import get_style, user_message
 from lit_adapter.train.recipe import loss_fn
+from lit_adapter.errors import UserError
+from lit_adapter.generate.cli import Prompting, load
 from lit_adapter.generate.cli import main as generate
+from lit_adapter.generate.requests import Request
 from lit_adapter.tokenizer import Tokenizer
 
 INSTRUCTION = "Give three tips for staying healthy."
@@ -109,3 +114,36 @@ def test_chat_prepared_data_records_its_style_and_masks_the_template(alpaca):
         first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert tokenizer.decode(ids[:first]).endswith("assistant\n")  # the template's generation prompt is masked
         assert im_end[0] in [label for label in labels if label != IGNORE_INDEX]  # the answer's end is learned
+
+
+def test_a_plain_prompt_that_ends_at_once_says_so_and_suggests_the_chat_style(smollm2_checkpoint, capsys):
+    assert generate(checkpoint_dir=smollm2_checkpoint, prompt=INSTRUCTION, temperature=0, max_new_tokens=8) == [""]
+    assert "write its prompts in it with --prompt_style chat" in capsys.readouterr().err
+
+
+def test_each_row_of_a_batch_is_written_in_its_adapters_style(smollm2_checkpoint, tmp_path, capsys):
+    model = load_model(smollm2_checkpoint, adapter=True)
+    for style in ("chat", "alpaca"):
+        save_adapter(tmp_path / f"{style}.safetensors", model, model.config, style)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": "Name a color.", "adapter": name}) + "\n"
+                                for name in ("chat", "alpaca", None)))
+    adapters = [str(tmp_path / f"{style}.safetensors") for style in ("chat", "alpaca")]
+    _, _, _, prompts, _ = load(smollm2_checkpoint, adapters, requests, Request(""), Prompting(None, None), None, "cpu")
+    tokenizer = Tokenizer(smollm2_checkpoint)
+    user = user_message("Name a color.")
+    assert [p.tolist() for p in prompts] == [get_style(style).encode(tokenizer, [user]).tolist()
+                                             for style in ("chat", "alpaca", "plain")]
+    assert len({tuple(p.tolist()) for p in prompts}) == 3
+    with pytest.raises(UserError, match="the alpaca prompt style has no system prompt"):  # the Alpaca row
+        load(smollm2_checkpoint, adapters, requests, Request(""), Prompting(None, "Be brief."), None, "cpu")
+    requests.write_text('{"prompt": "Name a color.", "adapter": "chat"}\n{"prompt": "Name a color."}\n')
+    _, _, _, prompts, _ = load(smollm2_checkpoint, adapters, requests, Request(""), Prompting(None, "Be brief."),
+                               None, "cpu")
+    system = {"role": "system", "content": "Be brief."}
+    assert [p.tolist() for p in prompts] == [get_style(style).encode(tokenizer, [system, user]).tolist()
+                                             for style in ("chat", "plain")]
+    requests.write_text('{"prompt": "Name a color.", "adapter": "alpaca"}\n')
+    load(smollm2_checkpoint, adapters, requests, Request(""), Prompting("chat", None), None, "cpu")
+    assert "--prompt_style chat writes the prompts to adapter 'alpaca', which was trained in the alpaca style" in \
+        capsys.readouterr().err

@@ -3,9 +3,9 @@ streamed, a file of requests answered by the batch engine, or a chat, with sever
 
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Collection, Optional
+from typing import Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -19,7 +19,7 @@ from lit_adapter.generate.engine import Engine, Job
 from lit_adapter.generate.requests import Request, check_request, read_requests, write_results
 from lit_adapter.model import LLaMA
 from lit_adapter.precision import GenerationPrecision, base_dtype, default_precision
-from lit_adapter.prompts import Message, StyleName, get_style, user_message
+from lit_adapter.prompts import BASE_MODEL_STYLE, Message, StyleName, chat_style_for, get_style, user_message
 from lit_adapter.tokenizer import Tokenizer
 
 
@@ -29,7 +29,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
          interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
          precision: Optional[GenerationPrecision] = None, compile: bool = False, cuda_graph: bool = True,
-         prompt_style: Optional[StyleName] = None) -> list[str]:
+         prompt_style: Optional[StyleName] = None, system: Optional[str] = None,
+         accelerator: Literal["auto", "cpu", "cuda"] = "auto") -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
@@ -37,8 +38,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         prompt: The text to continue, or with an adapter the instruction to answer (in the adapter's prompt style).
         adapter_path: Adapter files (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py, served
             together on the one base, each as name=path or a path (named by its file name without ".safetensors").
-        adapter: The adapter (by name) that answers --prompt or --interactive (default: the first one) and the
-            requests that name none (default: the base model).
+        adapter: The adapter (by name) that answers --prompt or --interactive (default: the first one).
         requests_path: A JSON-lines file of requests to answer instead of --prompt, one object per line: "prompt",
             optional "adapter" (a name; absent or null: the base model) and optional max_new_tokens, temperature,
             top_k, top_p (default: these options). They run in one continuously refilled batch.
@@ -56,47 +56,84 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
         precision: Weights and compute precision (default: bf16-true on a GPU that supports it, else 32-true).
         compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
-        prompt_style: How prompts are written for the model (one of lit_adapter/prompts.py's styles). Default: each
-            adapter's own style (recorded in its file), plain text for the base model; a style given here applies
-            to every prompt (the chat style, for instance, to an instruct base model).
+        prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
+            text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
+        system: A system message before every prompt and chat (the Alpaca template has no place for one).
+        accelerator: "cpu", "cuda" or "auto" (a GPU if there is one).
     """
     defaults = Request(prompt, adapter, max_new_tokens, temperature, top_k, top_p)
     check_options(defaults, num_samples, batch_size, chat_context, interactive, requests_path)
     torch.manual_seed(seed)
-    base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults,
-                                                    prompt_style, precision)
+    prompting = Prompting(prompt_style, system)
+    base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults, prompting,
+                                                    precision, accelerator)
     device = model.embed.weight.device
     decode_fn = compile_decode() if compile else GraphDecode() if cuda_graph and device.type == "cuda" else \
         decode_one_token
+    first = requests[0]
     if interactive:
-        texts = chat(model, base.tokenizer, requests[0], adapters.index(requests[0].adapter),
-                     adapters.prompt_style(requests[0].adapter, prompt_style), decode_fn,
-                     min(chat_context, base.config.block_size))
+        texts = chat(model, base.tokenizer, first, adapters.index(first.adapter), prompting.style(adapters, first),
+                     system, decode_fn, min(chat_context, base.config.block_size))
     elif requests_path is not None:
-        texts = answer_requests(model, base.tokenizer, requests, adapters, prompts, batch_size, decode_fn, output_path)
+        texts = answer_requests(model, base.tokenizer, requests, adapters, prompts,
+                                [prompting.style(adapters, r) for r in requests], batch_size, decode_fn, output_path)
     else:
-        texts = stream_samples(model, base.tokenizer, requests[0], adapters.index(requests[0].adapter), prompts[0],
-                               num_samples, decode_fn)
+        texts = stream_samples(model, base.tokenizer, first, adapters.index(first.adapter), prompts[0], num_samples,
+                               decode_fn, prompting.style(adapters, first))
     if device.type == "cuda":
         print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
     return texts
 
 
+@dataclass(frozen=True)
+class Prompting:
+    """How the command line's prompts are written: in ``option`` (None: each adapter's own style, plain text for the
+    base model), after the ``system`` message if one is given."""
+
+    option: Optional[str]
+    system: Optional[str]
+
+    def style(self, adapters: AdapterSet, request: Request) -> str:
+        return adapters.prompt_style(request.adapter, self.option)
+
+    def encode(self, adapters: AdapterSet, request: Request, tokenizer: Tokenizer) -> torch.Tensor:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return get_style(self.style(adapters, request)).encode(tokenizer, [*system, user_message(request.prompt)])
+
+
 def load(checkpoint_dir: Path, adapter_path: Optional[Path | list[Path]], requests_path: Optional[Path],
-         defaults: Request, prompt_style: Optional[str], precision: Optional[str]
+         defaults: Request, prompting: Prompting, precision: Optional[str], accelerator: str
          ) -> tuple[BaseCheckpoint, AdapterSet, list[Request], list[torch.Tensor], LLaMA]:
     """The checkpoint, the adapters, the requests and their prompt ids (all checked first), then the model."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(accelerator)
     start = time.perf_counter()
     base = open_checkpoint(checkpoint_dir)
     adapters = open_adapters(adapter_path if isinstance(adapter_path, list) else [adapter_path] if adapter_path else [],
                              base.config)
     requests = read_requests(requests_path, defaults) if requests_path else [first_adapter(defaults, adapters)]
-    prompts = encode_requests(requests, adapters, prompt_style, base, numbered=requests_path is not None)
+    warn_about_overridden_styles(adapters, {r.adapter for r in requests}, prompting.option)
+    prompts = encode_requests(requests, adapters, prompting, base, numbered=requests_path is not None)
     dtype = base_dtype(precision or default_precision(device.type == "cuda", purpose="generation"))
     model = load_generation_model(base, adapters, device, dtype)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return base, adapters, requests, prompts, model
+
+
+def pick_device(accelerator: str) -> torch.device:
+    """The device --accelerator asks for; a GPU that is not there is refused in one line."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise UserError("--accelerator cuda: PyTorch sees no GPU here (check nvidia-smi and that PyTorch is a CUDA "
+                        "build), or use --accelerator cpu")
+    return torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def warn_about_overridden_styles(adapters: AdapterSet, used: set[Optional[str]], option: Optional[str]) -> None:
+    """A warning for each adapter in use trained in another prompt style than --prompt_style."""
+    for name in sorted(n for n in used if n is not None):
+        trained = adapters.prompt_style(name)
+        if option is not None and option != trained:
+            print(f"warning: --prompt_style {option} writes the prompts to adapter {name!r}, which was trained in the "
+                  f"{trained} style", file=sys.stderr)
 
 
 def check_options(defaults: Request, num_samples: int, batch_size: int, chat_context: int, interactive: bool,
@@ -113,14 +150,13 @@ def first_adapter(request: Request, adapters: AdapterSet) -> Request:
     return request if request.adapter or not adapters.names else replace(request, adapter=adapters.names[0])
 
 
-def encode_requests(requests: list[Request], adapters: AdapterSet, prompt_style: Optional[str], base: BaseCheckpoint,
+def encode_requests(requests: list[Request], adapters: AdapterSet, prompting: Prompting, base: BaseCheckpoint,
                     numbered: bool) -> list[torch.Tensor]:
-    """Each request's prompt ids, in --prompt_style or its adapter's style (plain for the base); a prompt that does
-    not fit the model's context with its answer is refused (``numbered``: naming the request)."""
+    """Each request's prompt ids, written as ``prompting`` says; a prompt that does not fit the model's context with
+    its answer is refused (``numbered``: naming the request)."""
     prompts = []
     for number, request in enumerate(requests, start=1):
-        style = get_style(adapters.prompt_style(request.adapter, prompt_style))
-        ids = style.encode(base.tokenizer, [user_message(request.prompt)])
+        ids = prompting.encode(adapters, request, base.tokenizer)
         if ids.numel() + request.max_new_tokens > base.config.block_size:
             where = f"request {number}: " if numbered else ""
             raise UserError(f"{where}the prompt is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} "
@@ -136,7 +172,7 @@ def select_row(model: LLaMA, adapter: Optional[int]) -> None:
 
 
 def stream_samples(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional[int],
-                   prompt_ids: torch.Tensor, num_samples: int, decode_fn: DecodeFn) -> list[str]:
+                   prompt_ids: torch.Tensor, num_samples: int, decode_fn: DecodeFn, style: str) -> list[str]:
     """Answer one prompt ``num_samples`` times, streaming each answer to stdout."""
     model.set_kv_cache(batch_size=1, max_seq_length=prompt_ids.numel() + request.max_new_tokens)
     select_row(model, adapter)
@@ -149,11 +185,23 @@ def stream_samples(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter
         elapsed = time.perf_counter() - start
         texts.append(tokenizer.decode(ids))
         print(f"{len(ids)} tokens in {elapsed:.2f} s: {len(ids) / elapsed:.1f} tokens/s", file=sys.stderr)
+        if not ids:
+            print(empty_answer_note(tokenizer, [style]), file=sys.stderr)
     return texts
 
 
+def empty_answer_note(tokenizer: Tokenizer, styles: list[str]) -> str:
+    """What to say about answers that ended at once, written in ``styles``: a chat model asked in plain text,
+    usually."""
+    what = "the answer is empty" if len(styles) == 1 else f"{len(styles)} answers are empty"
+    hint = ("; the model has a chat template: write its prompts in it with --prompt_style chat"
+            if tokenizer.chat_template and chat_style_for(tokenizer) != BASE_MODEL_STYLE and BASE_MODEL_STYLE in styles
+            else "")
+    return f"note: {what}: the model ended at once (an end-of-text or end-of-turn token came first){hint}"
+
+
 def answer_requests(model: LLaMA, tokenizer: Tokenizer, requests: list[Request], adapters: AdapterSet,
-                    prompts: list[torch.Tensor], batch_size: int, decode_fn: DecodeFn,
+                    prompts: list[torch.Tensor], styles: list[str], batch_size: int, decode_fn: DecodeFn,
                     output_path: Optional[Path]) -> list[str]:
     """Answer ``requests`` with the batch engine; write the answers as JSON lines (stdout without ``output_path``)."""
     start = time.perf_counter()
@@ -167,6 +215,8 @@ def answer_requests(model: LLaMA, tokenizer: Tokenizer, requests: list[Request],
         engine.run_until_done()
     texts = [tokenizer.decode(job.tokens) for job in jobs]
     n_tokens = [len(job.tokens) for job in jobs]
+    if 0 in n_tokens:
+        print(empty_answer_note(tokenizer, [style for style, n in zip(styles, n_tokens) if not n]), file=sys.stderr)
     elapsed = time.perf_counter() - start
     print(f"{len(requests)} requests, {sum(n_tokens)} tokens in {elapsed:.2f} s: {sum(n_tokens) / elapsed:.1f} "
           "tokens/s", file=sys.stderr)
@@ -177,13 +227,15 @@ def answer_requests(model: LLaMA, tokenizer: Tokenizer, requests: list[Request],
 
 
 def chat(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional[int], style: str,
-         decode_fn: DecodeFn, context: int) -> list[str]:
-    """Answer the messages read from stdin until an empty line, each in the light of the conversation so far.
+         system: Optional[str], decode_fn: DecodeFn, context: int) -> list[str]:
+    """Answer the messages read from stdin until an empty line, each in the light of the conversation so far (after
+    the ``system`` message, if any).
 
     The oldest exchanges are dropped when the conversation and the answer no longer fit ``context`` tokens.
     """
     model.set_kv_cache(batch_size=1, max_seq_length=context)
     select_row(model, adapter)
+    lead: list[Message] = [{"role": "system", "content": system}] if system else []
     messages: list[Message] = []
     replies = []
     print("Chat: type a message and Enter; an empty line ends.", file=sys.stderr)
@@ -191,10 +243,10 @@ def chat(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = get_style(style).encode(tokenizer, messages)
+        ids = get_style(style).encode(tokenizer, lead + messages)
         while ids.numel() + request.max_new_tokens > context and len(messages) > 1:
             messages = messages[2:]
-            ids = get_style(style).encode(tokenizer, messages)
+            ids = get_style(style).encode(tokenizer, lead + messages)
         if ids.numel() + request.max_new_tokens > context:
             raise UserError(f"the message is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} it "
                             f"exceeds the chat's context of {context} tokens (--chat_context, at most the "
