@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.checkpoint import CONFIG_FILE, read_config
-from lit_adapter.data.prepare import prepare_dataset
+from lit_adapter.data.prepare import VAL_SIZE, default_val_size, prepare_dataset
 from lit_adapter.data.records import download_alpaca, load_records
 from lit_adapter.errors import UserError
 from lit_adapter.files import check_can_create
@@ -17,7 +17,7 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 
 
 def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[Path] = None,
-         tokenizer_path: Optional[Path] = None, data_file: Optional[Path] = None, val_size: int = 2000,
+         tokenizer_path: Optional[Path] = None, data_file: Optional[Path] = None, val_size: Optional[int] = None,
          seed: int = 42, max_seq_length: Optional[int] = None, mask_prompt: bool = True,
          skip_bad_records: bool = False, prompt_style: StyleName = LEGACY_STYLE) -> None:
     """Tokenize instruction data into train.pt, val.pt and prep_config.yaml.
@@ -30,7 +30,8 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
             or chat records {messages: [{role: system|user|assistant, content}, ...]}; only the answers are
             learned. Default: download the Stanford Alpaca data to destination_dir/alpaca_data.json, or reuse it
             if already there.
-        val_size: How many random samples go to the validation split.
+        val_size: How many random samples go to the validation split (default: the paper's 2000, or a tenth of a
+            smaller data set).
         seed: Seed of the train/val split.
         max_seq_length: Longest tokenized sample; longer ones are truncated, always keeping their EOS.
             Default: the block_size of checkpoint_dir's model, else 512.
@@ -61,5 +62,9 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
     records, problems = load_records(data_file, skip_bad_records)
     if problems:
         print(f"skipped {len(problems)} bad records of {data_file}; the first: {problems[0]}", file=sys.stderr)
+    if val_size is None:
+        val_size = default_val_size(len(records))
+        if val_size < VAL_SIZE:
+            print(f"val_size {val_size}: a tenth of the {len(records)} records ({VAL_SIZE} from {10 * VAL_SIZE:,} on)")
     prepare_dataset(records, tokenizer, destination_dir, val_size=val_size, seed=seed,
                     max_seq_length=max_seq_length, mask_prompt=mask_prompt, source=data_file, style=prompt_style)

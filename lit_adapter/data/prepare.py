@@ -13,13 +13,15 @@ from tqdm import tqdm
 from lit_adapter.data.batching import IGNORE_INDEX, Sample
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path, file_fingerprint, read_yaml_mapping, torch_load, write_yaml
-from lit_adapter.prompts import get_style
+from lit_adapter.prompts import get_style, record_messages
 from lit_adapter.tokenizer import Tokenizer
 
 MIN_SEQ_LENGTH = 3
 """BOS, one response token and EOS."""
 PREP_CONFIG_FILE = "prep_config.yaml"
 SPLITS = ("train", "val")
+VAL_SIZE = 2000
+"""The paper's validation split of the 52k Alpaca records."""
 
 
 def tokenize_sample(record: dict, tokenizer: Tokenizer, max_seq_length: int, mask_prompt: bool = True,
@@ -83,12 +85,19 @@ def check_max_seq_length(max_seq_length: int) -> None:
                         f"got {max_seq_length}")
 
 
+def default_val_size(records: int) -> int:
+    """The validation split of a set of ``records``: the 2000 of the paper's 52k Alpaca set, or a tenth of a smaller
+    set (at least 1, so that evaluation has something to measure)."""
+    return min(VAL_SIZE, max(1, records // 10), records - 1)
+
+
 def prepare_dataset(records: Sequence[dict], tokenizer: Tokenizer, destination_dir: Path,
-                    val_size: int = 2000, seed: int = 42, max_seq_length: int = 512, mask_prompt: bool = True,
+                    val_size: int = VAL_SIZE, seed: int = 42, max_seq_length: int = 512, mask_prompt: bool = True,
                     source: Optional[Path] = None, style: Optional[str] = None) -> dict[str, Any]:
-    """Tokenize ``records`` in the prompt style named ``style`` (None: the legacy default), split them at random into ``train.pt`` and ``val.pt`` (``val_size``
-    samples) in ``destination_dir`` with a ``prep_config.yaml`` describing them; print length statistics and return
-    that config."""
+    """Tokenize ``records`` in the prompt style named ``style`` (None: the legacy default), split them at random into
+    ``train.pt`` and ``val.pt`` (``val_size`` samples) in ``destination_dir`` with a ``prep_config.yaml`` describing
+    them (and the first validation record's question, for evaluations to show an answer to); print length
+    statistics and return that config."""
     check_max_seq_length(max_seq_length)  # before tokenizing anything
     style = get_style(style).name
     if not 0 <= val_size <= len(records) - 1:
@@ -113,11 +122,17 @@ def prepare_dataset(records: Sequence[dict], tokenizer: Tokenizer, destination_d
         "tokenizer": _describe_tokenizer(tokenizer),
         "lengths": lengths,
         "truncated": truncated,
+        "sample_instruction": last_question(records[order[0]]) if val_size else None,
     })
     print("tokens per sample: " + ", ".join(f"{k} {v}" for k, v in lengths.items()))
     print(f"truncated {truncated} of {len(samples)} samples to max_seq_length={max_seq_length}")
     print(f"wrote {config['train_samples']} train and {val_size} val samples to {destination_dir}")
     return config
+
+
+def last_question(record: dict) -> str:
+    """The record's last user turn (an Alpaca record's instruction and input)."""
+    return [m["content"] for m in record_messages(record) if m["role"] == "user"][-1]
 
 
 def write_prepared_set(destination_dir: Path, splits: dict[str, list[Sample]], description: dict[str, Any]) -> dict:
