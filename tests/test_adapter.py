@@ -17,7 +17,8 @@ from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from tests.test_model import cached_logits, random_model, reference_logits
 
-TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4)  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+# 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4, adapter_start_layer=1)
 
 
 def adapter_names(config):
@@ -288,7 +289,8 @@ def test_adapter_for_another_preset_of_the_same_shape_is_refused(tmp_path):
 def test_adapter_file_of_another_shape_does_not_load(tmp_path, overrides, words):
     path = tmp_path / "adapter.safetensors"
     save_adapter(path, trained_adapter(), TINY)
-    model = AdapterGPT(AdapterConfig.from_name("tiny", **{"adapter_prompt_length": 4, **overrides}))
+    model = AdapterGPT(AdapterConfig.from_name("tiny", **{"adapter_prompt_length": 4, "adapter_start_layer": 1,
+                                                          **overrides}))
     before = {k: v.clone() for k, v in adapter_state_dict(model).items()}
     with pytest.raises(UserError) as excinfo:
         load_adapter(model, path)
@@ -458,3 +460,9 @@ def test_saving_a_checkpoint_dir_checks_the_weights(tmp_path):
         save_checkpoint_dir(state, TINY, None, tmp_path / "out")
     one_line_user_error(excinfo, "missing keys [norm.weight]")
     assert not (tmp_path / "out" / WEIGHTS_FILE).exists()
+
+
+def test_the_default_adapter_shape_is_the_papers_share_or_the_top_half_of_a_small_model():
+    shape = {name: AdapterConfig.from_name(name) for name in ("llama-7b", "llama-3.2-1b", "smollm2-135m", "stories260K")}
+    assert {name: (c.n_adapter_layers, c.adapter_prompt_length) for name, c in shape.items()} == {
+        "llama-7b": (30, 10), "llama-3.2-1b": (15, 10), "smollm2-135m": (15, 10), "stories260K": (2, 10)}

@@ -35,7 +35,8 @@ from tests.test_model import random_model
 
 alpaca_prompt = STYLES["alpaca"].instruction
 
-TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4)  # 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+# 3 layers, adapters in layers 1 and 2, 4 query heads over 2 kv heads
+TINY = AdapterConfig.from_name("tiny", adapter_prompt_length=4, adapter_start_layer=1)
 
 
 def uncached_greedy(model: GPT, prompt: torch.Tensor, steps: int) -> list[int]:
