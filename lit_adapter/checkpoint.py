@@ -28,6 +28,8 @@ from lit_adapter.model import LLaMA
 from lit_adapter.prompts import LEGACY_STYLE, get_style
 from lit_adapter.tokenizer import Tokenizer, TokenizerFiles, tokenizer_files
 
+QUICK_START_CHECKPOINT = Path("quickstart/checkpoints/smollm2-135m-instruct")
+"""The checkpoint folder scripts/quickstart.sh writes: every script's default."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.yaml"
 ADAPTER_FORMAT = "lit_adapter.adapter/1"

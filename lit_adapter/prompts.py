@@ -129,6 +129,12 @@ BASE_MODEL_STYLE = Plain.name
 """How prompts to a base model without an adapter are written unless an option says otherwise."""
 
 
+def style_for_records(records: list[dict], tokenizer: "Tokenizer") -> str:
+    """The style that suits training ``records`` by default: the model's chat template for chat records (if it has
+    one), else ``LEGACY_STYLE``, the paper's Alpaca template."""
+    return Chat.name if tokenizer.chat_template and any("messages" in r for r in records) else LEGACY_STYLE
+
+
 def chat_style_for(tokenizer: "Tokenizer") -> str:
     """The style a base model answers chat messages in: its chat template if it has one, else plain text."""
     return Chat.name if tokenizer.chat_template else Plain.name

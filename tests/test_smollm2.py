@@ -4,6 +4,7 @@ greedy answer; chat-style samples learn exactly the assistant's tokens; generati
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -19,7 +20,9 @@ from lit_adapter.data.records import load_records
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.prompts import get_style, user_message
 from lit_adapter.train.recipe import loss_fn
+from lit_adapter.data.cli import main as prepare
 from lit_adapter.errors import UserError
+from lit_adapter.files import read_safetensors_metadata
 from lit_adapter.generate.cli import Prompting, load
 from lit_adapter.generate.cli import main as generate
 from lit_adapter.generate.requests import Request
@@ -147,3 +150,28 @@ def test_each_row_of_a_batch_is_written_in_its_adapters_style(smollm2_checkpoint
     load(smollm2_checkpoint, adapters, requests, Request(""), Prompting("chat", None), None, "cpu")
     assert "--prompt_style chat writes the prompts to adapter 'alpaca', which was trained in the alpaca style" in \
         capsys.readouterr().err
+
+
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"]
+
+
+def test_a_small_chat_set_prepares_and_fine_tunes_with_all_defaults(smollm2_checkpoint, tmp_path, capsys):
+    """40 two-turn chat records, and only paths given: the defaults fit the data and the model."""
+    records = tmp_path / "chats.jsonl"
+    records.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Name color number {i}."}, {"role": "assistant", "content": COLORS[i % 10]},
+        {"role": "user", "content": "Another?"}, {"role": "assistant", "content": COLORS[(i + 1) % 10]}]}) + "\n"
+        for i in range(40)))
+    data, out = tmp_path / "data", tmp_path / "colors"
+    run_cli(prepare, ["--checkpoint_dir", str(smollm2_checkpoint), "--data_file", str(records),
+                      "--destination_dir", str(data)])
+    printed = capsys.readouterr().out
+    assert "val_size 4: a tenth of the 40 records" in printed and "prompt style: chat" in printed
+    run_cli(training.main, ["--checkpoint_dir", str(smollm2_checkpoint), "--data_dir", str(data), "--out_dir", str(out),
+                            "--eval.max_new_tokens", "4"])
+    printed = capsys.readouterr().out
+    assert "train.global_batch_size 36: the training set holds 36 samples, fewer than 64" in printed
+    assert "15 layers x 10 prompts" in printed  # the top half of a small model's 30 layers
+    assert adapter_prompt_style(out / "adapter.safetensors") == "chat"
+    assert read_safetensors_metadata(out / "adapter.safetensors")["name"] == "colors"
+    assert re.search(r"step 5: val loss \d\.\d+\n(Name color number \d+\.|Another\?)\n", printed), printed

@@ -27,13 +27,14 @@ class InstructionDataModule(L.LightningDataModule):
     Batches are dealt out to ranks here, so a Trainer needs ``use_distributed_sampler=False``.
     """
 
-    def __init__(self, data_dir: Path = Path("data/alpaca"), global_batch_size: int = 64,
+    def __init__(self, data_dir: Path = Path("data/alpaca"), global_batch_size: Optional[int] = None,
                  micro_batch_size: Optional[int] = 4, micro_batch_tokens: Optional[int] = None, seed: int = 42,
                  num_workers: int = 0, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
         """
         Args:
             data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
-            global_batch_size: Samples per optimizer step over all devices.
+            global_batch_size: Samples per optimizer step over all devices (None: the training options set it from
+                the data, ``train.args.with_defaults``).
             micro_batch_size: Most samples per micro-batch on one device (None: no limit).
             micro_batch_tokens: Most padded tokens per micro-batch on one device (None: no limit).
             seed: Seed of the per-epoch shuffling.
@@ -62,6 +63,11 @@ class InstructionDataModule(L.LightningDataModule):
         """The name of the prompt style the data was prepared in (data from before styles: the legacy style)."""
         return get_style(self.prep_config.get("prompt_style")).name
 
+    @property
+    def sample_instruction(self) -> Optional[str]:
+        """The first validation record's question, which evaluations ask (None for sets from older versions)."""
+        return self.prep_config.get("sample_instruction")
+
     def check_fits(self, tokenizer: Tokenizer, config: Config) -> None:
         """The data must come from this tokenizer and fit the model's context."""
         prepared = self.prep_config.get("tokenizer", {})
@@ -82,14 +88,15 @@ class InstructionDataModule(L.LightningDataModule):
             raise UserError(f"{self.data_dir} has {samples} training samples, fewer than one optimizer step of "
                             f"{self.global_batch_size} ({option}): lower it, or prepare more data")
 
-    def plan(self, split: str = "train", replicas: Optional[tuple[int, int]] = None) -> StepPlan:
-        """The step plan of ``split`` for ``replicas`` (world size, rank; default: this process's)."""
+    def plan(self, split: str = "train") -> StepPlan:
+        """The step plan of ``split`` on this rank (validation: one step of all its samples, on one rank)."""
         self.setup()
         samples = self.splits[split]
-        num_replicas, rank = replicas or self._replicas()
-        return StepPlan([len(s["input_ids"]) for s in samples], [response_token_count(s) for s in samples],
-                        self.global_batch_size, self.micro_batch_size, self.micro_batch_tokens, self.seed,
-                        num_replicas, rank, pad_to_multiple_of=self.pad_to_multiple_of)
+        step_size, (num_replicas, rank) = ((self.global_batch_size, self._replicas()) if split == "train" else
+                                           (max(1, len(samples)), (1, 0)))
+        return StepPlan([len(s["input_ids"]) for s in samples], [response_token_count(s) for s in samples], step_size,
+                        self.micro_batch_size, self.micro_batch_tokens, self.seed, num_replicas, rank,
+                        pad_to_multiple_of=self.pad_to_multiple_of)
 
     def train_steps(self, start_step: int = 0) -> DataLoader:
         """This rank's optimizer steps from ``start_step`` on, without end: ``([(input_ids, targets)...], tokens)``."""
@@ -106,7 +113,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
-        plan = self.plan("val", replicas=(1, 0))
+        plan = self.plan("val")
         batches = plan.micro_batches(range(len(plan.lengths)))
         num_replicas, rank = self._replicas()
         mine = batches[:len(batches) - len(batches) % num_replicas][rank::num_replicas]

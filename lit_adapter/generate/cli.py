@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from lit_adapter.adapter import AdapterLLaMA
-from lit_adapter.checkpoint import BaseCheckpoint, open_checkpoint
+from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, BaseCheckpoint, open_checkpoint
 from lit_adapter.errors import UserError
 from lit_adapter.generate.adapters import AdapterSet, load_generation_model, open_adapters
 from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate, stream_text
@@ -23,7 +23,7 @@ from lit_adapter.prompts import BASE_MODEL_STYLE, Message, StyleName, chat_style
 from lit_adapter.tokenizer import Tokenizer
 
 
-def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "Once upon a time",
+def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon a time",
          adapter_path: Optional[Path | list[Path]] = None, adapter: Optional[str] = None,
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -34,7 +34,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), prompt: str = "
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
-        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer).
+        checkpoint_dir: Directory from scripts/convert_checkpoint.py (default: the quick start's SmolLM2).
         prompt: The text to continue, or with an adapter the instruction to answer (in the adapter's prompt style).
         adapter_path: Adapter files (.safetensors) from finetune/adapter.py or scripts/extract_adapter.py, served
             together on the one base, each as name=path or a path (named by its file name without ".safetensors").

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from lit_adapter.checkpoint import open_checkpoint
+from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, open_checkpoint
 from lit_adapter.errors import UserError
 from lit_adapter.generate.adapters import load_generation_model, open_adapters
 from lit_adapter.generate.decode import GraphDecode, decode_one_token
@@ -21,7 +21,7 @@ from lit_adapter.serve.server import ModelServer
 DEFAULT_CONTEXT = 4096
 
 
-def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), adapter_path: Optional[list[str]] = None,
+def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[list[str]] = None,
          host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, max_batch: int = 16,
          max_waiting: int = 64, max_seq_length: Optional[int] = None, prefill_chunk: int = 512,
          precision: Optional[GenerationPrecision] = None, cuda_graph: bool = True, name: Optional[str] = None,
@@ -29,7 +29,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), adapter_path: O
     """Serve a base model and its adapters over the OpenAI API (chat and text completions, streamed or not).
 
     Args:
-        checkpoint_dir: Directory from scripts/convert_checkpoint.py (model.safetensors, model_config.yaml, tokenizer).
+        checkpoint_dir: Directory from scripts/convert_checkpoint.py (default: the quick start's SmolLM2).
         adapter_path: Adapter files (.safetensors) served together on the base, each as name=path or a path (named by
             its file name without ".safetensors"). A request's "model" names the adapter, or the base.
         host: The address to listen on (127.0.0.1: this machine only). Another address without --api_key is

@@ -2,7 +2,7 @@
 checks, and what follows from them (accumulation, the number of steps)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from lit_adapter.data.batching import micro_batches_per_step
@@ -15,8 +15,9 @@ class TrainArgs:
 
     learning_rate: float = 9e-3
     """Peak learning rate of AdamW."""
-    global_batch_size: int = 64
-    """Samples per optimizer step, over all devices (micro batches are accumulated to reach it)."""
+    global_batch_size: Optional[int] = None
+    """Samples per optimizer step, over all devices (micro batches are accumulated to reach it). Default: the paper's
+    64, or for a training set of fewer samples the most it fills (a multiple of micro_batch_size x devices)."""
     micro_batch_size: Optional[int] = 4
     """Most samples per forward/backward pass on one device (None: no limit, with micro_batch_tokens)."""
     micro_batch_tokens: Optional[int] = None
@@ -48,8 +49,9 @@ class EvalArgs:
     """Most validation micro batches per evaluation."""
     max_new_tokens: int = 100
     """Length of the sample response generated at each evaluation."""
-    instruction: str = "Recommend a movie for me to watch during the weekend and explain the reason."
-    """The fixed instruction whose greedy response is shown at each evaluation."""
+    instruction: Optional[str] = None
+    """The instruction whose greedy answer is shown at each evaluation (default: the first validation record's,
+    which scripts/prepare_alpaca.py records)."""
 
 
 def check_train_args(args: TrainArgs, prefix: str = "train.") -> None:
@@ -74,9 +76,32 @@ def check_eval_args(args: EvalArgs, prefix: str = "eval.") -> None:
         raise UserError(f"{prefix}interval and {prefix}max_batches must be at least 1")
 
 
+PAPER_GLOBAL_BATCH = 64
+"""The paper's samples per optimizer step."""
+FALLBACK_INSTRUCTION = "Recommend a movie for me to watch during the weekend and explain the reason."
+"""What evaluations ask where the prepared set records no question of its own (sets from older versions)."""
+
+
+def with_defaults(train: TrainArgs, eval: EvalArgs, train_samples: int, sample_instruction: Optional[str],
+                  devices: int, prefix: str = "train.") -> tuple[TrainArgs, EvalArgs]:
+    """The options with the defaults that follow from the data: the global batch (64, or what a smaller training
+    set fills; one line says so) and the evaluation's instruction (the prepared set's own)."""
+    if train.global_batch_size is None:
+        unit = devices * (train.micro_batch_size or 1 if train.micro_batch_tokens is None else 1)
+        size = max(unit, min(PAPER_GLOBAL_BATCH, train_samples // unit * unit))
+        if size < PAPER_GLOBAL_BATCH:
+            print(f"{prefix}global_batch_size {size}: the training set holds {train_samples} samples, fewer than "
+                  f"{PAPER_GLOBAL_BATCH}")
+        train = replace(train, global_batch_size=size)
+    return train, replace(eval, instruction=eval.instruction or sample_instruction or FALLBACK_INSTRUCTION)
+
+
 def accumulation_steps(args: TrainArgs, devices: int) -> int:
     """Check the batch sizes; return the micro-batches per optimizer step on each device that a fixed
-    micro_batch_size gives (global batch / (micro batch x devices); with micro_batch_tokens they vary: 0)."""
+    micro_batch_size gives (global batch / (micro batch x devices); with micro_batch_tokens they vary: 0). A global
+    batch still to be chosen (None) is checked as one micro-batch on every device."""
+    args = args if args.global_batch_size is not None else replace(
+        args, global_batch_size=devices * (args.micro_batch_size or 1 if args.micro_batch_tokens is None else 1))
     if args.micro_batch_tokens is not None:
         if args.micro_batch_tokens < 1 or (args.micro_batch_size or 1) < 1 or args.global_batch_size < 1:
             raise UserError("train.micro_batch_tokens, train.micro_batch_size and train.global_batch_size must be "

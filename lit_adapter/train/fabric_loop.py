@@ -17,7 +17,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from tqdm import tqdm
 
 from lit_adapter.adapter import AdapterArgs, trainable_summary
-from lit_adapter.checkpoint import ADAPTER_FILE, BaseCheckpoint, check_adapter_name, load_model, open_checkpoint
+from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCheckpoint, check_adapter_name,
+                                    load_model, open_checkpoint)
 from lit_adapter.cli import StopRequest
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
@@ -28,7 +29,7 @@ from lit_adapter.precision import (TrainingPrecision, base_dtype, check_device, 
                                    quantize_base)
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.train.args import (EvalArgs, TrainArgs, accumulation_steps, check_eval_args, check_train_args,
-                                    planned_steps)
+                                    planned_steps, with_defaults)
 from lit_adapter.train.recipe import (TrainLoss, adopt_hyperparameters, build_optimizer, build_scheduler,
                                       evaluation_report, learned_positions_loss, micro_batch_loss,
                                       prepare_for_training, resumed_message, sample_response, validation_sums)
@@ -245,7 +246,7 @@ def load_for_training(fabric: Any, base: BaseCheckpoint, precision: str, strateg
     return quantize_base(model, precision)
 
 
-def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path = Path("data/alpaca"),
+def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("data/alpaca"),
          out_dir: Path = Path("out/adapter/alpaca"), name: Optional[str] = None, accelerator: str = "auto",
          devices: int = 1,
          strategy: StrategyName = "auto", precision: Optional[TrainingPrecision] = None,
@@ -255,7 +256,7 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     """Fine-tune a LLaMA-Adapter on prepared instruction or chat data with Lightning Fabric.
 
     Args:
-        checkpoint_dir: Converted base model (scripts/convert_checkpoint.py).
+        checkpoint_dir: Converted base model (scripts/convert_checkpoint.py; default: the quick start's).
         data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
         out_dir: Where adapters, training states (step-NNNNNN/) and TensorBoard logs (logs/) go.
         name: The adapter's name, saved in its files: generate/adapter.py and the server call it so (default: the
@@ -287,7 +288,8 @@ def main(checkpoint_dir: Path = Path("checkpoints/stories260K"), data_dir: Path 
     precision = check_precision(precision or default_precision(torch.cuda.is_available()), strategy).name
     base = open_checkpoint(checkpoint_dir, adapter.config)  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
-    data = open_data(data_dir, train, seed, base)
+    data, train, eval = open_data(data_dir, train, eval, seed, base, devices)
+    hparams.update(train=asdict(train), eval=asdict(eval))
     with claim_out_dir(out_dir, state_path) as run_id:
         hparams["run_id"] = run_id
         fabric = launch_fabric(accelerator, devices, strategy, precision, out_dir)
@@ -315,14 +317,18 @@ def check_options(save_interval: int, eval: EvalArgs, train: TrainArgs, devices:
     check_can_create(out_dir, "--out_dir")
 
 
-def open_data(data_dir: Path, train: TrainArgs, seed: int, base: BaseCheckpoint) -> InstructionDataModule:
-    """The prepared set, checked to fill an optimizer step and to fit the base's tokenizer and context."""
+def open_data(data_dir: Path, train: TrainArgs, eval: EvalArgs, seed: int, base: BaseCheckpoint,
+              devices: int) -> tuple[InstructionDataModule, TrainArgs, EvalArgs]:
+    """The prepared set, checked to fill an optimizer step and to fit the base's tokenizer and context, and the
+    options with the defaults that follow from it."""
     data = InstructionDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
                                  seed=seed)
     data.setup()
+    train, eval = with_defaults(train, eval, len(data.splits["train"]), data.sample_instruction, devices)
+    data.global_batch_size = train.global_batch_size
     data.check_fills_a_step("--train.global_batch_size")
     data.check_fits(base.tokenizer, base.config)
-    return data
+    return data, train, eval
 
 
 def start_progress(fabric: Any, state_path: Optional[Path], raw_model: LLaMA, optimizer: torch.optim.Optimizer,

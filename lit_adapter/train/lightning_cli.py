@@ -24,7 +24,7 @@ from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path, check_can_create, torch_load
 from lit_adapter.precision import PRECISIONS, default_precision
-from lit_adapter.train.args import accumulation_steps, check_eval_args, check_train_args
+from lit_adapter.train.args import accumulation_steps, check_eval_args, check_train_args, with_defaults
 from lit_adapter.train.lightning_module import AdapterModule
 from lit_adapter.train.state import is_trainer_checkpoint
 from lit_adapter.train.strategies import trainer_precision, trainer_strategy
@@ -130,11 +130,22 @@ class AdapterCLI(LightningCLI):
         if fsdp_size not in (None, world_size):
             raise UserError(f"--trainer.devices {config.get('devices')} means {trainer.num_devices} devices here; "
                             "pass their number")
+        self.apply_data_defaults(world_size)
         # gradient accumulation and the validation interval (in micro-batches) depend on the number of devices
         accumulate = accumulation_steps(self.model.train_args, world_size)
         trainer.accumulate_grad_batches = accumulate
         trainer.val_check_interval = self.model.eval_args.interval * accumulate
         return trainer
+
+    def apply_data_defaults(self, world_size: int) -> None:
+        """The model's options with the defaults that follow from the prepared set (``args.with_defaults``), and
+        the data module's global batch with them."""
+        data: InstructionDataModule = self.datamodule
+        data.setup()
+        model: AdapterModule = self.model
+        model.train_args, model.eval_args = with_defaults(model.train_args, model.eval_args, len(data.splits["train"]),
+                                                          data.sample_instruction, world_size, prefix="model.train.")
+        data.global_batch_size = model.train_args.global_batch_size
 
     def derived_trainer_settings(self, config: dict[str, Any], fsdp_size: Optional[int]) -> dict[str, Any]:
         """The Trainer settings that follow from the model's arguments, checked first (with the --trainer options

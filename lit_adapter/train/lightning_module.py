@@ -16,8 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_adapter.adapter import AdapterArgs, AdapterLLaMA, is_adapter_param, trainable_summary
-from lit_adapter.checkpoint import (ADAPTER_FILE, BaseCheckpoint, check_adapter_name, load_model, open_checkpoint,
-                                    save_adapter)
+from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCheckpoint, check_adapter_name,
+                                    load_model, open_checkpoint, save_adapter)
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
@@ -39,14 +39,13 @@ class AdapterModule(L.LightningModule):
     to Lightning checkpoints. At the end of training the adapter goes to ``out_dir/adapter.safetensors``.
     """
 
-    def __init__(self, checkpoint_dir: Path = Path("checkpoints/stories260K"), out_dir: Optional[Path] = None,
+    def __init__(self, checkpoint_dir: Path = QUICK_START_CHECKPOINT, out_dir: Optional[Path] = None,
                  name: Optional[str] = None, compile: Optional[bool] = None, activation_checkpointing: bool = False,
                  adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(),
                  eval: EvalArgs = EvalArgs()) -> None:
         """
         Args:
-            checkpoint_dir: Converted base model (scripts/convert_checkpoint.py): model.safetensors,
-                model_config.yaml, tokenizer.model.
+            checkpoint_dir: Converted base model (scripts/convert_checkpoint.py; default: the quick start's).
             out_dir: Where the trained adapter.safetensors goes at the end (default: the trainer's log directory,
                 e.g. out/adapter_trainer/alpaca/logs/version_0).
             name: The adapter's name, saved in its files: generate/adapter.py and the server call it so (default:
@@ -261,7 +260,8 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
         checkpoint["prompt_style"] = self.prompt_style
-        checkpoint["run_options"] = {**self.run_options, "name": self.adapter_name}
+        checkpoint["run_options"] = {**self.run_options, "name": self.adapter_name, "train": asdict(self.train_args),
+                                     "eval": asdict(self.eval_args)}
         checkpoint["data_layout"] = self._data_layout()
 
     def _data_layout(self) -> dict[str, Any]:
