@@ -5,6 +5,7 @@ arguments, checks ``--ckpt_path`` before any work, and ends with the shell's exi
 public hooks only.
 """
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -69,13 +70,19 @@ class AdapterCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Optional[list[str]]) -> None:
         """Parse the command line (arguments that do not start with a subcommand are those of ``fit``), and check
-        ``--ckpt_path`` before any work, "last" resolved."""
+        ``--ckpt_path`` before any work, "last" resolved; the checkpoint's run gives the defaults of the --model and
+        --data options, so that ``validate --ckpt_path last`` alone evaluates that run."""
         args = sys.argv[1:] if args is None else args
         if self.default_subcommand and (not args or args[0] not in self.subcommands()):
             args = [self.default_subcommand, *args]
         self.config = parser.parse_args(args)
         config = self.config.get(str(self.config.get("subcommand")), self.config)  # (run=False: no subcommand)
-        config.ckpt_path = resolve_ckpt_path(config.ckpt_path, Path(config.trainer.default_root_dir or "."))
+        ckpt_path, saved = resolve_ckpt_path(config.ckpt_path, Path(config.trainer.default_root_dir or "."))
+        if saved and self.config.get("subcommand"):  # the run's own options, under the command line's
+            self.config = parser.parse_args([args[0], *(f"--{group}={json.dumps(saved[group])}" for group in saved),
+                                             *args[1:]])
+            config = self.config[self.config.subcommand]
+        config.ckpt_path = ckpt_path
 
     def fit(self, **kwargs: Any) -> None:
         """``Trainer.fit`` from this CLI's --ckpt_path (the subcommand ``fit``)."""
@@ -210,16 +217,16 @@ def requested_devices(devices: Any, accelerator: Any) -> int:
     return int(text)
 
 
-def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]:
+def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> tuple[Optional[str], dict[str, dict]]:
     """The checkpoint file that ``--ckpt_path`` means, checked before the model is built; only files are read.
 
     "last" is the newest .ckpt below ``root_dir`` (the runs of --trainer.default_root_dir): none is an error, not a
     fresh start. Directories (distributed checkpoints, whose .metadata is a pickle that could run code), URLs and
     Lightning's other names are refused; a file is loaded as tensors only, so a truncated one or one that carries
-    code fails in one line.
+    code fails in one line. Also returns the options of the checkpoint's run (``AdapterModule.run_options``).
     """
     if ckpt_path is None:
-        return None
+        return None, {}
     if ckpt_path == "last":
         found = sorted(root_dir.glob("**/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
@@ -237,7 +244,7 @@ def resolve_ckpt_path(ckpt_path: Optional[str], root_dir: Path) -> Optional[str]
     if not is_trainer_checkpoint(checkpoint):
         raise UserError(f"--ckpt_path {ckpt_path} is not a checkpoint of finetune/adapter_trainer.py (a training "
                         "state of finetune/adapter.py resumes with finetune/adapter.py --resume)")
-    return ckpt_path
+    return ckpt_path, checkpoint.get("run_options") or {}
 
 
 def main(args: Optional[list[str]] = None) -> None:

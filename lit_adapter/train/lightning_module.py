@@ -66,12 +66,6 @@ class AdapterModule(L.LightningModule):
         self.adapter_args = adapter
         self.train_args = train
         self.eval_args = eval
-        # plain types only, so that a checkpoint loads with torch.load(weights_only=True); kept under a key of our
-        # own, not as Lightning's hyper_parameters, which its CLI would apply over the command line's options
-        self.run_options = {
-            "checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if out_dir is None else str(out_dir),
-            "name": name, "compile": compile, "activation_checkpointing": activation_checkpointing,
-            "adapter": asdict(adapter), "train": asdict(train), "eval": asdict(eval)}
         # checkpoints hold the adapter only: the frozen base comes from checkpoint_dir (see on_load_checkpoint)
         self.strict_loading = False
         self.model: Optional[AdapterLLaMA] = None
@@ -125,6 +119,21 @@ class AdapterModule(L.LightningModule):
             self._base = open_checkpoint(self.checkpoint_dir,
                                          lambda base: self.adapter_args.config(base, option="--model.adapter."))
         return self._base
+
+    def run_options(self) -> dict[str, dict]:
+        """The --model and --data options of this run, for its checkpoints: plain types only (they load with
+        torch.load(weights_only=True)), under a key of our own, not Lightning's hyper_parameters, which its CLI
+        would apply over the command line's options."""
+        model = {"checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if self.out_dir is None else
+                 str(self.out_dir), "name": self.adapter_name, "compile": self.compile_blocks,
+                 "activation_checkpointing": self.activation_checkpointing, "adapter": asdict(self.adapter_args),
+                 "train": asdict(self.train_args), "eval": asdict(self.eval_args)}
+        data = self.trainer.datamodule
+        if not isinstance(data, InstructionDataModule):
+            return {"model": model}
+        return {"model": model, "data": {"data_dir": str(data.data_dir), "micro_batch_tokens": data.micro_batch_tokens,
+                                         "seed": data.seed, "num_workers": data.num_workers,
+                                         "pad_to_multiple_of": data.pad_to_multiple_of}}
 
     @property
     def adapter_name(self) -> str:
@@ -260,8 +269,7 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
         checkpoint["prompt_style"] = self.prompt_style
-        checkpoint["run_options"] = {**self.run_options, "name": self.adapter_name, "train": asdict(self.train_args),
-                                     "eval": asdict(self.eval_args)}
+        checkpoint["run_options"] = self.run_options()
         checkpoint["data_layout"] = self._data_layout()
 
     def _data_layout(self) -> dict[str, Any]:

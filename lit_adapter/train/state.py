@@ -133,7 +133,7 @@ def read_state_adapter(path: Path) -> SavedAdapter:
     state = torch_load(path)
     if is_trainer_checkpoint(state):
         weights = {key.removeprefix("model."): value for key, value in state["state_dict"].items()}
-        name = (state.get("run_options") or {}).get("name")
+        name = (state.get("run_options") or {}).get("model", {}).get("name")
     elif isinstance(state, dict) and {"adapter", "model_config"} <= state.keys():
         weights, name = state["adapter"], state.get("name")
     else:

@@ -290,6 +290,10 @@ def test_fit_and_validate_subcommands(assets, tmp_path, capsys):
     load_adapter(trained, tmp_path / "fit" / ADAPTER_FILE)
     assert printed_val_loss(validated) == printed_val_loss(fitted) == pytest.approx(val_loss(trained, data_dir),
                                                                                     abs=1e-4)
+    # the run's own options come from its checkpoint: --ckpt_path and where to find it suffice
+    alone = run_main(["validate", "--ckpt_path", "last", "--trainer.default_root_dir", str(tmp_path / "fit"),
+                      "--trainer.logger", "false", *QUIET], capsys)
+    assert printed_val_loss(alone) == printed_val_loss(validated)
     base = run_main(["validate", *cli_args(assets, tmp_path / "base", *common)], capsys)
     base_loss = val_loss(load_model(checkpoint_dir), data_dir)
     assert printed_val_loss(base) == pytest.approx(base_loss, abs=1e-4)
