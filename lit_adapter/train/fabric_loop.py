@@ -34,7 +34,7 @@ from lit_adapter.train.recipe import (TrainLoss, adopt_hyperparameters, build_op
                                       evaluation_report, learned_positions_loss, micro_batch_loss,
                                       prepare_for_training, resumed_message, sample_response, validation_sums)
 from lit_adapter.train.state import (HPARAMS_FILE, claim_out_dir, find_resume_state, load_training_state,
-                                     save_hparams, save_training_state)
+                                     log_version, save_hparams, save_training_state)
 from lit_adapter.train.strategies import StrategyName, fabric_precision, fabric_strategy
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -222,14 +222,18 @@ class Run:
         self.fabric.print(f"\nSaved the adapter to {self.out_dir / ADAPTER_FILE}")
 
 
-def launch_fabric(accelerator: str, devices: int, strategy: StrategyName, precision: str, out_dir: Path) -> Any:
-    """A launched ``Fabric`` with a TensorBoard logger in ``out_dir/logs``; what cannot run is one line."""
+def launch_fabric(accelerator: str, devices: int, strategy: StrategyName, precision: str, out_dir: Path,
+                  state_path: Optional[Path]) -> Any:
+    """A launched ``Fabric`` with a TensorBoard logger in ``out_dir/logs`` (a resumed run continues its log); what
+    cannot run is one line."""
     from lightning.fabric import Fabric
     from lightning.fabric.loggers import TensorBoardLogger
 
     try:
         fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
-                        loggers=TensorBoardLogger(root_dir=out_dir, name="logs"), **fabric_precision(precision))
+                        loggers=TensorBoardLogger(root_dir=out_dir, name="logs",
+                                                  version=log_version(out_dir / "logs", state_path)),
+                        **fabric_precision(precision))
     except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
         raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
                         f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
@@ -292,7 +296,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
     hparams.update(train=asdict(train), eval=asdict(eval))
     with claim_out_dir(out_dir, state_path) as run_id:
         hparams["run_id"] = run_id
-        fabric = launch_fabric(accelerator, devices, strategy, precision, out_dir)
+        fabric = launch_fabric(accelerator, devices, strategy, precision, out_dir, state_path)
         fabric.seed_everything(seed)
         raw_model = load_for_training(fabric, base, precision, strategy)
         compile = fabric.device.type == "cuda" if compile is None else compile

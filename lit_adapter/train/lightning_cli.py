@@ -27,7 +27,7 @@ from lit_adapter.files import atomic_path, check_can_create, torch_load
 from lit_adapter.precision import PRECISIONS, default_precision
 from lit_adapter.train.args import accumulation_steps, check_eval_args, check_train_args, with_defaults
 from lit_adapter.train.lightning_module import AdapterModule
-from lit_adapter.train.state import is_trainer_checkpoint
+from lit_adapter.train.state import is_trainer_checkpoint, log_version
 from lit_adapter.train.strategies import trainer_precision, trainer_strategy
 
 TRAINER_PRECISIONS = [name for name, p in PRECISIONS.items() if p.training and p.quantize is None]
@@ -101,6 +101,15 @@ class AdapterCLI(LightningCLI):
             if isinstance(exit, SIGTERMException):
                 sys.exit(128 + signal.SIGTERM)
             sys.exit(EXIT_INTERRUPTED if self.trainer.state.status == TrainerStatus.INTERRUPTED else exit.code)
+        except BaseException:
+            self.remove_empty_log_dir()
+            raise
+
+    def remove_empty_log_dir(self) -> None:
+        """A run that failed leaves no empty log folder behind."""
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        if log_dir is not None and log_dir.is_dir() and not any(log_dir.iterdir()):
+            log_dir.rmdir()
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # as LightningCLI does, less the Trainer options that are derived from the model's arguments
@@ -174,7 +183,9 @@ class AdapterCLI(LightningCLI):
         defaults = {"limit_val_batches": eval.max_batches, "log_every_n_steps": train.log_interval}
         overrides.update({key: value for key, value in defaults.items() if config.get(key) is None})
         if config.get("logger") in (None, True):
-            overrides["logger"] = TensorBoardLogger(save_dir=root_dir, name="logs")
+            ckpt_path = self.config_init[self.subcommand].ckpt_path if self.subcommand else None
+            overrides["logger"] = TensorBoardLogger(save_dir=root_dir, name="logs", default_hp_metric=False,
+                                                    version=log_version(Path(root_dir) / "logs", ckpt_path))
         if fsdp_size is not None:
             overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
         overrides.update({"precision": None, **trainer_precision(self.checked_precision(config))})

@@ -191,12 +191,15 @@ class AdapterModule(L.LightningModule):
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_train_start(self) -> None:
-        """Reset the step metrics; a resumed run takes this run's learning rate and weight decay (and says so)."""
+        """Reset the step metrics; a fresh run first evaluates the base model (step 0, as the Fabric loop does), a
+        resumed one takes this run's learning rate and weight decay (and says so)."""
         self._reset_step_metrics()
         self._last_step = self.trainer.global_step
         if self.trainer.ckpt_path is not None:
             changes = adopt_hyperparameters(self.trainer.optimizers[0], self.lr_schedulers(), self.train_args)
             self.print(resumed_message(Path(self.trainer.ckpt_path), self.global_step, changes))
+        elif isinstance(self.trainer.datamodule, InstructionDataModule):
+            self.evaluate_base()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The step's loss over its micro-batches and all ranks; a loss that is not finite stops the run before
@@ -214,14 +217,20 @@ class AdapterModule(L.LightningModule):
             return  # still accumulating
         self._last_step = step
         elapsed = time.perf_counter() - self._started
-        self.log("train_loss", self._step_loss, prog_bar=True)
-        self.log_dict({"learning_rate": self.lr_schedulers().get_last_lr()[0],
-                       "tokens_per_s": self._tokens * self.trainer.world_size / elapsed,
-                       "padding_fraction": padding_fraction(batch[0])})
+        self.log("train_loss", self._step_loss, prog_bar=True, logger=False)
+        self.log_at_step({"train_loss": self._step_loss.item(), "learning_rate": self.lr_schedulers().get_last_lr()[0],
+                          "tokens_per_s": self._tokens * self.trainer.world_size / elapsed,
+                          "padding_fraction": padding_fraction(batch[0]), "epoch": self.current_epoch})
         self._reset_step_metrics()
         if self.total_steps is not None and step >= self.total_steps:
             # the last step: stopping here makes the trainer validate once more before it ends
             self.trainer.should_stop = True
+
+    def log_at_step(self, metrics: dict[str, float]) -> None:
+        """Log to the trainer's loggers at the step the console and the Fabric loop name: after N optimizer steps, N
+        (Lightning's own ``log`` writes one lower)."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def _reset_step_metrics(self) -> None:
         self._loss_sum = torch.zeros((), device=self.device)
@@ -238,14 +247,28 @@ class AdapterModule(L.LightningModule):
         self._val_losses.append(validation_sums(self.model, input_ids, targets))
 
     def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.report_validation(sum(self._val_losses, torch.zeros(2, device=self.device)))
+
+    @torch.no_grad()
+    def evaluate_base(self) -> None:
+        """Validate the base model before the first step (its gates start at zero): where the curves start."""
+        totals = torch.zeros(2, device=self.device)
+        self.model.eval()
+        for i, (input_ids, targets) in enumerate(self.trainer.datamodule.val_dataloader()):
+            if i >= self.eval_args.max_batches:
+                break
+            totals += validation_sums(self.model, input_ids.to(self.device), targets.to(self.device))
+        self.model.train()
+        self.report_validation(totals)
+
+    def report_validation(self, totals: torch.Tensor) -> None:
         """Log ``val_loss`` (per response token over batches and ranks, as ``fabric_loop.validate``) and, on every
         rank, generate the sample response; print both (with the step, in fit)."""
-        totals = sum(self._val_losses, torch.zeros(2, device=self.device))
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         val_loss = totals[0] / totals[1]
-        self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
-        if self.trainer.sanity_checking:
-            return
+        self.log("val_loss", val_loss, prog_bar=True, logger=False)
+        self.log_at_step({"val_loss": val_loss.item()})
         instruction = self.eval_args.instruction
         response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)

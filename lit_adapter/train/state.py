@@ -29,6 +29,7 @@ STATE_FILE = "training_state.pt"
 HPARAMS_FILE = "hyperparameters.yaml"
 STEP_DIR = re.compile(r"step-(\d+)$")
 RUN_LOCK = ".run.lock"
+VERSION_DIR = re.compile(r"version_\d+")
 
 
 def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -162,6 +163,20 @@ def find_resume_state(resume: Union[bool, str, Path, None], out_dir: Path) -> Op
         raise UserError(f"--resume {resume}: {path} is not a training state (pass a step-NNNNNN directory of "
                         "finetune/adapter.py or its training_state.pt)")
     return path
+
+
+def log_version(logs_dir: Path, resumed: Optional[Path]) -> Optional[int]:
+    """The TensorBoard version folder (logs_dir/version_N) a run writes to: a resumed run continues the one that
+    holds the state it resumes, else the newest; a fresh run gets the next (None)."""
+    if resumed is None:
+        return None
+    logs_dir = Path(logs_dir).resolve()
+    for folder in Path(resumed).resolve().parents:
+        if folder.parent == logs_dir and VERSION_DIR.fullmatch(folder.name):
+            return int(folder.name.removeprefix("version_"))
+    versions = sorted(int(p.name.removeprefix("version_")) for p in logs_dir.glob("version_*")
+                      if VERSION_DIR.fullmatch(p.name))
+    return versions[-1] if versions else None
 
 
 @contextmanager

@@ -22,12 +22,15 @@ from lit_adapter.adapter import is_adapter_param
 from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_name, adapter_prompt_style, load_adapter, load_model,
                                     save_adapter)
 from lit_adapter.cli import run_cli
+from lit_adapter.train import fabric_loop as training
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.train.lightning_module import AdapterModule
 from lit_adapter.train.lightning_cli import AdapterCLI, main, requested_devices
 from lit_adapter.train.recipe import build_optimizer, build_scheduler, loss_fn
 from lit_adapter.train.strategies import TrainerFrozenHalfPrecision
 from tests.conftest import ROOT, run_script_in_this_process, shared_file
+from tests.train.test_fabric_loop import cli_args as fabric_args
+from tests.train.test_fabric_loop import logged
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TRAINER_SCRIPT = ROOT / "finetune" / "adapter_trainer.py"
@@ -402,3 +405,22 @@ def test_a_trainer_checkpoint_is_extracted_and_resumed_as_last_with_a_new_learni
     output = capsys.readouterr().out
     assert (f"Resumed from {ckpt} at step 1: adapter, optimizer moments, schedule position, data position and random "
             "state continue; changed from now on: learning_rate 0.05 -> 0.01") in output, output
+
+
+def test_both_routes_log_at_the_steps_the_console_names_and_a_resumed_run_continues_its_log(assets, tmp_path, capsys):
+    checkpoint_dir, data_dir = assets
+    common = {"train.global_batch_size": 4, "train.micro_batch_size": 4, "train.warmup_steps": 1, "eval.interval": 2,
+              "eval.max_batches": 1, "eval.max_new_tokens": 2}
+    fabric_out, trainer_root = tmp_path / "fabric", tmp_path / "trainer"
+    run_cli(training.main, fabric_args({"checkpoint_dir": checkpoint_dir, "data_dir": data_dir, "out_dir": fabric_out,
+                                        "accelerator": "cpu", "train.max_steps": 2, "save_interval": 2, **common}))
+    run_cli(training.main, fabric_args({"checkpoint_dir": checkpoint_dir, "data_dir": data_dir, "out_dir": fabric_out,
+                                        "accelerator": "cpu", "train.max_steps": 4, "resume": "auto", **common}))
+    run_main(["fit", *cli_args(assets, trainer_root, "--trainer.max_steps", "4", "--trainer.logger", "true",
+                               *[item for key, value in common.items() for item in (f"--model.{key}", str(value))])],
+             capsys)
+    assert sorted(p.name for p in (fabric_out / "logs").iterdir()) == ["version_0"]  # the resumed run's log too
+    for out in (fabric_out, trainer_root):
+        assert list(logged(out, "val_loss")) == [0, 2, 4], out
+        assert list(logged(out, "train_loss")) == [1, 2, 3, 4], out
+        assert not logged(out, "hp_metric")
