@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from lit_adapter.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict, is_adapter_param
 from lit_adapter.config import ROPE_SCALING_PARAMETERS, Config
+from lit_adapter.cli import progress
 from lit_adapter.errors import UserError
 from lit_adapter.files import (atomic_dir, atomic_path, check_can_create, compare_shapes, open_safetensors,
                                preview_keys, read_safetensors, read_safetensors_metadata, read_yaml_mapping,
@@ -183,8 +184,8 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
         check_float_dtypes(f, weights_path)
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for key in f.keys():  # one tensor at a time: memory stays at the model's size
-                params[key].copy_(f.get_tensor(key))
+            for key in progress(f.keys(), len(f.keys()), f"loading {checkpoint_dir.name}", "tensor"):
+                params[key].copy_(f.get_tensor(key))  # one tensor at a time: memory stays at the model's size
     model.reset_parameters()
     if adapter:
         with torch.device(model.embed.weight.device):

@@ -8,10 +8,11 @@ import signal
 import sys
 from argparse import ArgumentError
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn, Optional
+from typing import Any, Callable, Iterable, Iterator, NoReturn, Optional
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from tqdm import tqdm
 
 from lit_adapter.errors import UserError
 
@@ -87,6 +88,12 @@ def fail(message: str) -> NoReturn:
     if process_rank() == 0:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+
+
+def progress(items: Iterable, total: Optional[int], what: str, unit: str = "it") -> Iterable:
+    """``items`` with a progress bar on stderr (rate and time left; the first process only) that goes when done."""
+    return tqdm(items, total=total, desc=what, unit=unit, leave=False, dynamic_ncols=True,
+                disable=process_rank() != 0)
 
 
 def process_rank() -> int:

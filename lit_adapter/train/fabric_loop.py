@@ -3,6 +3,7 @@ evaluating, saving, stopping and resuming. What it trains with is the shared ``r
 those of ``state``.
 """
 
+import itertools
 import math
 import shutil
 import sys
@@ -19,7 +20,7 @@ from tqdm import tqdm
 from lit_adapter.adapter import AdapterArgs, trainable_summary
 from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCheckpoint, check_adapter_name,
                                     load_model, open_checkpoint)
-from lit_adapter.cli import StopRequest
+from lit_adapter.cli import StopRequest, progress
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
@@ -45,9 +46,8 @@ def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> fl
     """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together."""
     model.eval()
     totals = torch.zeros(2, device=fabric.device)
-    for i, (input_ids, targets) in enumerate(loader):
-        if i >= max_batches:
-            break
+    batches = itertools.islice(loader, max_batches)
+    for input_ids, targets in progress(batches, min(len(loader), max_batches), "validating", "batch"):
         totals += validation_sums(model, *fabric.to_device((input_ids, targets)))
     model.train()
     totals = fabric.all_reduce(totals, reduce_op="sum")

@@ -3,6 +3,7 @@ optimizer, schedule, evaluation) for the Lightning ``Trainer``; ``lightning_cli`
 Nothing here trains differently from the Fabric loop.
 """
 
+import itertools
 import math
 import time
 import warnings
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_adapter.adapter import AdapterArgs, AdapterLLaMA, is_adapter_param, trainable_summary
 from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCheckpoint, check_adapter_name,
                                     load_model, open_checkpoint, save_adapter)
+from lit_adapter.cli import progress
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
@@ -255,9 +257,10 @@ class AdapterModule(L.LightningModule):
         """Validate the base model before the first step (its gates start at zero): where the curves start."""
         totals = torch.zeros(2, device=self.device)
         self.model.eval()
-        for i, (input_ids, targets) in enumerate(self.trainer.datamodule.val_dataloader()):
-            if i >= self.eval_args.max_batches:
-                break
+        loader = self.trainer.datamodule.val_dataloader()
+        batches = itertools.islice(loader, self.eval_args.max_batches)
+        for input_ids, targets in progress(batches, min(len(loader), self.eval_args.max_batches), "validating",
+                                           "batch"):
             totals += validation_sums(self.model, input_ids.to(self.device), targets.to(self.device))
         self.model.train()
         self.report_validation(totals)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.adapter import mark_only_adapter_trainable
+from lit_adapter.cli import progress
 from lit_adapter.data.batching import IGNORE_INDEX
 from lit_adapter.generate.decode import generate
 from lit_adapter.model import LLaMA
@@ -135,7 +136,8 @@ def sample_response(model: LLaMA, tokenizer: Tokenizer, instruction: str, max_ne
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + max_new_tokens)
     try:
         with torch.compiler.set_stance("force_eager"):
-            ids = list(generate(model, prompt, max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids))
+            tokens = generate(model, prompt, max_new_tokens, temperature=0, stop_ids=tokenizer.stop_ids)
+            ids = list(progress(tokens, max_new_tokens, "sample answer", "token"))
     finally:
         model.clear_kv_cache()
     return tokenizer.decode([i for i in ids if i not in tokenizer.stop_ids])
