@@ -248,7 +248,8 @@ def adapter_name(path: Path) -> Optional[str]:
 
 
 def adapter_config(path: Path, base: Config) -> AdapterConfig:
-    """``base`` with the adapter shape recorded in the adapter file at ``path``; a file made for another base is refused."""
+    """``base`` with the adapter shape recorded in the adapter file at ``path``; a file made for another base is
+    refused."""
     path = Path(path)
     require_file(path, "adapter file")
     if zipfile.is_zipfile(path):

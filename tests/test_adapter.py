@@ -463,6 +463,7 @@ def test_saving_a_checkpoint_dir_checks_the_weights(tmp_path):
 
 
 def test_the_default_adapter_shape_is_the_papers_share_or_the_top_half_of_a_small_model():
-    shape = {name: AdapterConfig.from_name(name) for name in ("llama-7b", "llama-3.2-1b", "smollm2-135m", "stories260K")}
+    names = ("llama-7b", "llama-3.2-1b", "smollm2-135m", "stories260K")
+    shape = {name: AdapterConfig.from_name(name) for name in names}
     assert {name: (c.n_adapter_layers, c.adapter_prompt_length) for name, c in shape.items()} == {
         "llama-7b": (30, 10), "llama-3.2-1b": (15, 10), "smollm2-135m": (15, 10), "stories260K": (2, 10)}

@@ -30,8 +30,9 @@ def tokenize_sample(record: dict, tokenizer: Tokenizer, max_seq_length: int, mas
     default), and whether it had to be truncated.
 
     ``input_ids`` is BOS where the style adds one, the sample's text as the style writes it, and its closing: EOS,
-    or in the chat style the end-of-turn token that the template closes each answer with. Each prompt is tokenized on its own, as the model gets it at generation time (where a token would span a
-    prompt's end, what follows is tokenized separately). ``labels`` equals ``input_ids`` except that everything
+    or in the chat style the end-of-turn token that the template closes each answer with. Each prompt is tokenized
+    on its own, as the model gets it at generation time (where a token would span a prompt's end, what follows is
+    tokenized separately). ``labels`` equals ``input_ids`` except that everything
     but the answers (and the closing EOS) is ``IGNORE_INDEX`` when ``mask_prompt``. A sample longer than
     ``max_seq_length`` loses the end of its answers and, where the prompt alone does not fit, the start of its
     prompt (BOS and the prompt's end stay) so that at least one answer token is learned. It always keeps its

@@ -37,7 +37,7 @@ def load_records(path: Path, skip_bad_records: bool = False) -> tuple[list[dict]
             records.append(_check_record(record, where))
         except UserError as err:
             if not skip_bad_records:
-                hint = "fix it, or pass --skip_bad_records to leave bad records out"
+                hint = "fix it, or pass --skip_bad_records true to leave bad records out"
                 raise UserError(f"{path}: {err} ({hint})") from None
             problems.append(str(err))
     if not records:

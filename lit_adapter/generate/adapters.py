@@ -48,7 +48,8 @@ def open_adapters(specs: Sequence[str | Path], base: Config) -> AdapterSet:
     named = [str(spec).split("=", 1) if "=" in str(spec) else [None, str(spec)] for spec in specs]
     paths = [Path(path) for _, path in named]
     configs = [adapter_config(path, base) for path in paths]  # each file checked before its name is read
-    names = [check_adapter_name(name) if name else adapter_name(path) or path.stem for (name, _), path in zip(named, paths)]
+    names = [check_adapter_name(name) if name else adapter_name(path) or path.stem
+             for (name, _), path in zip(named, paths)]
     for path, config in zip(paths[1:], configs[1:]):
         if config.adapter_shape() != configs[0].adapter_shape():
             raise UserError(f"{path} has adapter shape {config.adapter_shape()} but {paths[0]} has "

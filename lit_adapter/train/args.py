@@ -107,7 +107,8 @@ def accumulation_steps(args: TrainArgs, devices: int) -> int:
             raise UserError("train.micro_batch_tokens, train.micro_batch_size and train.global_batch_size must be "
                             "at least 1")
         if devices < 1 or args.global_batch_size % devices:
-            raise UserError(f"train.global_batch_size ({args.global_batch_size}) must be a multiple of devices ({devices})")
+            raise UserError(f"train.global_batch_size ({args.global_batch_size}) must be a multiple of devices "
+                            f"({devices})")
         return 0
     if args.micro_batch_size is None:
         raise UserError("set train.micro_batch_size or train.micro_batch_tokens")

@@ -267,7 +267,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
             out_dir's folder name).
         accelerator: "cpu", "cuda" or "auto".
         devices: Devices (processes) to train on.
-        strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered to save).
+        strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered
+            to save).
         precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed", "32-true", or
             "fp8-base" (bf16-true with the blocks' linear weights in float8 and FP8 matmuls; Hopper GPUs, not fsdp).
             Default: bf16-true on GPUs that support it, else 32-true.

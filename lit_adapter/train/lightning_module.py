@@ -90,8 +90,8 @@ class AdapterModule(L.LightningModule):
         root_device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         sharded = self.device_mesh is not None
         # FSDP: every rank loads the (memory-mapped) base on the CPU and keeps only its shard
-        model = load_model(self.checkpoint_dir, adapter=True, config=self.base.config, device="cpu" if sharded else root_device,
-                           dtype=dtype)
+        model = load_model(self.checkpoint_dir, adapter=True, config=self.base.config,
+                           device="cpu" if sharded else root_device, dtype=dtype)
         compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
         self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
         if sharded:

@@ -47,7 +47,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float =
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, args: TrainArgs,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     min_ratio = args.min_lr / args.learning_rate if args.learning_rate else 0.0
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, args.warmup_steps, total_steps, min_ratio))

@@ -440,4 +440,4 @@ def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer, capfd):
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         f"error: {alpaca_json}: record {EMPTY_OUTPUT_RECORD} has an empty 'output' (nothing to learn) "
-        "(fix it, or pass --skip_bad_records to leave bad records out)"]
+        "(fix it, or pass --skip_bad_records true to leave bad records out)"]
