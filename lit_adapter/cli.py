@@ -87,7 +87,18 @@ def fail(message: str) -> NoReturn:
     """Print ``error: message`` (once: on the first process of a multi-process run) and exit with status 1."""
     if process_rank() == 0:
         print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    end_process(EXIT_USER_ERROR)
+
+
+def end_process(status: int) -> NoReturn:
+    """Exit with ``status``. A process of a multi-process run leaves at once (its output flushed): the teardown of
+    its process group can abort with "terminate called without an active exception" once a peer has gone, a line
+    that would follow the first process's one error line."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def progress(items: Iterable, total: Optional[int], what: str, unit: str = "it") -> Iterable:
