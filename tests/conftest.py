@@ -2,6 +2,7 @@
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,19 @@ def script_env() -> dict[str, str]:
 
 
 def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python script *args`` as its own process, from the repository root."""
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    """``python script *args`` as its own process, from the repository root.
+
+    Past ``timeout`` seconds it is killed with every process it started (the ranks of a multi-process run), and
+    ``subprocess.TimeoutExpired`` fails the test: a hang leaves nothing running.
+    """
+    with subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_script_in_this_process(script: str, *args: str, capfd) -> subprocess.CompletedProcess:

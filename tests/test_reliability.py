@@ -10,6 +10,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, run_script, shared_file
 from lit_adapter import checkpoint, files
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.train import lightning_cli as trainer_cli
@@ -302,3 +303,34 @@ def test_a_user_error_prints_on_the_first_process_only(capsys, monkeypatch, rank
         fail("the same on every rank")
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.count("error: the same on every rank") == printed
+
+
+# ------------------------------------------------------------------------------ round 3: several devices, uneven work
+
+def prepared(assets: dict, directory: Path, **options) -> Path:
+    """The records prepared into ``directory`` (128 tokens at most) with ``options``."""
+    script("scripts/prepare_alpaca.py")["main"](destination_dir=directory, checkpoint_dir=assets["checkpoint"],
+                                                data_file=assets["records"], max_seq_length=128, **options)
+    return directory
+
+
+def val_losses(output: str) -> dict[int, float]:
+    """step -> the validation loss that an evaluation printed."""
+    return {int(step): float(loss) for step, loss in re.findall(r"step (\d+): val loss (\S+)", output)}
+
+
+def test_trainer_ranks_with_one_validation_sample_report_the_one_process_loss(assets, tmp_path, capsys, monkeypatch):
+    """FSDP on two processes, one validation sample: one rank validates it while the other runs an empty
+    micro-batch (FSDP gathers the weights in each pass). It printed "val loss nan" when no rank had a batch."""
+    data = prepared(assets, tmp_path / "data", val_size=1)
+    options = ("--data.data_dir", str(data), "--model.train.max_steps", "2", "--model.train.micro_batch_size", "2",
+               "--model.eval.interval", "2")
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    capsys.readouterr()
+    trainer_cli.main(trainer_args(assets, tmp_path / "one", *options))
+    one_process = val_losses(capsys.readouterr().out)
+    assert list(one_process) == [0, 2]
+    result = run_script("finetune/adapter_trainer.py", *trainer_args(assets, tmp_path / "two", *options),
+                        "--trainer.devices", "2", "--trainer.strategy", "fsdp", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert val_losses(result.stdout) == pytest.approx(one_process, abs=1e-4)

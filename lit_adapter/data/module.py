@@ -112,11 +112,17 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(EpochMicroBatchSampler(self.plan(), epoch, skip))
 
     def val_dataloader(self) -> DataLoader:
-        """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
+        """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``.
+
+        Every rank gets as many micro-batches, the last ranks an empty one where they do not divide evenly (one row
+        of padding that counts for nothing, as in training's ``StepPlan.step``): all ranks run the same passes and
+        together validate each sample once, as one process does.
+        """
         plan = self.plan("val")
-        batches = plan.micro_batches(range(len(plan.lengths)))
+        batches = plan.micro_batches(range(len(plan.lengths)), rank=0)
         num_replicas, rank = self._replicas()
-        mine = batches[:len(batches) - len(batches) % num_replicas][rank::num_replicas]
+        mine = batches[rank::num_replicas]
+        mine += [[] for _ in range(-(-len(batches) // num_replicas) - len(mine))]
         return DataLoader(self.splits["val"], batch_sampler=mine, num_workers=self.num_workers,
                           collate_fn=partial(collate, pad_to_multiple_of=self.pad_to_multiple_of),
                           pin_memory=torch.cuda.is_available())

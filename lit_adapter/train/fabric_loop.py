@@ -33,7 +33,8 @@ from lit_adapter.train.args import (EvalArgs, TrainArgs, accumulation_steps, che
                                     planned_steps, with_defaults)
 from lit_adapter.train.recipe import (TrainLoss, adopt_hyperparameters, build_optimizer, build_scheduler,
                                       evaluation_report, learned_positions_loss, micro_batch_loss,
-                                      prepare_for_training, resumed_message, sample_response, validation_sums)
+                                      prepare_for_training, resumed_message, sample_response, validation_loss,
+                                      validation_sums)
 from lit_adapter.train.state import (HPARAMS_FILE, claim_out_dir, find_resume_state, load_training_state,
                                      log_version, save_hparams, save_training_state)
 from lit_adapter.train.strategies import StrategyName, fabric_precision, fabric_strategy
@@ -42,16 +43,16 @@ MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> float:
-    """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together."""
+def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> Optional[float]:
+    """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together
+    (None without validation samples)."""
     model.eval()
     totals = torch.zeros(2, device=fabric.device)
     batches = itertools.islice(loader, max_batches)
     for input_ids, targets in progress(batches, min(len(loader), max_batches), "validating", "batch"):
         totals += validation_sums(model, *fabric.to_device((input_ids, targets)))
     model.train()
-    totals = fabric.all_reduce(totals, reduce_op="sum")
-    return (totals[0] / totals[1]).item()
+    return validation_loss(fabric.all_reduce(totals, reduce_op="sum"))
 
 
 def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: MicroBatches, step_tokens: int,
@@ -103,7 +104,8 @@ def evaluate(fabric: Any, model: nn.Module, raw_model: LLaMA, val_loader: Any, t
              eval: EvalArgs, style: str, step: int) -> None:
     """Log the validation loss and print the greedy response to the fixed instruction."""
     val_loss = validate(fabric, model, val_loader, eval.max_batches)
-    fabric.log_dict({"val_loss": val_loss}, step=step)
+    if val_loss is not None:
+        fabric.log_dict({"val_loss": val_loss}, step=step)
     raw_model.eval()
     response = sample_response(raw_model, tokenizer, eval.instruction, eval.max_new_tokens, style)
     raw_model.train()

@@ -29,7 +29,7 @@ from lit_adapter.prompts import LEGACY_STYLE
 from lit_adapter.train.args import EvalArgs, TrainArgs
 from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, evaluation_report,
                                       learned_positions_loss, micro_batch_loss, prepare_for_training,
-                                      resumed_message, sample_response, validation_sums)
+                                      resumed_message, sample_response, validation_loss, validation_sums)
 from lit_adapter.train.state import adapter_and_optimizer_state
 
 
@@ -268,15 +268,15 @@ class AdapterModule(L.LightningModule):
     def report_validation(self, totals: torch.Tensor) -> None:
         """Log ``val_loss`` (per response token over batches and ranks, as ``fabric_loop.validate``) and, on every
         rank, generate the sample response; print both (with the step, in fit)."""
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        val_loss = totals[0] / totals[1]
-        self.log("val_loss", val_loss, prog_bar=True, logger=False)
-        self.log_at_step({"val_loss": val_loss.item()})
+        val_loss = validation_loss(self.trainer.strategy.reduce(totals, reduce_op="sum"))
+        if val_loss is not None:
+            self.log("val_loss", val_loss, prog_bar=True, logger=False)
+            self.log_at_step({"val_loss": val_loss})
         instruction = self.eval_args.instruction
         response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)
         step = self.global_step if self.trainer.state.fn == TrainerFn.FITTING else None
-        self.print(evaluation_report(step, val_loss.item(), instruction, response))
+        self.print(evaluation_report(step, val_loss, instruction, response))
 
     # ------------------------------------------------------------------------------------------ files
 
