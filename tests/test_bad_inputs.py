@@ -315,6 +315,12 @@ ROWS = [
     # 12. the Trainer route
     row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
         r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
+    # reliability round 3: training and data
+    row("trainer-max-steps-0", trainer("--trainer.max_steps", "0"), 1,
+        r"error: --trainer\.max_steps 0 trains nothing \(and writes no adapter\): give a positive value, or leave it "
+        r"out$"),
+    row("trainer-max-epochs-0", trainer("--trainer.max_epochs", "0"), 1,
+        r"error: --trainer\.max_epochs 0 trains nothing \(and writes no adapter\)"),
 ]
 
 

@@ -334,3 +334,17 @@ def test_trainer_ranks_with_one_validation_sample_report_the_one_process_loss(as
                         "--trainer.devices", "2", "--trainer.strategy", "fsdp", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert val_losses(result.stdout) == pytest.approx(one_process, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ round 3: no exit 0 having done nothing
+
+def test_a_trainer_fit_that_trains_nothing_exits_1(assets, tmp_path, capsys, monkeypatch):
+    """A finished run resumed stops before any step (as --trainer.max_time 0 would): it writes no adapter, so it
+    is no success."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    trainer_cli.main(trainer_args(assets, tmp_path))
+    lines = exits_with(1, capsys, trainer_cli.main, trainer_args(assets, tmp_path, "--ckpt_path", "last",
+                                                                 "--model.out_dir", str(tmp_path / "again")))
+    assert lines[-1] == ("error: the Trainer stopped before training (at step 1, its limits reached), so no adapter "
+                         "was written: raise --trainer.max_steps, max_epochs or max_time")
+    assert not (tmp_path / "again").exists()

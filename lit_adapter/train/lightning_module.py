@@ -78,6 +78,7 @@ class AdapterModule(L.LightningModule):
         self._step_loss = torch.zeros(())
         self._reset_step_metrics()
         self._val_losses: list[torch.Tensor] = []
+        self.adapter_path: Optional[Path] = None  # where on_train_end wrote the adapter
 
     # ------------------------------------------------------------------------------------------ the model
 
@@ -288,7 +289,8 @@ class AdapterModule(L.LightningModule):
             save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter,
                          name=self.adapter_name)
         self.trainer.strategy.barrier()
-        self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
+        self.adapter_path = directory / ADAPTER_FILE
+        self.print(f"Saved the adapter to {self.adapter_path}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter's weights: the frozen base stays in checkpoint_dir."""
