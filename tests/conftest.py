@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -48,14 +49,15 @@ def script_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python script *args`` as its own process, from the repository root.
+def run_script(script: str, *args: str, timeout: float = 120, **popen: Any) -> subprocess.CompletedProcess:
+    """``python script *args`` as its own process, from the repository root (``popen``: more of ``Popen``'s
+    arguments).
 
     Past ``timeout`` seconds it is killed with every process it started (the ranks of a multi-process run), and
     ``subprocess.TimeoutExpired`` fails the test: a hang leaves nothing running.
     """
     with subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+                          stderr=subprocess.PIPE, text=True, start_new_session=True, **popen) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

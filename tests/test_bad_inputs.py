@@ -321,6 +321,17 @@ ROWS = [
         r"out$"),
     row("trainer-max-epochs-0", trainer("--trainer.max_epochs", "0"), 1,
         r"error: --trainer\.max_epochs 0 trains nothing \(and writes no adapter\)"),
+    row("extract-output-is-the-state", extract("--state_path", "{own_state}", "--output_path", "{own_state}"), 1,
+        r"error: --output_path {own_state} names the input {own_state}: writing it would destroy that input; choose "
+        r"another path$"),
+    row("extract-output-links-to-the-state", extract("--state_path", "{own_state}", "--output_path", "{state_link}"),
+        1, r"error: --output_path {state_link} names the input {own_state}: writing it would destroy that input"),
+    row("extract-output-is-a-directory", extract("--state_path", "{own_state}", "--output_path", "{tmp}"), 1,
+        r"error: cannot write {tmp}: it is a directory; name a file$"),
+    row("trainer-validate-without-validation-samples",
+        ("finetune/adapter_trainer.py", ("validate", *trainer("--data.data_dir", "{data_no_val}")[1])), 1,
+        r"error: {data_no_val} has no validation samples \(prepared with --val_size 0\): there is nothing to "
+        r"validate$"),
 ]
 
 
@@ -400,6 +411,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     a["truncated_adapter"] = tmp / "truncated_adapter.safetensors"
     a["truncated_adapter"].write_bytes(good_adapter.read_bytes()[:-100])
     add_reliability_assets(a, records)
+    add_training_round3_assets(a, records)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -456,6 +468,20 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     torch.save({"weights": torch.zeros(2)}, a["not_a_state"])
     a["jsonl"] = tmp / "records.jsonl"
     a["jsonl"].write_text(json.dumps(records[0]) + "\n{oops}\n")
+
+
+def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
+    """Files for the rows of reliability round 3 (training and data): a training state of its own and a link to it,
+    and a prepared set without validation samples."""
+    tmp = a["tmp"]
+    a["own_state"] = tmp / "round3" / "step-000001" / "training_state.pt"
+    a["own_state"].parent.mkdir(parents=True)
+    shutil.copyfile(a["state"], a["own_state"])
+    a["state_link"] = tmp / "round3" / "link.pt"
+    a["state_link"].symlink_to(a["own_state"])
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_alpaca.py"))["main"]
+    a["data_no_val"] = tmp / "data_no_val"
+    prepare(destination_dir=a["data_no_val"], checkpoint_dir=a["ckpt"], data_file=a["records"], val_size=0)
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

@@ -110,10 +110,13 @@ class AdapterCLI(LightningCLI):
             raise
 
     def remove_empty_log_dir(self) -> None:
-        """A run that failed leaves no empty log folder behind."""
-        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
-        if log_dir is not None and log_dir.is_dir() and not any(log_dir.iterdir()):
-            log_dir.rmdir()
+        """A run that failed leaves no empty log folder behind. The first process looks, without a collective
+        (``Trainer.log_dir`` broadcasts): a failure of its own, such as a full disk, leaves the others waiting in
+        another one."""
+        logger = self.trainer.logger
+        log_dir = self.trainer.default_root_dir if logger is None else getattr(logger, "log_dir", logger.save_dir)
+        if self.trainer.is_global_zero and log_dir and Path(log_dir).is_dir() and not any(Path(log_dir).iterdir()):
+            Path(log_dir).rmdir()
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # as LightningCLI does, less the Trainer options that are derived from the model's arguments

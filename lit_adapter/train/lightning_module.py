@@ -103,8 +103,8 @@ class AdapterModule(L.LightningModule):
         self.print(trainable_summary(model, model.config))
 
     def setup(self, stage: str) -> None:
-        """Check, before any work, that the data fits the model (and fills a step, to fit) and that the output
-        directory is writable."""
+        """Check, before any work, that the data fits the model (and fills a step, to fit; has validation samples,
+        to validate) and that the output directory is writable."""
         base = self.base
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, InstructionDataModule):
@@ -112,6 +112,9 @@ class AdapterModule(L.LightningModule):
             datamodule.check_fits(base.tokenizer, base.config)
             if stage == TrainerFn.FITTING:
                 datamodule.check_fills_a_step("--model.train.global_batch_size")
+            elif stage == TrainerFn.VALIDATING and not datamodule.splits["val"]:
+                raise UserError(f"{datamodule.data_dir} has no validation samples (prepared with --val_size 0): "
+                                "there is nothing to validate")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
