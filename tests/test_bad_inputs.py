@@ -332,6 +332,12 @@ ROWS = [
         ("finetune/adapter_trainer.py", ("validate", *trainer("--data.data_dir", "{data_no_val}")[1])), 1,
         r"error: {data_no_val} has no validation samples \(prepared with --val_size 0\): there is nothing to "
         r"validate$"),
+    row("finetune-unknown-recorded-prompt-style", finetune("--data_dir", "{data_style_unknown}"), 1,
+        r"error: {data_style_unknown}/prep_config\.yaml records the prompt style 'sonnet', which this version does not "
+        r"know \(it knows plain, alpaca, chat\): prepare the data again with scripts/prepare_alpaca\.py$"),
+    row("trainer-recorded-prompt-style-not-a-name", trainer("--data.data_dir", "{data_style_list}"), 1,
+        r"error: {data_style_list}/prep_config\.yaml records the prompt style \['alpaca'\], which this version does "
+        r"not know"),
 ]
 
 
@@ -472,7 +478,7 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
 
 def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
     """Files for the rows of reliability round 3 (training and data): a training state of its own and a link to it,
-    and a prepared set without validation samples."""
+    a prepared set without validation samples, and sets that record a prompt style this version does not know."""
     tmp = a["tmp"]
     a["own_state"] = tmp / "round3" / "step-000001" / "training_state.pt"
     a["own_state"].parent.mkdir(parents=True)
@@ -482,6 +488,11 @@ def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
     prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_alpaca.py"))["main"]
     a["data_no_val"] = tmp / "data_no_val"
     prepare(destination_dir=a["data_no_val"], checkpoint_dir=a["ckpt"], data_file=a["records"], val_size=0)
+    for name, style in (("data_style_unknown", "sonnet"), ("data_style_list", ["alpaca"])):
+        a[name] = tmp / name
+        shutil.copytree(a["data"], a[name])
+        prep_config = yaml.safe_load((a[name] / "prep_config.yaml").read_text())
+        (a[name] / "prep_config.yaml").write_text(yaml.safe_dump({**prep_config, "prompt_style": style}))
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

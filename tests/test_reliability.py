@@ -428,3 +428,14 @@ def test_a_file_size_limit_under_ddp_is_one_line_of_the_first_process(assets, tm
     [error] = error_lines_of(result)
     assert error.startswith(f"error: cannot write {out}/") and error.endswith(
         f": {files.FILE_SIZE_LIMIT} (the unfinished file was removed)"), error
+
+
+def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(assets, tmp_path):
+    data = tmp_path / "data"
+    result = run_script("scripts/prepare_alpaca.py", "--checkpoint_dir", str(assets["checkpoint"]), "--data_file",
+                        str(assets["records"]), "--destination_dir", str(data), "--val_size", "2",
+                        preexec_fn=file_size_limit(8))  # the training split is larger
+    assert result.returncode == 1
+    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.FILE_SIZE_LIMIT} (the unfinished "
+                                      "file was removed)"]
+    assert list(data.iterdir()) == []
