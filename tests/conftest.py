@@ -119,3 +119,16 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     convert_in_this_process("--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(output_dir))
     return output_dir
+
+
+def another_sentencepiece_model(model: Path, destination: Path) -> Path:
+    """A copy of the SentencePiece ``model`` whose two most frequent merged pieces trade ids: another tokenizer of
+    the same vocabulary size, which gives most texts other ids."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model).read_bytes())
+    first, second = [piece for piece in proto.pieces if piece.type == piece.NORMAL][:2]
+    first.piece, second.piece = second.piece, first.piece
+    destination.write_bytes(proto.SerializeToString())
+    return destination

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_script, run_script_in_this_process, shared_file
+from conftest import ROOT, another_sentencepiece_model, run_script, run_script_in_this_process, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
@@ -338,6 +338,14 @@ ROWS = [
     row("trainer-recorded-prompt-style-not-a-name", trainer("--data.data_dir", "{data_style_list}"), 1,
         r"error: {data_style_list}/prep_config\.yaml records the prompt style \['alpaca'\], which this version does "
         r"not know"),
+    row("finetune-data-of-another-tokenizer", finetune("--data_dir", "{data_other_tokenizer}"), 1,
+        r"error: {data_other_tokenizer} was prepared with the tokenizer {other_tokenizer} \(sha256 [0-9a-f]{{12}}\), "
+        r"not the model's {ckpt}/tokenizer\.model \(sha256 [0-9a-f]{{12}}\): its token ids would stand for other "
+        r"text\. Run scripts/prepare_alpaca\.py with this --checkpoint_dir, or pass --allow_other_tokenizer true if "
+        r"both tokenize alike$"),
+    row("trainer-data-of-another-tokenizer", trainer("--data.data_dir", "{data_other_tokenizer}"), 1,
+        r"error: {data_other_tokenizer} was prepared with the tokenizer {other_tokenizer} .* or pass "
+        r"--data\.allow_other_tokenizer true if both tokenize alike$", own_process=True),
 ]
 
 
@@ -478,7 +486,8 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
 
 def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
     """Files for the rows of reliability round 3 (training and data): a training state of its own and a link to it,
-    a prepared set without validation samples, and sets that record a prompt style this version does not know."""
+    a prepared set without validation samples, sets that record a prompt style this version does not know, and one
+    prepared with another tokenizer of the same vocabulary size."""
     tmp = a["tmp"]
     a["own_state"] = tmp / "round3" / "step-000001" / "training_state.pt"
     a["own_state"].parent.mkdir(parents=True)
@@ -493,6 +502,10 @@ def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
         shutil.copytree(a["data"], a[name])
         prep_config = yaml.safe_load((a[name] / "prep_config.yaml").read_text())
         (a[name] / "prep_config.yaml").write_text(yaml.safe_dump({**prep_config, "prompt_style": style}))
+    a["other_tokenizer"] = another_sentencepiece_model(a["ckpt"] / "tokenizer.model", tmp / "other_tokenizer.model")
+    a["data_other_tokenizer"] = tmp / "data_other_tokenizer"
+    prepare(destination_dir=a["data_other_tokenizer"], checkpoint_dir=a["ckpt"], tokenizer_path=a["other_tokenizer"],
+            data_file=a["records"], val_size=2)
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

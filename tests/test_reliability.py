@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from conftest import ROOT, run_script, shared_file
+from conftest import ROOT, another_sentencepiece_model, run_script, shared_file
 from lit_adapter import checkpoint, files
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.train import lightning_cli as trainer_cli
@@ -439,3 +439,31 @@ def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(ass
     assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.FILE_SIZE_LIMIT} (the unfinished "
                                       "file was removed)"]
     assert list(data.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ round 3: data of another tokenizer
+
+@pytest.mark.parametrize("route", ["fabric", "trainer"])
+def test_data_of_another_tokenizer_trains_only_when_allowed(assets, tmp_path, capsys, monkeypatch, route):
+    """Of the same vocabulary size, it trained without a word; now it is refused (the bad-input rows say how) unless
+    the option documented in --help allows it."""
+    other = another_sentencepiece_model(assets["checkpoint"] / "tokenizer.model", tmp_path / "other.model")
+    data = prepared(assets, tmp_path / "data", val_size=2, tokenizer_path=other)
+    option = "--allow_other_tokenizer" if route == "fabric" else "--data.allow_other_tokenizer"
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    if route == "fabric":
+        lines = exits_with(1, capsys, finetune, assets, tmp_path / "refused", data_dir=data)
+        finetune(assets, tmp_path / "out", data_dir=data, allow_other_tokenizer="true")
+        trained = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            run_cli(training.main, ["--help"])
+    else:
+        lines = exits_with(1, capsys, trainer_cli.main, trainer_args(assets, tmp_path, "--data.data_dir", str(data)))
+        trainer_cli.main(trainer_args(assets, tmp_path, "--data.data_dir", str(data), option, "true"))
+        trained = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            trainer_cli.main(["fit", "--help"])
+    assert lines[-1].endswith(f"or pass {option} true if both tokenize alike")
+    assert "Saved the adapter" in trained
+    help = " ".join(capsys.readouterr().out.split())
+    assert option in help and "only where both tokenize alike" in help

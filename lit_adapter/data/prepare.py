@@ -1,7 +1,6 @@
 """Prepared sets: records tokenized in a prompt style with answers-only labels, split into ``train.pt`` and
 ``val.pt`` and described by ``prep_config.yaml``, which is written last and fingerprints both."""
 
-import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -188,5 +187,10 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 
 
 def _describe_tokenizer(tokenizer: Tokenizer) -> dict[str, Any]:
-    return {"path": str(tokenizer.path), "sha256": hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return {"path": str(tokenizer.path), "sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """The SHA-256 of the tokenizer's file: ``prep_config.yaml`` records it, training checks it."""
+    return file_fingerprint(tokenizer.path)["sha256"]

@@ -109,7 +109,7 @@ class AdapterModule(L.LightningModule):
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, InstructionDataModule):
             datamodule.setup(stage)
-            datamodule.check_fits(base.tokenizer, base.config)
+            datamodule.check_fits(base.tokenizer, base.config, "--data.allow_other_tokenizer")
             if stage == TrainerFn.FITTING:
                 datamodule.check_fills_a_step("--model.train.global_batch_size")
             elif stage == TrainerFn.VALIDATING and not datamodule.splits["val"]:
@@ -139,7 +139,8 @@ class AdapterModule(L.LightningModule):
             return {"model": model}
         return {"model": model, "data": {"data_dir": str(data.data_dir), "micro_batch_tokens": data.micro_batch_tokens,
                                          "seed": data.seed, "num_workers": data.num_workers,
-                                         "pad_to_multiple_of": data.pad_to_multiple_of}}
+                                         "pad_to_multiple_of": data.pad_to_multiple_of,
+                                         "allow_other_tokenizer": data.allow_other_tokenizer}}
 
     @property
     def adapter_name(self) -> str:
