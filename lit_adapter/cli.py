@@ -32,13 +32,25 @@ def out_of_memory_hint(model_prefix: str = "--") -> str:
             "for generation, use a shorter prompt or fewer --max_new_tokens")
 
 
+PEER_ENDED = ("Connection closed by peer", "Connection reset by peer")
+"""What a collective says on a process whose peer has ended (gloo)."""
+
+
 @contextmanager
 def exit_on_user_error(hint: Optional[str] = None) -> Iterator[None]:
-    """End the program with one ``error: ...`` line (exit 1) on a user error or out-of-memory, 130 on Ctrl-C."""
+    """End the program with one ``error: ...`` line (exit 1) on a user error or out-of-memory, 130 on Ctrl-C.
+
+    Of a multi-process run, only the first process prints: a later one whose collective fails because another
+    process ended (on an error it reports itself, e.g. a full disk where only the first writes) exits 1 quietly.
+    """
     try:
         yield
     except UserError as err:
         fail(str(err))
+    except RuntimeError as err:
+        if process_rank() == 0 or not any(message in str(err) for message in PEER_ENDED):
+            raise
+        sys.exit(EXIT_USER_ERROR)
     except ArgumentError as err:  # an option mistake: one line, not the usage (that is --help's)
         fail(option_error_line(str(err)) + "; see --help")
     except torch.OutOfMemoryError as err:

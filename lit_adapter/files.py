@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import re
+import resource
 import shutil
 import tempfile
 import zipfile
@@ -28,6 +29,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     A reader therefore sees the old file or the complete new one, never a partial write.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a directory; name a file")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -48,27 +51,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
+TOO_LARGE_MESSAGES = (os.strerror(errno.EFBIG), "os error 27")
 NEARLY_FULL_BYTES = 1 << 20
+NO_SPACE = "no space left on device; free some space or choose another location"
+FILE_SIZE_LIMIT = ("the file is larger than the file-size limit allows (ulimit -f, or the file system's largest "
+                   "file); raise the limit or choose another location")
 
 
 @contextmanager
 def disk_full_is_user_error(path: Path) -> Iterator[None]:
-    """Turn a full disk (or quota) while writing ``path`` into a one-line ``UserError``."""
+    """Turn a full disk (or quota, or file-size limit) while writing ``path`` into a one-line ``UserError``."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
-        if not ran_out_of_space(err, path.parent):
+        reason = ran_out_of_space(err, path.parent)
+        if not reason:
             raise
-        raise UserError(f"cannot write {path}: no space left on device; free some space or choose another location "
-                        "(the unfinished file was removed)") from None
+        raise UserError(f"cannot write {path}: {reason} (the unfinished file was removed)") from None
 
 
-def ran_out_of_space(err: Exception, directory: Path) -> bool:
-    """Whether a failed write ran out of space: ENOSPC or EDQUOT, said in the message (safetensors), or a failure of
-    torch's zip writer (whose message does not say why) on a disk with (almost) no room left."""
+def ran_out_of_space(err: Exception, directory: Path) -> Optional[str]:
+    """Why a failed write ran out of space, and what to do, or None if it did not: ENOSPC or EDQUOT (a full disk),
+    EFBIG (a file-size limit), each also as said in the message (safetensors), or a failure of torch's zip writer
+    (whose message does not say why) on a disk with (almost) no room left or under a file-size limit."""
+    if getattr(err, "errno", None) == errno.EFBIG or any(m in str(err) for m in TOO_LARGE_MESSAGES):
+        return FILE_SIZE_LIMIT
     if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(err) for m in DISK_FULL_MESSAGES):
-        return True
-    return isinstance(err, RuntimeError) and free_bytes(directory) < NEARLY_FULL_BYTES
+        return NO_SPACE
+    if not isinstance(err, RuntimeError):
+        return None
+    if free_bytes(directory) < NEARLY_FULL_BYTES:
+        return NO_SPACE
+    return FILE_SIZE_LIMIT if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else None
 
 
 def free_bytes(directory: Path) -> int:
@@ -105,6 +119,14 @@ def check_can_create(directory: Path, option: str) -> None:
     reason = unwritable_reason(directory)
     if reason:
         raise UserError(f"cannot write to {option} {directory}: {reason}; choose another location")
+
+
+def check_not_an_input(output: Path, source: Path, option: str) -> None:
+    """Refuse an ``output`` (given by ``option``) that is the file ``source`` it is made from, also under another
+    name (a link, ``..``): writing it would destroy that input."""
+    if Path(output).exists() and Path(source).exists() and os.path.samefile(output, source):
+        raise UserError(f"{option} {output} names the input {source}: writing it would destroy that input; choose "
+                        "another path")
 
 
 def unwritable_reason(directory: Path) -> Optional[str]:

@@ -143,7 +143,7 @@ def chat_style_for(tokenizer: "Tokenizer") -> str:
 def get_style(name: Optional[str]) -> PromptStyle:
     """The style called ``name`` (None: ``LEGACY_STYLE``), or a one-line ``UserError``."""
     name = LEGACY_STYLE if name is None else name
-    if name not in STYLES:
+    if not isinstance(name, str) or name not in STYLES:
         raise UserError(f"unknown prompt style {name!r}: choose one of {', '.join(STYLES)}")
     return STYLES[name]
 

@@ -2,9 +2,11 @@
 
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -47,10 +49,21 @@ def script_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run_script(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python script *args`` as its own process, from the repository root."""
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=script_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def run_script(script: str, *args: str, timeout: float = 120, **popen: Any) -> subprocess.CompletedProcess:
+    """``python script *args`` as its own process, from the repository root (``popen``: more of ``Popen``'s
+    arguments).
+
+    Past ``timeout`` seconds it is killed with every process it started (the ranks of a multi-process run), and
+    ``subprocess.TimeoutExpired`` fails the test: a hang leaves nothing running.
+    """
+    with subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True, **popen) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def run_script_in_this_process(script: str, *args: str, capfd) -> subprocess.CompletedProcess:
@@ -106,3 +119,16 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     convert_in_this_process("--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(output_dir))
     return output_dir
+
+
+def another_sentencepiece_model(model: Path, destination: Path) -> Path:
+    """A copy of the SentencePiece ``model`` whose two most frequent merged pieces trade ids: another tokenizer of
+    the same vocabulary size, which gives most texts other ids."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(model).read_bytes())
+    first, second = [piece for piece in proto.pieces if piece.type == piece.NORMAL][:2]
+    first.piece, second.piece = second.piece, first.piece
+    destination.write_bytes(proto.SerializeToString())
+    return destination

@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, run_script, run_script_in_this_process, shared_file
+from conftest import ROOT, another_sentencepiece_model, run_script, run_script_in_this_process, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
@@ -315,6 +315,37 @@ ROWS = [
     # 12. the Trainer route
     row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
         r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
+    # reliability round 3: training and data
+    row("trainer-max-steps-0", trainer("--trainer.max_steps", "0"), 1,
+        r"error: --trainer\.max_steps 0 trains nothing \(and writes no adapter\): give a positive value, or leave it "
+        r"out$"),
+    row("trainer-max-epochs-0", trainer("--trainer.max_epochs", "0"), 1,
+        r"error: --trainer\.max_epochs 0 trains nothing \(and writes no adapter\)"),
+    row("extract-output-is-the-state", extract("--state_path", "{own_state}", "--output_path", "{own_state}"), 1,
+        r"error: --output_path {own_state} names the input {own_state}: writing it would destroy that input; choose "
+        r"another path$"),
+    row("extract-output-links-to-the-state", extract("--state_path", "{own_state}", "--output_path", "{state_link}"),
+        1, r"error: --output_path {state_link} names the input {own_state}: writing it would destroy that input"),
+    row("extract-output-is-a-directory", extract("--state_path", "{own_state}", "--output_path", "{tmp}"), 1,
+        r"error: cannot write {tmp}: it is a directory; name a file$"),
+    row("trainer-validate-without-validation-samples",
+        ("finetune/adapter_trainer.py", ("validate", *trainer("--data.data_dir", "{data_no_val}")[1])), 1,
+        r"error: {data_no_val} has no validation samples \(prepared with --val_size 0\): there is nothing to "
+        r"validate$"),
+    row("finetune-unknown-recorded-prompt-style", finetune("--data_dir", "{data_style_unknown}"), 1,
+        r"error: {data_style_unknown}/prep_config\.yaml records the prompt style 'sonnet', which this version does not "
+        r"know \(it knows plain, alpaca, chat\): prepare the data again with scripts/prepare_alpaca\.py$"),
+    row("trainer-recorded-prompt-style-not-a-name", trainer("--data.data_dir", "{data_style_list}"), 1,
+        r"error: {data_style_list}/prep_config\.yaml records the prompt style \['alpaca'\], which this version does "
+        r"not know"),
+    row("finetune-data-of-another-tokenizer", finetune("--data_dir", "{data_other_tokenizer}"), 1,
+        r"error: {data_other_tokenizer} was prepared with the tokenizer {other_tokenizer} \(sha256 [0-9a-f]{{12}}\), "
+        r"not the model's {ckpt}/tokenizer\.model \(sha256 [0-9a-f]{{12}}\): its token ids would stand for other "
+        r"text\. Run scripts/prepare_alpaca\.py with this --checkpoint_dir, or pass --allow_other_tokenizer true if "
+        r"both tokenize alike$"),
+    row("trainer-data-of-another-tokenizer", trainer("--data.data_dir", "{data_other_tokenizer}"), 1,
+        r"error: {data_other_tokenizer} was prepared with the tokenizer {other_tokenizer} .* or pass "
+        r"--data\.allow_other_tokenizer true if both tokenize alike$", own_process=True),
 ]
 
 
@@ -394,6 +425,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     a["truncated_adapter"] = tmp / "truncated_adapter.safetensors"
     a["truncated_adapter"].write_bytes(good_adapter.read_bytes()[:-100])
     add_reliability_assets(a, records)
+    add_training_round3_assets(a, records)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -450,6 +482,30 @@ def add_reliability_assets(a: dict[str, Path], records: list[dict]) -> None:
     torch.save({"weights": torch.zeros(2)}, a["not_a_state"])
     a["jsonl"] = tmp / "records.jsonl"
     a["jsonl"].write_text(json.dumps(records[0]) + "\n{oops}\n")
+
+
+def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
+    """Files for the rows of reliability round 3 (training and data): a training state of its own and a link to it,
+    a prepared set without validation samples, sets that record a prompt style this version does not know, and one
+    prepared with another tokenizer of the same vocabulary size."""
+    tmp = a["tmp"]
+    a["own_state"] = tmp / "round3" / "step-000001" / "training_state.pt"
+    a["own_state"].parent.mkdir(parents=True)
+    shutil.copyfile(a["state"], a["own_state"])
+    a["state_link"] = tmp / "round3" / "link.pt"
+    a["state_link"].symlink_to(a["own_state"])
+    prepare = runpy.run_path(str(ROOT / "scripts" / "prepare_alpaca.py"))["main"]
+    a["data_no_val"] = tmp / "data_no_val"
+    prepare(destination_dir=a["data_no_val"], checkpoint_dir=a["ckpt"], data_file=a["records"], val_size=0)
+    for name, style in (("data_style_unknown", "sonnet"), ("data_style_list", ["alpaca"])):
+        a[name] = tmp / name
+        shutil.copytree(a["data"], a[name])
+        prep_config = yaml.safe_load((a[name] / "prep_config.yaml").read_text())
+        (a[name] / "prep_config.yaml").write_text(yaml.safe_dump({**prep_config, "prompt_style": style}))
+    a["other_tokenizer"] = another_sentencepiece_model(a["ckpt"] / "tokenizer.model", tmp / "other_tokenizer.model")
+    a["data_other_tokenizer"] = tmp / "data_other_tokenizer"
+    prepare(destination_dir=a["data_other_tokenizer"], checkpoint_dir=a["ckpt"], tokenizer_path=a["other_tokenizer"],
+            data_file=a["records"], val_size=2)
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

@@ -10,6 +10,8 @@ import errno
 import fcntl
 import json
 import os
+import re
+import resource
 import runpy
 import signal
 import subprocess
@@ -21,7 +23,7 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-from conftest import ROOT, shared_file
+from conftest import ROOT, another_sentencepiece_model, run_script, shared_file
 from lit_adapter import checkpoint, files
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.train import lightning_cli as trainer_cli
@@ -302,3 +304,166 @@ def test_a_user_error_prints_on_the_first_process_only(capsys, monkeypatch, rank
         fail("the same on every rank")
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.count("error: the same on every rank") == printed
+
+
+# ------------------------------------------------------------------------------ round 3: several devices, uneven work
+
+def prepared(assets: dict, directory: Path, **options) -> Path:
+    """The records prepared into ``directory`` (128 tokens at most) with ``options``."""
+    script("scripts/prepare_alpaca.py")["main"](destination_dir=directory, checkpoint_dir=assets["checkpoint"],
+                                                data_file=assets["records"], max_seq_length=128, **options)
+    return directory
+
+
+def val_losses(output: str) -> dict[int, float]:
+    """step -> the validation loss that an evaluation printed."""
+    return {int(step): float(loss) for step, loss in re.findall(r"step (\d+): val loss (\S+)", output)}
+
+
+def test_trainer_ranks_with_one_validation_sample_report_the_one_process_loss(assets, tmp_path, capsys, monkeypatch):
+    """FSDP on two processes, one validation sample: one rank validates it while the other runs an empty
+    micro-batch (FSDP gathers the weights in each pass). It printed "val loss nan" when no rank had a batch."""
+    data = prepared(assets, tmp_path / "data", val_size=1)
+    options = ("--data.data_dir", str(data), "--model.train.max_steps", "2", "--model.train.micro_batch_size", "2",
+               "--model.eval.interval", "2")
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    capsys.readouterr()
+    trainer_cli.main(trainer_args(assets, tmp_path / "one", *options))
+    one_process = val_losses(capsys.readouterr().out)
+    assert list(one_process) == [0, 2]
+    result = run_script("finetune/adapter_trainer.py", *trainer_args(assets, tmp_path / "two", *options),
+                        "--trainer.devices", "2", "--trainer.strategy", "fsdp", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert val_losses(result.stdout) == pytest.approx(one_process, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------ round 3: no exit 0 having done nothing
+
+def test_a_trainer_fit_that_trains_nothing_exits_1(assets, tmp_path, capsys, monkeypatch):
+    """A finished run resumed stops before any step (as --trainer.max_time 0 would): it writes no adapter, so it
+    is no success."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    trainer_cli.main(trainer_args(assets, tmp_path))
+    lines = exits_with(1, capsys, trainer_cli.main, trainer_args(assets, tmp_path, "--ckpt_path", "last",
+                                                                 "--model.out_dir", str(tmp_path / "again")))
+    assert lines[-1] == ("error: the Trainer stopped before training (at step 1, its limits reached), so no adapter "
+                         "was written: raise --trainer.max_steps, max_epochs or max_time")
+    assert not (tmp_path / "again").exists()
+
+
+# ------------------------------------------------------------------------------ round 3: outputs, nan, file-size limits
+
+def test_extract_adapter_refuses_an_output_that_is_the_state_it_reads(assets, tmp_path, capsys):
+    """Under its own name, a link, a hard link or another path: the state stays, and the run still resumes."""
+    finetune(assets, tmp_path / "run", **{"train.max_steps": 1})
+    step = tmp_path / "run" / "step-000001"
+    state, saved = step / STATE_FILE, (step / STATE_FILE).read_bytes()
+    (tmp_path / "link.pt").symlink_to(state)
+    os.link(state, tmp_path / "hard.pt")
+    extract = script("scripts/extract_adapter.py")["extract_adapter"]
+    for output in (state, tmp_path / "link.pt", tmp_path / "hard.pt", step / ".." / step.name / STATE_FILE):
+        lines = exits_with(1, capsys, run_cli, extract, ["--state_path", str(step), "--output_path", str(output)])
+        assert lines[-1] == (f"error: --output_path {output} names the input {state}: writing it would destroy that "
+                             "input; choose another path")
+    assert state.read_bytes() == saved
+    finetune(assets, tmp_path / "run", resume="auto", **{"train.max_steps": 2})
+    assert (tmp_path / "run" / "step-000002" / STATE_FILE).is_file()
+
+
+@pytest.mark.parametrize("route", ["fabric", "trainer"])
+def test_without_validation_samples_no_loss_is_printed(assets, tmp_path, capsys, monkeypatch, route):
+    """--val_size 0: the evaluations say there is no validation loss (they printed "val loss nan")."""
+    data = prepared(assets, tmp_path / "data", val_size=0)
+    capsys.readouterr()
+    if route == "fabric":
+        finetune(assets, tmp_path / "out", data_dir=data, **{"eval.interval": 1})
+    else:
+        monkeypatch.setattr(sys, "argv", sys.argv[:1])
+        trainer_cli.main(trainer_args(assets, tmp_path, "--data.data_dir", str(data), "--model.train.max_steps", "2",
+                                      "--model.eval.interval", "1"))
+    output = capsys.readouterr().out
+    reports = re.findall(r"step \d+: .*val loss.*", output)
+    assert reports[0] == "step 0: no val loss (no validation samples)", output
+    assert all(report.endswith(": no val loss (no validation samples)") for report in reports), reports
+    assert "Saved the adapter" in output
+
+
+def test_a_file_size_limit_is_told_from_other_write_failures(tmp_path, monkeypatch):
+    too_large = files.ran_out_of_space(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), tmp_path)
+    assert too_large == files.FILE_SIZE_LIMIT and "ulimit -f" in too_large
+    assert files.ran_out_of_space(SafetensorError("I/O error: File too large (os error 27)"), tmp_path) == too_large
+    assert files.ran_out_of_space(OSError(errno.ENOSPC, "full"), tmp_path) == files.NO_SPACE
+    monkeypatch.setattr(files.resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert files.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path) is None  # room, no limit: a bug
+    monkeypatch.setattr(files.resource, "getrlimit", lambda which: (1 << 20, resource.RLIM_INFINITY))
+    assert files.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path) == too_large  # torch's writer
+
+
+def file_size_limit(kib: int):
+    """A ``preexec_fn`` that limits the files the process writes to ``kib`` KiB (as ``ulimit -f``)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (kib << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def error_lines_of(result: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines of a script's stderr, which must hold no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("route", ["fabric", "trainer"])
+def test_a_file_size_limit_under_ddp_is_one_line_of_the_first_process(assets, tmp_path, route):
+    """Only the first process writes: its error line is the only one. The other process, waiting for it in a
+    collective, ends quietly (it added a traceback; on the Trainer route the first process then hung in a
+    broadcast while it cleaned up)."""
+    out = tmp_path / "out"
+    if route == "fabric":
+        command = ("finetune/adapter.py", *args_of({"checkpoint_dir": assets["checkpoint"], "data_dir": assets["data"],
+                                                    "out_dir": out, **RUN, "train.micro_batch_size": 2,
+                                                    "devices": 2, "strategy": "ddp"}))
+    else:
+        command = ("finetune/adapter_trainer.py", *trainer_args(assets, out, "--model.train.micro_batch_size", "2",
+                                                                "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    result = run_script(*command, timeout=300, preexec_fn=file_size_limit(16))  # a training state is larger
+    assert result.returncode == 1, result.stderr[-3000:]
+    [error] = error_lines_of(result)
+    assert error.startswith(f"error: cannot write {out}/") and error.endswith(
+        f": {files.FILE_SIZE_LIMIT} (the unfinished file was removed)"), error
+
+
+def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(assets, tmp_path):
+    data = tmp_path / "data"
+    result = run_script("scripts/prepare_alpaca.py", "--checkpoint_dir", str(assets["checkpoint"]), "--data_file",
+                        str(assets["records"]), "--destination_dir", str(data), "--val_size", "2",
+                        preexec_fn=file_size_limit(8))  # the training split is larger
+    assert result.returncode == 1
+    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.FILE_SIZE_LIMIT} (the unfinished "
+                                      "file was removed)"]
+    assert list(data.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ round 3: data of another tokenizer
+
+@pytest.mark.parametrize("route", ["fabric", "trainer"])
+def test_data_of_another_tokenizer_trains_only_when_allowed(assets, tmp_path, capsys, monkeypatch, route):
+    """Of the same vocabulary size, it trained without a word; now it is refused (the bad-input rows say how) unless
+    the option documented in --help allows it."""
+    other = another_sentencepiece_model(assets["checkpoint"] / "tokenizer.model", tmp_path / "other.model")
+    data = prepared(assets, tmp_path / "data", val_size=2, tokenizer_path=other)
+    option = "--allow_other_tokenizer" if route == "fabric" else "--data.allow_other_tokenizer"
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    if route == "fabric":
+        lines = exits_with(1, capsys, finetune, assets, tmp_path / "refused", data_dir=data)
+        finetune(assets, tmp_path / "out", data_dir=data, allow_other_tokenizer="true")
+        trained = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            run_cli(training.main, ["--help"])
+    else:
+        lines = exits_with(1, capsys, trainer_cli.main, trainer_args(assets, tmp_path, "--data.data_dir", str(data)))
+        trainer_cli.main(trainer_args(assets, tmp_path, "--data.data_dir", str(data), option, "true"))
+        trained = capsys.readouterr().out
+        with pytest.raises(SystemExit):
+            trainer_cli.main(["fit", "--help"])
+    assert lines[-1].endswith(f"or pass {option} true if both tokenize alike")
+    assert "Saved the adapter" in trained
+    help = " ".join(capsys.readouterr().out.split())
+    assert option in help and "only where both tokenize alike" in help

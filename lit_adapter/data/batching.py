@@ -35,7 +35,8 @@ class StepPlan:
 
     Rank r takes every ``num_replicas``-th sample of the step, longest first, and cuts its share into
     micro-batches of at most ``micro_batch_size`` samples and (where given) ``micro_batch_tokens`` padded
-    tokens; a sample longer than the token budget gets a micro-batch of its own.
+    tokens; a sample longer than the token budget gets a micro-batch of its own. A rank whose share makes fewer
+    micro-batches than another's gets empty ones too (``step``), so that every rank runs as many passes.
     """
 
     def __init__(self, lengths: Sequence[int], response_tokens: Sequence[int], step_size: int,
@@ -93,13 +94,13 @@ class StepPlan:
             samples += self.epoch_order(epoch)[offset:offset + self.step_size - len(samples)]
         return samples
 
-    def micro_batches(self, samples: Sequence[int]) -> list[list[int]]:
-        """This rank's share of a step's ``samples``, longest first, cut into micro-batches.
+    def micro_batches(self, samples: Sequence[int], rank: int) -> list[list[int]]:
+        """The share of ``rank`` of a step's ``samples``, longest first, cut into micro-batches.
 
         With a token budget, the cut is evened out: the smallest budget that needs no more micro-batches than
         ``micro_batch_tokens`` does is used, so no micro-batch is left nearly empty (a GPU idles on those).
         """
-        mine = sorted(samples, key=self.lengths.__getitem__, reverse=True)[self.rank::self.num_replicas]
+        mine = sorted(samples, key=self.lengths.__getitem__, reverse=True)[rank::self.num_replicas]
         batches = self._cut(mine, self.micro_batch_tokens)
         if self.micro_batch_tokens is None or len(batches) == 1:
             return batches
@@ -131,9 +132,17 @@ class StepPlan:
         return budget is None or (len(batch) + 1) * width <= budget
 
     def step(self, step: int) -> Step:
-        """This rank's micro-batches of ``step`` and the response tokens of the whole step."""
+        """This rank's micro-batches of ``step`` and the response tokens of the whole step.
+
+        Every rank gets as many micro-batches as the rank with the most: the others' are filled up with empty ones
+        (``collate`` makes one row of padding of each, which counts for nothing). All ranks thus run the same
+        forward and backward passes, and the collectives in them (FSDP gathers the weights in each): with uneven
+        counts, a rank would wait for ever for one that has finished its step.
+        """
         samples = self.step_samples(step)
-        return self.micro_batches(samples), sum(self.response_tokens[i] for i in samples)
+        shares = [self.micro_batches(samples, rank) for rank in range(self.num_replicas)]
+        mine = shares[self.rank] + [[] for _ in range(max(map(len, shares)) - len(shares[self.rank]))]
+        return mine, sum(self.response_tokens[i] for i in samples)
 
 
 class StepSampler(Sampler[Step]):
@@ -191,12 +200,13 @@ def collate(samples: Sequence[Sample], pad_id: int = 0, ignore_index: int = IGNO
     after ``input_ids[b, :t + 1]``, so the loss is ``cross_entropy(logits.flatten(0, 1), targets.flatten(),
     ignore_index=ignore_index)``. Rows are right-padded (``pad_id`` / ``ignore_index``), which a causal model
     never attends to, to the longest row rounded up to ``pad_to_multiple_of``; T is thus at most
-    ``max_seq_length - 1`` (or that rounded up).
+    ``max_seq_length - 1`` (or that rounded up). No ``samples`` (a rank's filler, ``StepPlan.step``) give one row
+    of padding whose targets are all ignored: it adds nothing to a loss, a token count or a gradient.
     """
-    width = max(len(s["input_ids"]) for s in samples) - 1
+    width = max((len(s["input_ids"]) for s in samples), default=2) - 1
     width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    targets = torch.full((len(samples), width), ignore_index, dtype=torch.long)
+    input_ids = torch.full((max(len(samples), 1), width), pad_id, dtype=torch.long)
+    targets = torch.full((max(len(samples), 1), width), ignore_index, dtype=torch.long)
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"]) - 1
         input_ids[row, :n] = sample["input_ids"][:-1]

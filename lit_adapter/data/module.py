@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from lit_adapter.config import Config
 from lit_adapter.data.batching import (PAD_TO_MULTIPLE_OF, EpochMicroBatchSampler, Sample, Step, StepData, StepPlan,
                                        StepSampler, collate, response_token_count)
-from lit_adapter.data.prepare import read_prepared_set
+from lit_adapter.data.prepare import read_prepared_set, tokenizer_sha256
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import get_style
 from lit_adapter.tokenizer import Tokenizer
@@ -29,7 +29,8 @@ class InstructionDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: Path = Path("data/alpaca"), global_batch_size: Optional[int] = None,
                  micro_batch_size: Optional[int] = 4, micro_batch_tokens: Optional[int] = None, seed: int = 42,
-                 num_workers: int = 0, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> None:
+                 num_workers: int = 0, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF,
+                 allow_other_tokenizer: bool = False) -> None:
         """
         Args:
             data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
@@ -40,6 +41,8 @@ class InstructionDataModule(L.LightningDataModule):
             seed: Seed of the per-epoch shuffling.
             num_workers: DataLoader worker processes (0: load in the training process).
             pad_to_multiple_of: Pad each micro-batch's length up to a multiple of this (8 suits GPU kernels).
+            allow_other_tokenizer: Train on data prepared with another tokenizer file than the model's (of the same
+                vocabulary size), which is otherwise refused: only where both tokenize alike (e.g. a re-saved copy).
         """
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -49,6 +52,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.allow_other_tokenizer = allow_other_tokenizer
         self.splits: dict[str, list[Sample]] = {}
         self.prep_config: dict[str, Any] = {}
         self._resume_at = (0, 0)
@@ -68,13 +72,20 @@ class InstructionDataModule(L.LightningDataModule):
         """The first validation record's question, which evaluations ask (None for sets from older versions)."""
         return self.prep_config.get("sample_instruction")
 
-    def check_fits(self, tokenizer: Tokenizer, config: Config) -> None:
-        """The data must come from this tokenizer and fit the model's context."""
+    def check_fits(self, tokenizer: Tokenizer, config: Config, allow_option: str) -> None:
+        """The data must come from this tokenizer (its file's hash, as recorded: unless ``allow_other_tokenizer``,
+        the option ``allow_option``) and fit the model's context."""
         prepared = self.prep_config.get("tokenizer", {})
         if prepared.get("vocab_size") not in (None, tokenizer.vocab_size):
             raise UserError(f"{self.data_dir} was prepared with a tokenizer of {prepared['vocab_size']} tokens, but "
                             f"the model's has {tokenizer.vocab_size}: run scripts/prepare_alpaca.py with this "
                             "--checkpoint_dir")
+        sha256 = tokenizer_sha256(tokenizer)
+        if prepared.get("sha256") not in (None, sha256) and not self.allow_other_tokenizer:
+            raise UserError(f"{self.data_dir} was prepared with the tokenizer {prepared.get('path')} (sha256 "
+                            f"{prepared['sha256'][:12]}), not the model's {tokenizer.path} (sha256 {sha256[:12]}): "
+                            "its token ids would stand for other text. Run scripts/prepare_alpaca.py with this "
+                            f"--checkpoint_dir, or pass {allow_option} true if both tokenize alike")
         longest = max(len(s["input_ids"]) for split in self.splits.values() for s in split) - 1
         if longest > config.block_size:
             raise UserError(f"{self.data_dir} holds sequences of {longest} tokens, longer than the model's "
@@ -112,11 +123,17 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(EpochMicroBatchSampler(self.plan(), epoch, skip))
 
     def val_dataloader(self) -> DataLoader:
-        """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``."""
+        """All validation samples sorted by length in micro-batches, dealt out to ranks: ``(input_ids, targets)``.
+
+        Every rank gets as many micro-batches, the last ranks an empty one where they do not divide evenly (one row
+        of padding that counts for nothing, as in training's ``StepPlan.step``): all ranks run the same passes and
+        together validate each sample once, as one process does.
+        """
         plan = self.plan("val")
-        batches = plan.micro_batches(range(len(plan.lengths)))
+        batches = plan.micro_batches(range(len(plan.lengths)), rank=0)
         num_replicas, rank = self._replicas()
-        mine = batches[:len(batches) - len(batches) % num_replicas][rank::num_replicas]
+        mine = batches[rank::num_replicas]
+        mine += [[] for _ in range(-(-len(batches) // num_replicas) - len(mine))]
         return DataLoader(self.splits["val"], batch_sampler=mine, num_workers=self.num_workers,
                           collate_fn=partial(collate, pad_to_multiple_of=self.pad_to_multiple_of),
                           pin_memory=torch.cuda.is_available())

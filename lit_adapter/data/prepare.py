@@ -1,7 +1,6 @@
 """Prepared sets: records tokenized in a prompt style with answers-only labels, split into ``train.pt`` and
 ``val.pt`` and described by ``prep_config.yaml``, which is written last and fingerprints both."""
 
-import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -13,7 +12,7 @@ from tqdm import tqdm
 from lit_adapter.data.batching import IGNORE_INDEX, Sample
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path, file_fingerprint, read_yaml_mapping, torch_load, write_yaml
-from lit_adapter.prompts import get_style, record_messages
+from lit_adapter.prompts import STYLES, get_style, record_messages
 from lit_adapter.tokenizer import Tokenizer
 
 MIN_SEQ_LENGTH = 3
@@ -157,7 +156,12 @@ def read_prepared_set(data_dir: Path) -> tuple[dict[str, list[Sample]], dict[str
             raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first (with --destination_dir {data_dir})")
     prep_config = read_yaml_mapping(data_dir / PREP_CONFIG_FILE)
     check_prepared_set(data_dir, prep_config)
-    get_style(prep_config.get("prompt_style"))  # an unknown style fails here, in one line
+    try:
+        get_style(prep_config.get("prompt_style"))
+    except UserError:
+        raise UserError(f"{data_dir / PREP_CONFIG_FILE} records the prompt style {prep_config['prompt_style']!r}, "
+                        f"which this version does not know (it knows {', '.join(STYLES)}): prepare the data again "
+                        "with scripts/prepare_alpaca.py") from None
     return {name: torch_load(data_dir / f"{name}.pt") for name in SPLITS}, prep_config
 
 
@@ -183,5 +187,10 @@ def length_stats(lengths: Sequence[int]) -> dict[str, float]:
 
 
 def _describe_tokenizer(tokenizer: Tokenizer) -> dict[str, Any]:
-    return {"path": str(tokenizer.path), "sha256": hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
-            "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return {"path": str(tokenizer.path), "sha256": tokenizer_sha256(tokenizer), "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """The SHA-256 of the tokenizer's file: ``prep_config.yaml`` records it, training checks it."""
+    return file_fingerprint(tokenizer.path)["sha256"]

@@ -33,7 +33,8 @@ from lit_adapter.train.args import (EvalArgs, TrainArgs, accumulation_steps, che
                                     planned_steps, with_defaults)
 from lit_adapter.train.recipe import (TrainLoss, adopt_hyperparameters, build_optimizer, build_scheduler,
                                       evaluation_report, learned_positions_loss, micro_batch_loss,
-                                      prepare_for_training, resumed_message, sample_response, validation_sums)
+                                      prepare_for_training, resumed_message, sample_response, validation_loss,
+                                      validation_sums)
 from lit_adapter.train.state import (HPARAMS_FILE, claim_out_dir, find_resume_state, load_training_state,
                                      log_version, save_hparams, save_training_state)
 from lit_adapter.train.strategies import StrategyName, fabric_precision, fabric_strategy
@@ -42,16 +43,16 @@ MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @torch.no_grad()
-def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> float:
-    """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together."""
+def validate(fabric: Any, model: nn.Module, loader: Any, max_batches: int) -> Optional[float]:
+    """Mean loss per response token over at most ``max_batches`` micro-batches on each rank, all ranks together
+    (None without validation samples)."""
     model.eval()
     totals = torch.zeros(2, device=fabric.device)
     batches = itertools.islice(loader, max_batches)
     for input_ids, targets in progress(batches, min(len(loader), max_batches), "validating", "batch"):
         totals += validation_sums(model, *fabric.to_device((input_ids, targets)))
     model.train()
-    totals = fabric.all_reduce(totals, reduce_op="sum")
-    return (totals[0] / totals[1]).item()
+    return validation_loss(fabric.all_reduce(totals, reduce_op="sum"))
 
 
 def accumulate_gradients(fabric: Any, model: nn.Module, micro_batches: MicroBatches, step_tokens: int,
@@ -103,7 +104,8 @@ def evaluate(fabric: Any, model: nn.Module, raw_model: LLaMA, val_loader: Any, t
              eval: EvalArgs, style: str, step: int) -> None:
     """Log the validation loss and print the greedy response to the fixed instruction."""
     val_loss = validate(fabric, model, val_loader, eval.max_batches)
-    fabric.log_dict({"val_loss": val_loss}, step=step)
+    if val_loss is not None:
+        fabric.log_dict({"val_loss": val_loss}, step=step)
     raw_model.eval()
     response = sample_response(raw_model, tokenizer, eval.instruction, eval.max_new_tokens, style)
     raw_model.train()
@@ -251,6 +253,7 @@ def load_for_training(fabric: Any, base: BaseCheckpoint, precision: str, strateg
 
 
 def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("data/alpaca"),
+         allow_other_tokenizer: bool = False,
          out_dir: Path = Path("out/adapter/alpaca"), name: Optional[str] = None, accelerator: str = "auto",
          devices: int = 1,
          strategy: StrategyName = "auto", precision: Optional[TrainingPrecision] = None,
@@ -262,6 +265,9 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
     Args:
         checkpoint_dir: Converted base model (scripts/convert_checkpoint.py; default: the quick start's).
         data_dir: Prepared data (scripts/prepare_alpaca.py): train.pt, val.pt, prep_config.yaml.
+        allow_other_tokenizer: Train on data prepared with another tokenizer file than the model's (of the same
+            vocabulary size; prep_config.yaml records its hash), which is otherwise refused: only where both tokenize
+            alike (e.g. a re-saved copy).
         out_dir: Where adapters, training states (step-NNNNNN/) and TensorBoard logs (logs/) go.
         name: The adapter's name, saved in its files: generate/adapter.py and the server call it so (default: the
             out_dir's folder name).
@@ -293,7 +299,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
     precision = check_precision(precision or default_precision(torch.cuda.is_available()), strategy).name
     base = open_checkpoint(checkpoint_dir, adapter.config)  # a shape that does not fit fails before any loading
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
-    data, train, eval = open_data(data_dir, train, eval, seed, base, devices)
+    data, train, eval = open_data(data_dir, allow_other_tokenizer, train, eval, seed, base, devices)
     hparams.update(train=asdict(train), eval=asdict(eval))
     with claim_out_dir(out_dir, state_path) as run_id:
         hparams["run_id"] = run_id
@@ -322,17 +328,17 @@ def check_options(save_interval: int, eval: EvalArgs, train: TrainArgs, devices:
     check_can_create(out_dir, "--out_dir")
 
 
-def open_data(data_dir: Path, train: TrainArgs, eval: EvalArgs, seed: int, base: BaseCheckpoint,
-              devices: int) -> tuple[InstructionDataModule, TrainArgs, EvalArgs]:
+def open_data(data_dir: Path, allow_other_tokenizer: bool, train: TrainArgs, eval: EvalArgs, seed: int,
+              base: BaseCheckpoint, devices: int) -> tuple[InstructionDataModule, TrainArgs, EvalArgs]:
     """The prepared set, checked to fill an optimizer step and to fit the base's tokenizer and context, and the
     options with the defaults that follow from it."""
     data = InstructionDataModule(data_dir, train.global_batch_size, train.micro_batch_size, train.micro_batch_tokens,
-                                 seed=seed)
+                                 seed=seed, allow_other_tokenizer=allow_other_tokenizer)
     data.setup()
     train, eval = with_defaults(train, eval, len(data.splits["train"]), data.sample_instruction, devices)
     data.global_batch_size = train.global_batch_size
     data.check_fills_a_step("--train.global_batch_size")
-    data.check_fits(base.tokenizer, base.config)
+    data.check_fits(base.tokenizer, base.config, "--allow_other_tokenizer")
     return data, train, eval
 
 

@@ -85,8 +85,12 @@ class AdapterCLI(LightningCLI):
         config.ckpt_path = ckpt_path
 
     def fit(self, **kwargs: Any) -> None:
-        """``Trainer.fit`` from this CLI's --ckpt_path (the subcommand ``fit``)."""
+        """``Trainer.fit`` from this CLI's --ckpt_path (the subcommand ``fit``); one that ends without training, so
+        without an adapter, is an error (a finished run resumed, or --trainer.max_time 0)."""
         self.run_with_exit_statuses(self.trainer.fit, **kwargs)
+        if self.model.adapter_path is None:
+            raise UserError(f"the Trainer stopped before training (at step {self.trainer.global_step}, its limits "
+                            "reached), so no adapter was written: raise --trainer.max_steps, max_epochs or max_time")
 
     def validate(self, **kwargs: Any) -> None:
         """``Trainer.validate`` of this CLI's --ckpt_path (the subcommand ``validate``)."""
@@ -106,10 +110,13 @@ class AdapterCLI(LightningCLI):
             raise
 
     def remove_empty_log_dir(self) -> None:
-        """A run that failed leaves no empty log folder behind."""
-        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
-        if log_dir is not None and log_dir.is_dir() and not any(log_dir.iterdir()):
-            log_dir.rmdir()
+        """A run that failed leaves no empty log folder behind. The first process looks, without a collective
+        (``Trainer.log_dir`` broadcasts): a failure of its own, such as a full disk, leaves the others waiting in
+        another one."""
+        logger = self.trainer.logger
+        log_dir = self.trainer.default_root_dir if logger is None else getattr(logger, "log_dir", logger.save_dir)
+        if self.trainer.is_global_zero and log_dir and Path(log_dir).is_dir() and not any(Path(log_dir).iterdir()):
+            Path(log_dir).rmdir()
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # as LightningCLI does, less the Trainer options that are derived from the model's arguments
@@ -173,6 +180,7 @@ class AdapterCLI(LightningCLI):
             raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
                             "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
+        check_trains_something(config)
         root_dir = config.get("default_root_dir") or "."
         check_can_create(Path(root_dir), "--trainer.default_root_dir")
         overrides: dict[str, Any] = {"use_distributed_sampler": False, "check_val_every_n_epoch": None,
@@ -213,6 +221,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         with atomic_path(Path(path)) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def check_trains_something(config: dict[str, Any]) -> None:
+    """Refuse --trainer options that end a fit before its first step (it would write no adapter)."""
+    for option in ("max_steps", "max_epochs", "limit_train_batches"):
+        if config.get(option) == 0:
+            raise UserError(f"--trainer.{option} 0 trains nothing (and writes no adapter): give a positive value, "
+                            "or leave it out")
 
 
 def requested_devices(devices: Any, accelerator: Any) -> int:

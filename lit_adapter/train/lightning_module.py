@@ -29,7 +29,7 @@ from lit_adapter.prompts import LEGACY_STYLE
 from lit_adapter.train.args import EvalArgs, TrainArgs
 from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, evaluation_report,
                                       learned_positions_loss, micro_batch_loss, prepare_for_training,
-                                      resumed_message, sample_response, validation_sums)
+                                      resumed_message, sample_response, validation_loss, validation_sums)
 from lit_adapter.train.state import adapter_and_optimizer_state
 
 
@@ -78,6 +78,7 @@ class AdapterModule(L.LightningModule):
         self._step_loss = torch.zeros(())
         self._reset_step_metrics()
         self._val_losses: list[torch.Tensor] = []
+        self.adapter_path: Optional[Path] = None  # where on_train_end wrote the adapter
 
     # ------------------------------------------------------------------------------------------ the model
 
@@ -102,15 +103,18 @@ class AdapterModule(L.LightningModule):
         self.print(trainable_summary(model, model.config))
 
     def setup(self, stage: str) -> None:
-        """Check, before any work, that the data fits the model (and fills a step, to fit) and that the output
-        directory is writable."""
+        """Check, before any work, that the data fits the model (and fills a step, to fit; has validation samples,
+        to validate) and that the output directory is writable."""
         base = self.base
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         if isinstance(datamodule, InstructionDataModule):
             datamodule.setup(stage)
-            datamodule.check_fits(base.tokenizer, base.config)
+            datamodule.check_fits(base.tokenizer, base.config, "--data.allow_other_tokenizer")
             if stage == TrainerFn.FITTING:
                 datamodule.check_fills_a_step("--model.train.global_batch_size")
+            elif stage == TrainerFn.VALIDATING and not datamodule.splits["val"]:
+                raise UserError(f"{datamodule.data_dir} has no validation samples (prepared with --val_size 0): "
+                                "there is nothing to validate")
         if self.out_dir is not None:
             check_can_create(self.out_dir, "--model.out_dir")
 
@@ -135,7 +139,8 @@ class AdapterModule(L.LightningModule):
             return {"model": model}
         return {"model": model, "data": {"data_dir": str(data.data_dir), "micro_batch_tokens": data.micro_batch_tokens,
                                          "seed": data.seed, "num_workers": data.num_workers,
-                                         "pad_to_multiple_of": data.pad_to_multiple_of}}
+                                         "pad_to_multiple_of": data.pad_to_multiple_of,
+                                         "allow_other_tokenizer": data.allow_other_tokenizer}}
 
     @property
     def adapter_name(self) -> str:
@@ -268,15 +273,15 @@ class AdapterModule(L.LightningModule):
     def report_validation(self, totals: torch.Tensor) -> None:
         """Log ``val_loss`` (per response token over batches and ranks, as ``fabric_loop.validate``) and, on every
         rank, generate the sample response; print both (with the step, in fit)."""
-        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        val_loss = totals[0] / totals[1]
-        self.log("val_loss", val_loss, prog_bar=True, logger=False)
-        self.log_at_step({"val_loss": val_loss.item()})
+        val_loss = validation_loss(self.trainer.strategy.reduce(totals, reduce_op="sum"))
+        if val_loss is not None:
+            self.log("val_loss", val_loss, prog_bar=True, logger=False)
+            self.log_at_step({"val_loss": val_loss})
         instruction = self.eval_args.instruction
         response = sample_response(self.model, self.base.tokenizer, instruction, self.eval_args.max_new_tokens,
                                    self.prompt_style)
         step = self.global_step if self.trainer.state.fn == TrainerFn.FITTING else None
-        self.print(evaluation_report(step, val_loss.item(), instruction, response))
+        self.print(evaluation_report(step, val_loss, instruction, response))
 
     # ------------------------------------------------------------------------------------------ files
 
@@ -288,7 +293,8 @@ class AdapterModule(L.LightningModule):
             save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter,
                          name=self.adapter_name)
         self.trainer.strategy.barrier()
-        self.print(f"Saved the adapter to {directory / ADAPTER_FILE}")
+        self.adapter_path = directory / ADAPTER_FILE
+        self.print(f"Saved the adapter to {self.adapter_path}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter's weights: the frozen base stays in checkpoint_dir."""

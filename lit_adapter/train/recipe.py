@@ -149,8 +149,16 @@ def validation_sums(model: nn.Module, input_ids: torch.Tensor, targets: torch.Te
     return torch.stack([loss_fn(model(input_ids), targets, "sum"), (targets != IGNORE_INDEX).sum().float()])
 
 
-def evaluation_report(step: Optional[int], val_loss: float, instruction: str, response: str) -> str:
-    """What both routes print at an evaluation: the step (None outside training), the validation loss and the
-    sample answer."""
+def validation_loss(totals: torch.Tensor) -> Optional[float]:
+    """The loss per response token of summed ``validation_sums`` (over batches and ranks), or None where they hold
+    no token: a prepared set without validation samples has no loss (0 / 0 is no number to report)."""
+    loss, tokens = totals.tolist()
+    return loss / tokens if tokens else None
+
+
+def evaluation_report(step: Optional[int], val_loss: Optional[float], instruction: str, response: str) -> str:
+    """What both routes print at an evaluation: the step (None outside training), the validation loss (None: there
+    are no validation samples) and the sample answer."""
     where = "" if step is None else f"step {step}: "
-    return f"\n{where}val loss {val_loss:.4f}\n{instruction}\n> {response}"
+    loss = "no val loss (no validation samples)" if val_loss is None else f"val loss {val_loss:.4f}"
+    return f"\n{where}{loss}\n{instruction}\n> {response}"

@@ -22,7 +22,8 @@ from lit_adapter.adapter import AdapterConfig, AdapterLLaMA, is_adapter_param
 from lit_adapter.checkpoint import ADAPTER_FILE, check_state_dict, save_adapter
 from lit_adapter.cli import process_rank
 from lit_adapter.errors import UserError
-from lit_adapter.files import atomic_path, preview_keys, read_yaml_mapping, shapes_of, torch_load, write_yaml
+from lit_adapter.files import (atomic_path, check_not_an_input, preview_keys, read_yaml_mapping, shapes_of,
+                               torch_load, write_yaml)
 from lit_adapter.prompts import get_style
 
 STATE_FILE = "training_state.pt"
@@ -233,9 +234,10 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
     """
     state_path = Path(state_path)
     state_path = state_path / STATE_FILE if state_path.is_dir() else state_path
+    output_path = Path(output_path) if output_path is not None else state_path.parent / ADAPTER_FILE
+    check_not_an_input(output_path, state_path, "--output_path")
     saved = read_state_adapter(state_path)
     check_state_dict(AdapterLLaMA, saved.config, shapes_of(saved.weights), source=str(state_path), only_adapter=True)
-    output_path = Path(output_path) if output_path is not None else state_path.parent / ADAPTER_FILE
     save_adapter(output_path, None, saved.config, saved.prompt_style, state_dict=saved.weights, name=saved.name)
     print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in saved.weights.values()):,} parameters) "
           f"to {output_path}")

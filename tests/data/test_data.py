@@ -253,15 +253,19 @@ def test_steps_hold_every_sample_once_per_epoch(lengths, per_rank, num_replicas,
     stream = [i for e in range(last * step_size // n + 1) for i in plans[0].epoch_order(e)]
     assert all(sorted(plans[0].epoch_order(e)) == list(range(n)) for e in range(epoch, epoch + 2))
     for step in range(first, last):
-        samples = []
+        samples, counts = [], set()
         for rank_plan in plans:
             batches, tokens = rank_plan.step(step)
             assert tokens == step_size  # one response token per sample here
-            for batch in batches:
+            filled = [batch for batch in batches if batch]
+            assert batches == filled + [[]] * (len(batches) - len(filled))  # empty fillers, last
+            counts.add(len(batches))
+            for batch in filled:
                 width = max(lengths[i] - 1 for i in batch)
                 assert micro_batch_size is None or len(batch) <= micro_batch_size
                 assert micro_batch_tokens is None or len(batch) == 1 or len(batch) * width <= micro_batch_tokens
             samples += [i for batch in batches for i in batch]
+        assert len(counts) == 1  # every rank runs as many passes (the collectives in them must pair up)
         # step k is the stream's samples [k * step_size, (k + 1) * step_size), dealt out without loss or repeat
         assert sorted(samples) == sorted(stream[step * step_size:(step + 1) * step_size])
     one_rank = StepPlan(lengths, [1] * n, step_size, None, None, seed, 1, 0, steps_per_chunk)
@@ -293,6 +297,15 @@ def test_steps_shuffle_per_epoch_group_lengths_and_fill_the_token_budget():
         StepPlan(lengths, [1] * 2000, 64, num_replicas=3)
     with pytest.raises(UserError, match="rank 2 must lie"):
         StepPlan(lengths, [1] * 2000, 64, num_replicas=2, rank=2)
+
+
+def test_a_rank_with_fewer_micro_batches_gets_empty_ones_that_count_for_nothing():
+    lengths = [300, 100, 90, 80]  # rank 0 takes 300 and 90, rank 1 100 and 80: a budget of 250 cuts 2 and 1
+    plans = [StepPlan(lengths, [1] * 4, 4, micro_batch_tokens=250, num_replicas=2, rank=rank) for rank in (0, 1)]
+    assert [plan.step(0)[0] for plan in plans] == [[[0], [2]], [[1, 3], []]]
+    input_ids, targets = collate([], pad_to_multiple_of=8)
+    assert input_ids.shape == targets.shape == (1, 8) and (targets == IGNORE_INDEX).all()
+    assert padding_fraction([(input_ids, targets)]) == 1.0
 
 
 def real_samples(alpaca_json: Path, llama_tokenizer: Path) -> list[dict[str, torch.Tensor]]:
@@ -380,10 +393,11 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
     (batches, tokens), _ = itertools.islice(steps, 2)
     assert sum(x.shape[0] for x, _ in batches) == 8 and tokens == sum(int((t != IGNORE_INDEX).sum()) for _, t in batches)
 
-    seen = []
+    seen, validated = [], []
     for rank in range(2):
         data = InstructionDataModule(tmp_path, global_batch_size=8, micro_batch_size=4)
         data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        validated.append([targets for _, targets in data.val_dataloader()])
         data.resume_at(epoch=0, batches_done=30)
         loader = data.train_dataloader()
         mine = [b for k in range(38) for b in data.plan().step(k)[0]]
@@ -392,6 +406,8 @@ def test_data_module_serves_each_rank_its_batches(tmp_path, alpaca_json, llama_t
         mine = mine[:37]  # the last step ends in the next epoch
         seen += [i for b in mine for i in b]
     assert len(seen) == len(set(seen)) == 296  # 37 whole steps of 8 in epoch 0; step 37 takes its last 4 and 4 of epoch 1
+    assert len(validated[0]) == len(validated[1]) == 5  # the 34 samples' 9 micro-batches, and an empty filler
+    assert sum(int((t != IGNORE_INDEX).any(dim=1).sum()) for targets in validated for t in targets) == 34  # each once
 
 
 def test_download_is_atomic_and_says_what_to_do_offline(tmp_path, alpaca_json):
