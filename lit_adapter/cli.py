@@ -47,14 +47,14 @@ def exit_on_user_error(hint: Optional[str] = None) -> Iterator[None]:
         yield
     except UserError as err:
         fail(str(err))
-    except RuntimeError as err:
-        if process_rank() == 0 or not any(message in str(err) for message in PEER_ENDED):
-            raise
-        sys.exit(EXIT_USER_ERROR)
     except ArgumentError as err:  # an option mistake: one line, not the usage (that is --help's)
         fail(option_error_line(str(err)) + "; see --help")
     except torch.OutOfMemoryError as err:
         fail(out_of_memory_message(err, hint or out_of_memory_hint()))
+    except RuntimeError as err:  # after OutOfMemoryError, which is one
+        if process_rank() == 0 or not any(message in str(err) for message in PEER_ENDED):
+            raise
+        end_process(EXIT_USER_ERROR)
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes it
         fail("the output was closed before it ended (e.g. by | head); stopped")
