@@ -135,8 +135,9 @@ def check_state_dict(model_class: Type[LLaMA], config: Config, shapes: dict[str,
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: Config) -> None:
-    """Refuse a tokenizer with ids the model has no embedding for."""
-    if tokenizer.vocab_size > config.vocab_size:
+    """Refuse a tokenizer of another vocabulary size than the model's, as conversion does: with more tokens, some
+    have no embedding; with fewer, the model can generate ids that the tokenizer cannot decode."""
+    if tokenizer.vocab_size != config.vocab_size:
         raise UserError(f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model {config.name or ''} knows "
                         f"{config.vocab_size}: put the model's own tokenizer.model in the checkpoint directory")
 
@@ -173,15 +174,16 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     config = config or load_config(checkpoint_dir)
     model_class = AdapterLLaMA if adapter else LLaMA
     weights_path = checkpoint_dir / WEIGHTS_FILE
-    with torch.device("meta"):
-        model = model_class(config)
-    if dtype is not None:
-        model.to(dtype)
-    model.to_empty(device=device or "cpu")
     with open_safetensors(weights_path) as f:
+        # the config's sizes are checked against the stored tensors before anything is allocated
         check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                          source=str(weights_path))
         check_float_dtypes(f, weights_path)
+        with torch.device("meta"):
+            model = model_class(config)
+        if dtype is not None:
+            model.to(dtype)
+        model.to_empty(device=device or "cpu")
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key in progress(f.keys(), len(f.keys()), f"loading {checkpoint_dir.name}", "tensor"):

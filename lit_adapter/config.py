@@ -33,8 +33,17 @@ class Config:
     """Whether the output head reuses the token embedding matrix."""
 
     def __post_init__(self) -> None:
+        """Check every field (type, range, heads that divide the width) whoever gives it: a preset, a
+        model_config.yaml or the metadata of a file being converted. Numbers of float fields become floats."""
         if self.n_kv_head is None:
             object.__setattr__(self, "n_kv_head", self.n_head)
+        if not isinstance(self.name, str):
+            raise UserError(f"name must be a string, got {self.name!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise UserError(f"tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name, (kind, low, high) in FIELD_RANGES.items():
+            if name != "rope_scaling_factor" or self.rope_scaling_factor is not None:
+                object.__setattr__(self, name, checked_number(name, getattr(self, name), kind, low, high))
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -42,6 +51,9 @@ class Config:
         if (self.n_embd // self.n_head) % 2:
             raise UserError(f"the head size n_embd / n_head = {self.n_embd} / {self.n_head} = "
                             f"{self.n_embd // self.n_head} must be even (rotary embeddings turn pairs of values)")
+        if self.rope_low_freq_factor >= self.rope_high_freq_factor:
+            raise UserError(f"rope_low_freq_factor ({self.rope_low_freq_factor}) must be below rope_high_freq_factor "
+                            f"({self.rope_high_freq_factor})")
 
     @property
     def head_dim(self) -> int:
@@ -61,15 +73,49 @@ class Config:
         return {k: getattr(self, k) for k in keys}
 
 
+MAX_CONTEXT = 1 << 22
+"""The longest context accepted: 4,194,304 positions, as long as the longest released Llama 3 context extension."""
+FIELD_RANGES: dict[str, tuple[type, float, float]] = {
+    "block_size": (int, 1, MAX_CONTEXT),
+    "vocab_size": (int, 1, 1 << 21),
+    "n_layer": (int, 1, 1024),
+    "n_head": (int, 1, 1024),
+    "n_kv_head": (int, 1, 1024),
+    "n_embd": (int, 1, 1 << 16),
+    "intermediate_size": (int, 1, 1 << 18),
+    "norm_eps": (float, 1e-12, 0.1),
+    "rope_base": (float, 1.0, 1e12),
+    "rope_scaling_factor": (float, 1.0, 1024.0),
+    "rope_low_freq_factor": (float, 1e-3, 1e3),
+    "rope_high_freq_factor": (float, 1e-3, 1e3),
+    "rope_original_max_positions": (int, 1, MAX_CONTEXT),
+}
+"""The type and the range of each number of a ``Config``: wide enough for every released model (Llama 3.1 405B has
+126 layers, a width of 16,384 and 53,248 MLP units), narrow enough that no file can make us allocate absurdly."""
+
+
+def checked_number(name: str, value: Any, kind: type, low: float, high: float) -> Any:
+    """``value`` if it is a number of ``kind`` (int: a whole number; float: any, returned as float) in [low, high],
+    else a one-line ``UserError`` naming ``name``."""
+    kinds = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:  # nan is in no range
+        what = f"a whole number from {low} to {high}" if kind is int else f"a number from {low:g} to {high:g}"
+        raise UserError(f"{name} must be {what}, got {value!r}")
+    return kind(value)
+
+
 ROPE_SCALING_PARAMETERS = ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_positions")
 """The fields of Llama 3.1's RoPE scaling besides its factor."""
 
 
 def swiglu_hidden_size(dim: int, multiple_of: int = 32, ffn_dim_multiplier: Optional[float] = None) -> int:
-    """The SwiGLU width in Meta's and llama2.c's code: 2/3 of 4 * dim, scaled, rounded up to ``multiple_of``."""
+    """The SwiGLU width in Meta's and llama2.c's code: 2/3 of 4 * dim, scaled, rounded up to ``multiple_of`` (each
+    checked first, as a ``Config`` field is)."""
+    dim = checked_number("dim", dim, *FIELD_RANGES["n_embd"])
+    multiple_of = checked_number("multiple_of", multiple_of, int, 1, 1 << 16)
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
+        hidden = int(checked_number("ffn_dim_multiplier", ffn_dim_multiplier, float, 1e-2, 1e2) * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 

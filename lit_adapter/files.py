@@ -50,17 +50,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.remove(tmp)
 
 
-DISK_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "os error 28", "os error 122")
-TOO_LARGE_MESSAGES = (os.strerror(errno.EFBIG), "os error 27")
+FREE_SPACE = "free some space or choose another location"
+NO_ROOM = {errno.ENOSPC: f"no space left on device; {FREE_SPACE}",
+           errno.EDQUOT: f"no space left on device (disk quota exceeded); {FREE_SPACE}",
+           errno.EFBIG: "the file is larger than the file system or the file-size limit (ulimit -f) allows; raise "
+                        "the limit or choose another location"}
+"""What the user reads for each error number of a write that found no room, and what to do."""
+NO_ROOM_MESSAGES = {**{os.strerror(number): number for number in NO_ROOM},
+                    **{f"os error {number}": number for number in NO_ROOM}}
+"""How messages without an error number say it (safetensors: "File too large (os error 27)")."""
 NEARLY_FULL_BYTES = 1 << 20
-NO_SPACE = "no space left on device; free some space or choose another location"
-FILE_SIZE_LIMIT = ("the file is larger than the file-size limit allows (ulimit -f, or the file system's largest "
-                   "file); raise the limit or choose another location")
 
 
 @contextmanager
 def disk_full_is_user_error(path: Path) -> Iterator[None]:
-    """Turn a full disk (or quota, or file-size limit) while writing ``path`` into a one-line ``UserError``."""
+    """Turn a full disk, a quota or a file-size limit met while writing ``path`` into a one-line ``UserError``."""
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as err:
@@ -71,18 +75,18 @@ def disk_full_is_user_error(path: Path) -> Iterator[None]:
 
 
 def ran_out_of_space(err: Exception, directory: Path) -> Optional[str]:
-    """Why a failed write ran out of space, and what to do, or None if it did not: ENOSPC or EDQUOT (a full disk),
-    EFBIG (a file-size limit), each also as said in the message (safetensors), or a failure of torch's zip writer
-    (whose message does not say why) on a disk with (almost) no room left or under a file-size limit."""
-    if getattr(err, "errno", None) == errno.EFBIG or any(m in str(err) for m in TOO_LARGE_MESSAGES):
-        return FILE_SIZE_LIMIT
-    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(err) for m in DISK_FULL_MESSAGES):
-        return NO_SPACE
-    if not isinstance(err, RuntimeError):
-        return None
-    if free_bytes(directory) < NEARLY_FULL_BYTES:
-        return NO_SPACE
-    return FILE_SIZE_LIMIT if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else None
+    """Why a failed write found no room (None: it did not): ENOSPC, EDQUOT or EFBIG (a file-size limit), by its
+    number or said in its message (safetensors), or a failure of torch's zip writer (whose message does not say why)
+    on a disk with (almost) no room left or under a file-size limit."""
+    number = getattr(err, "errno", None)
+    if number not in NO_ROOM:
+        number = next((n for message, n in NO_ROOM_MESSAGES.items() if message in str(err)), None)
+    if number is None and isinstance(err, RuntimeError):
+        if free_bytes(directory) < NEARLY_FULL_BYTES:
+            number = errno.ENOSPC
+        elif resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+            number = errno.EFBIG
+    return NO_ROOM.get(number)
 
 
 def free_bytes(directory: Path) -> int:

@@ -1,10 +1,11 @@
 """Tokenizers: SentencePiece (``tokenizer.model``) or Hugging Face ``tokenizers`` (``tokenizer.json``), one interface.
 
 A checkpoint directory holds some of ``TOKENIZER_FILES``; ``tokenizer.json`` is preferred when both kinds are there,
-and ``tokenizer_config.json`` adds BOS/EOS, the BOS rule and the chat template. At conversion time, Meta's Llama 3
-tiktoken ``tokenizer.model`` and GGUF byte-level vocabularies become a ``tokenizer.json`` built by ``byte_level_bpe``
-(the one place that makes a byte-level BPE tokenizer from a vocabulary and merges); GGUF SentencePiece vocabularies
-become a ``tokenizer.model`` built by ``sentencepiece_model``.
+and ``tokenizer_config.json`` adds BOS/EOS, the BOS rule and the chat template (without it, the BOS is the one that
+``tokenizer.json``'s post-processor adds, if any). At conversion time, Meta's Llama 3 tiktoken ``tokenizer.model``
+and GGUF byte-level vocabularies become a ``tokenizer.json`` built by ``byte_level_bpe`` (the one place that makes a
+byte-level BPE tokenizer from a vocabulary and merges); GGUF SentencePiece vocabularies become a ``tokenizer.model``
+built by ``sentencepiece_model``.
 """
 
 import json
@@ -178,8 +179,13 @@ class _SentencePieceBackend:
             raise UserError(f"{what} is not a tokenizer: neither a SentencePiece model nor a Hugging Face "
                             f"tokenizer.json ({err})") from None
         self.vocab_size = self.processor.vocab_size()
-        self.bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()
-        self.bos_token, self.eos_token = self.processor.IdToPiece(self.bos_id), self.processor.IdToPiece(self.eos_id)
+        bos_id, self.eos_id = self.processor.bos_id(), self.processor.eos_id()  # -1: the model has none
+        if self.eos_id < 0:
+            raise UserError(f"{what} has no end-of-text piece (</s>), which generation stops at: use the model's own "
+                            "tokenizer")
+        self.bos_id = bos_id if bos_id >= 0 else None
+        self.bos_token = self.processor.IdToPiece(bos_id) if bos_id >= 0 else None
+        self.eos_token = self.processor.IdToPiece(self.eos_id)
         self.add_bos = bool(config.get("add_bos_token", True))
 
     def token_to_id(self, token: str) -> Optional[int]:
@@ -206,15 +212,20 @@ class _HFBackend:
         except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
             raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.bos_token = _token_content(config.get("bos_token"))
-        self.bos_id = self.token_to_id(self.bos_token) if self.bos_token else None
+        leading = self._post_processor_bos()
+        self.bos_token = _token_content(config.get("bos_token")) or leading
+        self.bos_id = self._id_of(self.bos_token, "bos_token", what) if self.bos_token else None
         self.eos_token = _token_content(config.get("eos_token")) or self._default_eos(what)
-        eos_id = self.token_to_id(self.eos_token)
-        if eos_id is None:
-            raise UserError(f"{what}: the eos_token {self.eos_token!r} is not in the vocabulary")
-        self.eos_id = eos_id
+        self.eos_id = self._id_of(self.eos_token, "eos_token", what)
         add_bos = config.get("add_bos_token")
-        self.add_bos = bool(add_bos) if add_bos is not None else self._post_processor_adds_bos()
+        self.add_bos = bool(add_bos) if add_bos is not None else leading is not None and leading == self.bos_token
+
+    def _id_of(self, token: str, role: str, what: str) -> int:
+        """The id of a special token that the config (or the post-processor) names."""
+        token_id = self.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"{what}: the {role} {token!r} is not in the vocabulary")
+        return token_id
 
     def _default_eos(self, what: str) -> str:
         """The end-of-text token of a tokenizer.json without a config naming it."""
@@ -224,9 +235,14 @@ class _HFBackend:
         raise UserError(f"{what}: no {TOKENIZER_CONFIG} names the eos_token; put the model's {TOKENIZER_CONFIG} "
                         "beside it")
 
-    def _post_processor_adds_bos(self) -> bool:
+    def _post_processor_bos(self) -> Optional[str]:
+        """The token that the tokenizer.json's post-processor puts before a text, if it puts one (as Hugging Face's
+        Llama tokenizers do with their BOS)."""
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
         with_special = self.tokenizer.encode("a", add_special_tokens=True).ids
-        return self.bos_id is not None and with_special[:1] == [self.bos_id]
+        if len(with_special) > len(plain) and with_special[1:1 + len(plain)] == plain:
+            return self.tokenizer.id_to_token(with_special[0])
+        return None
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tokenizer.token_to_id(token)

@@ -24,6 +24,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 from unittest import mock
 
 import pytest
@@ -65,22 +66,21 @@ def gguf(path: str) -> tuple[str, tuple[str, ...]]:
     return "scripts/convert_checkpoint.py", ("--format", "gguf", "--checkpoint_path", path, "--output_dir", "{out}")
 
 
-def write_gguf(path: Path, arch: str = "llama", vocabulary: str = "gpt2", tensor_type: str = "F32") -> Path:
-    """A tiny GGUF file: llama-like metadata, a 4-token byte-level vocabulary and one tensor of ``tensor_type``."""
-    from gguf import GGMLQuantizationType, GGUFWriter
+def write_gguf(path: Path, arch: str = "llama", vocabulary: str = "gpt2", tensor_type: str = "F32",
+               metadata: Optional[dict] = None) -> Path:
+    """A tiny GGUF file: llama-like metadata, a 4-token byte-level vocabulary and one tensor of ``tensor_type``;
+    ``metadata`` replaces or adds values (key -> value; non-negative ints are written as uint32)."""
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
+    values = {f"{arch}.block_count": 1, f"{arch}.context_length": 16, f"{arch}.embedding_length": 8,
+              f"{arch}.feed_forward_length": 16, f"{arch}.attention.head_count": 2,
+              f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, "tokenizer.ggml.model": vocabulary,
+              "tokenizer.ggml.tokens": ["a", "b", "ab", "<|end|>"], "tokenizer.ggml.token_type": [1, 1, 1, 3],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.eos_token_id": 3, **(metadata or {})}
     writer = GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_context_length(16)
-    writer.add_embedding_length(8)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model(vocabulary)
-    writer.add_token_list(["a", "b", "ab", "<|end|>"])
-    writer.add_token_types([1, 1, 1, 3])
-    writer.add_token_merges(["a b"])
-    writer.add_eos_token_id(3)
+    for key, value in values.items():
+        unsigned = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        writer.add_key_value(key, value, GGUFValueType.UINT32 if unsigned else GGUFValueType.get_type(value))
     kind = GGMLQuantizationType[tensor_type]
     data = torch.zeros(4, 8) if kind == GGMLQuantizationType.F32 else torch.zeros(4, 18, dtype=torch.uint8)
     writer.add_tensor("blk.0.attn_q.weight", data.numpy(), raw_dtype=kind)
@@ -89,6 +89,10 @@ def write_gguf(path: Path, arch: str = "llama", vocabulary: str = "gpt2", tensor
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def hf(path: str) -> tuple[str, tuple[str, ...]]:
+    return "scripts/convert_checkpoint.py", ("--format", "hf", "--checkpoint_path", path, "--output_dir", "{out}")
 
 
 def prepare(*args: str) -> tuple[str, tuple[str, ...]]:
@@ -165,6 +169,59 @@ ROWS = [
     row("convert-unknown-format", ("scripts/convert_checkpoint.py", ("--format", "ggml", "--checkpoint_path",
                                                                      "{stories_bin}", "--output_dir", "{out}")), 1,
         r"error: --format: Expected one of meta, hf, llama2c, gguf. Got value: ggml; see --help$", own_process=True),
+    # reliability round 3: checkpoints and tokenizers
+    row("generate-config-with-a-huge-context", generate("--checkpoint_dir", "{ckpt_huge_context}"), 1,
+        r"error: {ckpt_huge_context}/model_config\.yaml is not a valid model config: block_size must be a whole "
+        r"number from 1 to 4194304, got 1000000000000$"),
+    row("generate-config-with-too-many-layers", generate("--checkpoint_dir", "{ckpt_many_layers}"), 1,
+        r"error: {ckpt_many_layers}/model_config\.yaml is not a valid model config: n_layer must be a whole number "
+        r"from 1 to 1024, got 100000000$"),
+    row("generate-config-with-a-string-for-heads", generate("--checkpoint_dir", "{ckpt_string_heads}"), 1,
+        r"error: {ckpt_string_heads}/model_config\.yaml is not a valid model config: n_head must be a whole number "
+        r"from 1 to 1024, got '8'$"),
+    row("generate-config-with-a-list-for-rope-base", generate("--checkpoint_dir", "{ckpt_list_rope_base}"), 1,
+        r"error: {ckpt_list_rope_base}/model_config\.yaml is not a valid model config: rope_base must be a number "
+        r"from 1 to 1e\+12, got \[10000\.0\]$"),
+    row("generate-tokenizer-smaller-than-model", generate("--checkpoint_dir", "{ckpt_small_tokenizer}"), 1,
+        r"error: {ckpt_small_tokenizer}/tokenizer\.model has 300 tokens but the model stories260K knows 512"),
+    row("convert-hf-zero-heads", hf("{hf_zero_heads}"), 1,
+        r"error: {hf_zero_heads}/config\.json: n_head must be a whole number from 1 to 1024, got 0$"),
+    row("convert-hf-negative-context", hf("{hf_negative_context}"), 1,
+        r"error: {hf_negative_context}/config\.json: block_size must be a whole number from 1 to 4194304, got -1$"),
+    row("convert-hf-rope-scaling-string", hf("{hf_rope_scaling_string}"), 1,
+        r"error: {hf_rope_scaling_string}/config\.json: rope_scaling must be a JSON object, got 'linear'$"),
+    row("convert-hf-rope-scaling-beside-rope-parameters", hf("{hf_both_ropes}"), 1,
+        r"error: {hf_both_ropes}/config\.json: RoPE scaling 'linear' is not supported \(only 'llama3' or none\)$"),
+    row("convert-hf-float8-weights", hf("{hf_float8}"), 1,
+        r"error: {hf_float8}: tok_embeddings\.weight holds torch\.float8_e4m3fn values \(quantized weights\?\); only "
+        r"float32, float16 and bfloat16 weights can be converted: start from the unquantized checkpoint$"),
+    row("convert-hf-shard-outside-the-folder", hf("{hf_index_outside}"), 1,
+        r"error: {hf_index_outside}/model\.safetensors\.index\.json lists '\.\./hf_elsewhere/model\.safetensors', "
+        r"not a file name inside {hf_index_outside}: only the directory's own shards are read"),
+    row("convert-hf-shard-at-an-absolute-path", hf("{hf_index_absolute}"), 1,
+        r"error: {hf_index_absolute}/model\.safetensors\.index\.json lists '{hf_elsewhere}/model\.safetensors', "
+        r"not a file name inside {hf_index_absolute}: only the directory's own shards are read"),
+    row("convert-gguf-block-count-beyond-its-tensors", gguf("{gguf_many_blocks}"), 1,
+        r"error: {gguf_many_blocks}: llama\.block_count is 1000000000 but the file holds the tensors of 1 blocks "
+        r"\(blk\.N\): the file is damaged or its metadata wrong$"),
+    row("convert-gguf-eos-beyond-the-vocabulary", gguf("{gguf_eos_beyond}"), 1,
+        r"error: {gguf_eos_beyond}: tokenizer\.ggml\.eos_token_id is 99, not a token id of its 4-token vocabulary "
+        r"\(damaged file\?\)$"),
+    row("convert-gguf-non-utf8-token", gguf("{gguf_non_utf8}"), 1,
+        r"error: {gguf_non_utf8}: the GGUF metadata 'tokenizer\.ggml\.tokens' holds text that is not UTF-8 "
+        r"\(invalid start byte; damaged file\?\)$"),
+    row("convert-gguf-short-token-types", gguf("{gguf_short_types}"), 1,
+        r"error: {gguf_short_types}: tokenizer\.ggml\.token_type has 2 entries for the 4 tokens \(damaged file\?\)$"),
+    row("convert-gguf-short-scores", gguf("{gguf_short_scores}"), 1,
+        r"error: {gguf_short_scores}: tokenizer\.ggml\.scores has 1 entries for the 4 tokens \(damaged file\?\)$"),
+    row("convert-gguf-merge-of-unknown-tokens", gguf("{gguf_bad_merges}"), 1,
+        r"error: {gguf_bad_merges}: the BPE merges do not fit the vocabulary \(.*Token `zz` out of vocabulary\)$"),
+    row("convert-llama3-tokenizer-of-unknown-release", ("scripts/convert_checkpoint.py", (
+        "--format", "hf", "--checkpoint_path", "{hf_elsewhere}", "--tokenizer_path", "{lone_tiktoken}",
+        "--output_dir", "{out}")), 1,
+        r"error: {lone_tiktoken} is Meta's Llama 3 tokenizer, whose special tokens differ between "
+        r"Llama 3\.0 and 3\.1 \(and later\), and no params\.json beside it tells which: put the model's params\.json "
+        r"there or pass --llama3_release 3\.0 or 3\.1$"),
     # scripts/prepare_alpaca.py
     row("prepare-truncated-json", prepare("--data_file", "{truncated_json}"), 1,
         r"error: {truncated_json} is not valid JSON \(Unterminated string .* in record 1\); is the file truncated\?$",
@@ -426,6 +483,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     a["truncated_adapter"].write_bytes(good_adapter.read_bytes()[:-100])
     add_reliability_assets(a, records)
     add_training_round3_assets(a, records)
+    add_checkpoint_metadata_assets(a, records)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -506,6 +564,84 @@ def add_training_round3_assets(a: dict[str, Path], records: list[dict]) -> None:
     a["data_other_tokenizer"] = tmp / "data_other_tokenizer"
     prepare(destination_dir=a["data_other_tokenizer"], checkpoint_dir=a["ckpt"], tokenizer_path=a["other_tokenizer"],
             data_file=a["records"], val_size=2)
+
+
+HF_CONFIG = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 8, "num_key_value_heads": 4,
+             "num_hidden_layers": 1, "intermediate_size": 172, "vocab_size": 512, "max_position_embeddings": 512,
+             "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
+"""A one-layer Hugging Face Llama of the 260K TinyStories model's shape (key/value width 4 x 64 / 8 = 32)."""
+
+
+def hf_weights(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Random weights of ``HF_CONFIG``'s model under Hugging Face's names."""
+    C, V, hidden, kv = HF_CONFIG["hidden_size"], HF_CONFIG["vocab_size"], HF_CONFIG["intermediate_size"], 32
+    shapes = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    layer = {"input_layernorm": (C,), "self_attn.q_proj": (C, C), "self_attn.k_proj": (kv, C),
+             "self_attn.v_proj": (kv, C), "self_attn.o_proj": (C, C), "post_attention_layernorm": (C,),
+             "mlp.gate_proj": (hidden, C), "mlp.up_proj": (hidden, C), "mlp.down_proj": (C, hidden)}
+    shapes.update({f"model.layers.0.{name}.weight": shape for name, shape in layer.items()})
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.randn(shape, generator=generator).to(dtype) for name, shape in shapes.items()}
+
+
+def write_hf_folder(path: Path, tokenizer: Path, changes: Optional[dict] = None, dtype: torch.dtype = torch.float32,
+                    index: Optional[dict] = None) -> Path:
+    """A Hugging Face folder: ``HF_CONFIG`` with ``changes``, the ``tokenizer`` and random weights of ``dtype`` in
+    model.safetensors, or, given an ``index`` (a weight_map), that index instead of the weights."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**HF_CONFIG, **(changes or {})}))
+    shutil.copyfile(tokenizer, path / "tokenizer.model")
+    if index is None:
+        save_file(hf_weights(dtype), path / "model.safetensors")
+    else:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    return path
+
+
+def add_checkpoint_metadata_assets(a: dict[str, Path], records: list[dict]) -> None:
+    """Files for the rows of round 3's checkpoint and tokenizer classes: metadata out of range or of the wrong type,
+    shard indexes that point outside their folder, quantized weights, damaged GGUF vocabularies, a tokenizer smaller
+    than its model and a Llama 3 tokenizer whose release nothing tells."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    tmp, ckpt = a["tmp"], a["ckpt"]
+    config = yaml.safe_load((ckpt / CONFIG_FILE).read_text())
+    for name, change in (("ckpt_huge_context", {"block_size": 10**12}), ("ckpt_many_layers", {"n_layer": 10**8}),
+                         ("ckpt_string_heads", {"n_head": "8"}), ("ckpt_list_rope_base", {"rope_base": [10000.0]}),
+                         ("ckpt_small_tokenizer", {})):
+        a[name] = tmp / name
+        shutil.copytree(ckpt, a[name])
+        (a[name] / CONFIG_FILE).write_text(yaml.safe_dump({**config, **change}))
+    small = sentencepiece_model_pb2.ModelProto.FromString(a["tok512"].read_bytes())
+    del small.pieces[300:]
+    small.trainer_spec.vocab_size = 300
+    (a["ckpt_small_tokenizer"] / "tokenizer.model").write_bytes(small.SerializeToString())
+
+    for name, changes in (("hf_zero_heads", {"num_attention_heads": 0}),
+                          ("hf_negative_context", {"max_position_embeddings": -1}),
+                          ("hf_rope_scaling_string", {"rope_scaling": "linear"}),
+                          ("hf_both_ropes", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                                             "rope_scaling": {"rope_type": "linear", "factor": 2.0}})):
+        a[name] = write_hf_folder(tmp / name, a["tok512"], changes)
+    a["hf_float8"] = write_hf_folder(tmp / "hf_float8", a["tok512"], {"quantization_config": {"quant_method": "fp8"}},
+                                     dtype=torch.float8_e4m3fn)
+    a["hf_elsewhere"] = write_hf_folder(tmp / "hf_elsewhere", a["tok512"])
+    names = hf_weights(torch.float32)
+    for name, target in (("hf_index_outside", "../hf_elsewhere/model.safetensors"),
+                         ("hf_index_absolute", str(a["hf_elsewhere"] / "model.safetensors"))):
+        a[name] = write_hf_folder(tmp / name, a["tok512"], index=dict.fromkeys(names, target))
+
+    for name, vocabulary, metadata in (
+            ("gguf_many_blocks", "gpt2", {"llama.block_count": 10**9}),
+            ("gguf_eos_beyond", "gpt2", {"tokenizer.ggml.eos_token_id": 99}),
+            ("gguf_non_utf8", "gpt2", {"tokenizer.ggml.tokens": ["a", b"\xff", "ab", "<|end|>"]}),
+            ("gguf_short_types", "gpt2", {"tokenizer.ggml.token_type": [1, 1]}),
+            ("gguf_short_scores", "llama", {"tokenizer.ggml.scores": [0.0]}),
+            ("gguf_bad_merges", "gpt2", {"tokenizer.ggml.merges": ["a zz"]})):
+        a[name] = write_gguf(tmp / f"{name}.gguf", vocabulary=vocabulary, metadata=metadata)
+    a["lone_tiktoken"] = tmp / "lone_tiktoken" / "tokenizer.model"
+    a["lone_tiktoken"].parent.mkdir()
+    a["lone_tiktoken"].symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

@@ -1,12 +1,18 @@
-"""Files written by earlier versions keep loading: a checkpoint folder whose model_config.yaml still holds the adapter
-shape, and an adapter file of that time (tests/fixtures/written_by_0e354f2, made by the code at commit 0e354f2)."""
+"""Checkpoint folders: files written by earlier versions keep loading (a checkpoint folder whose model_config.yaml
+still holds the adapter shape, and an adapter file of that time: tests/fixtures/written_by_0e354f2, made by the code at
+commit 0e354f2), and a config is checked against the weights before the model is allocated."""
 
 from pathlib import Path
 
+import pytest
 import torch
+import yaml
 
-from lit_adapter.checkpoint import adapter_config, adapter_prompt_style, load_adapter, load_config, load_model
+from lit_adapter.checkpoint import (CONFIG_FILE, adapter_config, adapter_prompt_style, load_adapter, load_config,
+                                    load_model, save_checkpoint_dir)
 from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import LLaMA
 
 WRITTEN_BY_0E354F2 = Path(__file__).parent / "fixtures" / "written_by_0e354f2"
 ROUNDING = {"rtol": 1e-5, "atol": 1e-6}  # float rounding only: the logits were computed for a longer batch then
@@ -25,3 +31,16 @@ def test_a_folder_and_an_adapter_of_0e354f2_give_the_logits_they_gave_then():
         model = load_model(folder, adapter=True, config=config).eval()
         load_adapter(model, adapter)
         torch.testing.assert_close(model(expected["idx"]), expected["adapter_logits"], **ROUNDING)
+
+
+def test_a_config_that_its_weights_do_not_have_is_refused_before_anything_is_allocated(tmp_path):
+    """A model_config.yaml within every range but far larger than its weights (petabytes, were it allocated) is
+    checked against the stored tensors first."""
+    config = Config.from_name("tiny")
+    save_checkpoint_dir(LLaMA(config).state_dict(), config, None, tmp_path)
+    huge = {**yaml.safe_load((tmp_path / CONFIG_FILE).read_text()), "n_layer": 1024, "n_head": 1024,
+            "n_kv_head": 1024, "n_embd": 65536, "intermediate_size": 262144}
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(huge))
+    with pytest.raises(UserError, match=rf"^{tmp_path}/model\.safetensors does not fit the model tiny: missing keys "
+                                        r"\[blocks\.10\.attn\.proj\.weight, .*\(6126 in all\)\]"):
+        load_model(tmp_path)

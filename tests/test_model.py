@@ -2,6 +2,7 @@
 
 import math
 import struct
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from lit_adapter.adapter import AdapterConfig, AdapterGPT
 from lit_adapter.checkpoint import CONFIG_FILE, read_config, save_config
-from lit_adapter.config import Config
+from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, apply_rope, build_rope_cache, init_weights
 
@@ -294,6 +295,35 @@ def test_config_overrides_and_validation():
         Config(n_head=8, n_kv_head=3, n_embd=64)
     with pytest.raises(UserError, match="adapter_start_layer"):
         AdapterConfig.from_name("tiny", adapter_start_layer=4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_size", 10**12, "block_size must be a whole number from 1 to 4194304, got 1000000000000"),
+    ("block_size", -1, "block_size must be a whole number from 1 to 4194304, got -1"),
+    ("n_layer", 10**8, "n_layer must be a whole number from 1 to 1024, got 100000000"),
+    ("n_head", 0, "n_head must be a whole number from 1 to 1024, got 0"),
+    ("n_kv_head", -2, "n_kv_head must be a whole number from 1 to 1024, got -2"),
+    ("n_embd", 32.0, "n_embd must be a whole number from 1 to 65536, got 32.0"),
+    ("vocab_size", True, "vocab_size must be a whole number from 1 to 2097152, got True"),
+    ("intermediate_size", "64", "intermediate_size must be a whole number from 1 to 262144, got '64'"),
+    ("norm_eps", float("nan"), "norm_eps must be a number from 1e-12 to 0.1, got nan"),
+    ("rope_base", [10000.0], "rope_base must be a number from 1 to 1e+12, got [10000.0]"),
+    ("rope_scaling_factor", "linear", "rope_scaling_factor must be a number from 1 to 1024, got 'linear'"),
+    ("rope_high_freq_factor", 1.0, "rope_low_freq_factor (1.0) must be below rope_high_freq_factor (1.0)"),
+    ("rope_original_max_positions", 0, "rope_original_max_positions must be a whole number from 1 to 4194304"),
+    ("tie_embeddings", "yes", "tie_embeddings must be true or false, got 'yes'"),
+    ("name", 7, "name must be a string, got 7"),
+])
+def test_config_checks_every_field_before_any_use(field, value, message):
+    with pytest.raises(UserError) as excinfo:
+        Config(**{**asdict(Config.from_name("tiny")), field: value})
+    assert str(excinfo.value).startswith(message)
+
+
+def test_config_keeps_float_fields_float():
+    config = Config.from_name("tiny", rope_base=500000, rope_scaling_factor=8)
+    assert (type(config.rope_base), type(config.rope_scaling_factor)) == (float, float)
+    assert all(Config.from_name(name) == preset for name, preset in PRESETS.items())
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama-2-70b", "stories15M", "llama-3.1-8b"])

@@ -390,9 +390,9 @@ def test_without_validation_samples_no_loss_is_printed(assets, tmp_path, capsys,
 
 def test_a_file_size_limit_is_told_from_other_write_failures(tmp_path, monkeypatch):
     too_large = files.ran_out_of_space(OSError(errno.EFBIG, os.strerror(errno.EFBIG)), tmp_path)
-    assert too_large == files.FILE_SIZE_LIMIT and "ulimit -f" in too_large
+    assert too_large == files.NO_ROOM[errno.EFBIG] and "ulimit -f" in too_large
     assert files.ran_out_of_space(SafetensorError("I/O error: File too large (os error 27)"), tmp_path) == too_large
-    assert files.ran_out_of_space(OSError(errno.ENOSPC, "full"), tmp_path) == files.NO_SPACE
+    assert files.ran_out_of_space(OSError(errno.ENOSPC, "full"), tmp_path) == files.NO_ROOM[errno.ENOSPC]
     monkeypatch.setattr(files.resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert files.ran_out_of_space(RuntimeError("unexpected pos 576 vs 534"), tmp_path) is None  # room, no limit: a bug
     monkeypatch.setattr(files.resource, "getrlimit", lambda which: (1 << 20, resource.RLIM_INFINITY))
@@ -427,7 +427,7 @@ def test_a_file_size_limit_under_ddp_is_one_line_of_the_first_process(assets, tm
     assert result.returncode == 1, result.stderr[-3000:]
     [error] = error_lines_of(result)
     assert error.startswith(f"error: cannot write {out}/") and error.endswith(
-        f": {files.FILE_SIZE_LIMIT} (the unfinished file was removed)"), error
+        f": {files.NO_ROOM[errno.EFBIG]} (the unfinished file was removed)"), error
 
 
 def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(assets, tmp_path):
@@ -436,7 +436,7 @@ def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(ass
                         str(assets["records"]), "--destination_dir", str(data), "--val_size", "2",
                         preexec_fn=file_size_limit(8))  # the training split is larger
     assert result.returncode == 1
-    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.FILE_SIZE_LIMIT} (the unfinished "
+    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.NO_ROOM[errno.EFBIG]} (the unfinished "
                                       "file was removed)"]
     assert list(data.iterdir()) == []
 

@@ -15,7 +15,8 @@ from lit_adapter.files import check_can_create
 
 def convert_checkpoint(format: Literal["meta", "hf", "llama2c", "gguf"], checkpoint_path: Path, output_dir: Path,
                        tokenizer_path: Optional[Path] = None,
-                       dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None) -> None:
+                       dtype: Optional[Literal["float32", "float16", "bfloat16"]] = None,
+                       llama3_release: Optional[Literal["3.0", "3.1"]] = None) -> None:
     """Write model.safetensors, model_config.yaml and the tokenizer files for a LLaMA checkpoint into output_dir.
 
     Args:
@@ -31,12 +32,15 @@ def convert_checkpoint(format: Literal["meta", "hf", "llama2c", "gguf"], checkpo
             By default the one inside or beside checkpoint_path (for llama2c also tok512.model; for gguf the
             file's own).
         dtype: Store the weights in this dtype. By default they keep the source's dtype (gguf: float32).
+        llama3_release: For Meta's Llama 3 tiktoken tokenizer.model: the release whose special-token names it gets,
+            "3.0" or "3.1" (for 3.1 and later; they renamed three reserved tokens). By default the params.json
+            beside the tokenizer tells.
     """
     if Path(output_dir).resolve() == Path(checkpoint_path).resolve():
         raise UserError(f"output_dir {output_dir} is the source checkpoint: choose another directory")
     check_can_create(output_dir, "--output_dir")  # before a conversion that can take minutes
     state_dict, config, tokenizer = convert(format, checkpoint_path, tokenizer_path,
-                                            getattr(torch, dtype) if dtype else None)
+                                            getattr(torch, dtype) if dtype else None, llama3_release)
     save_checkpoint_dir(state_dict, config, tokenizer, output_dir)
     n_params = sum(tensor.numel() for tensor in state_dict.values())
     print(f"wrote {config.name} ({n_params:,} parameters) to {output_dir}")

@@ -2,9 +2,10 @@
 names, the one mapping from Meta's names onto ``lit_adapter.model.LLaMA``'s (``meta_to_lit``), and small readers."""
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import torch
 from tqdm import tqdm
@@ -20,15 +21,23 @@ DEFAULT_BLOCK_SIZE = 2048
 """LLaMA's context length, used when the source does not record one and matches no preset."""
 
 
-def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> Config:
-    """The preset of this shape (with ``block_size`` if known), else a config named "custom"."""
+@contextmanager
+def errors_about(source: str) -> Iterator[None]:
+    """Name ``source`` (the file whose values are checked) in front of the one-line errors raised inside."""
     try:
-        config = Config(name="custom", block_size=block_size or DEFAULT_BLOCK_SIZE, **shape)
+        yield
     except UserError as err:
         raise UserError(f"{source}: {err}") from None
+
+
+def make_config(source: str, block_size: Optional[int] = None, **shape: Any) -> Config:
+    """The preset of this shape (with ``block_size`` if known), else a config named "custom"; every value is
+    checked by ``Config`` first."""
+    with errors_about(source):
+        config = Config(name="custom", block_size=DEFAULT_BLOCK_SIZE if block_size is None else block_size, **shape)
     for preset in PRESETS.values():
         if preset.base_shape() == config.base_shape():  # the same model, whatever its name, context or adapter
-            return replace(preset, block_size=block_size or preset.block_size)
+            return replace(preset, block_size=preset.block_size if block_size is None else config.block_size)
     return config
 
 
@@ -66,12 +75,15 @@ def check_meta_weights(weights: StateDict, config: Config, source: str) -> None:
         raise UserError(f"{source}: {key} has shape {shape}, {config.name} needs {expected}")
 
 
+CONVERTIBLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def check_weight_dtypes(weights: StateDict, source: str, dtype: Optional[torch.dtype]) -> None:
-    """Refuse integer (quantized) weights, and float64 ones unless ``dtype`` says what to store them as."""
+    """Refuse integer and float8 (quantized) weights, and float64 ones unless ``dtype`` says what to store them as."""
     for key, tensor in weights.items():
-        if not tensor.is_floating_point():
-            raise UserError(f"{source}: {key} holds {tensor.dtype} values (quantized weights?); only float "
-                            "weights can be converted: start from the unquantized checkpoint")
+        if tensor.dtype not in CONVERTIBLE_DTYPES:
+            raise UserError(f"{source}: {key} holds {tensor.dtype} values (quantized weights?); only float32, "
+                            "float16 and bfloat16 weights can be converted: start from the unquantized checkpoint")
         if tensor.dtype == torch.float64 and dtype is None:
             raise UserError(f"{source}: {key} is float64, which the model does not run in: pass --dtype float32 "
                             "(or bfloat16, float16) to store it converted")
@@ -79,8 +91,8 @@ def check_weight_dtypes(weights: StateDict, source: str, dtype: Optional[torch.d
 
 def meta_to_lit(weights: StateDict, config: Config, source: str, dtype: Optional[torch.dtype] = None) -> StateDict:
     """Our state dict from weights under Meta's names (checked first), cast to ``dtype`` if given."""
+    check_weight_dtypes(weights, source, dtype)  # first: quantized checkpoints also have keys of their own
     check_meta_weights(weights, config, source)
-    check_weight_dtypes(weights, source, dtype)
 
     def get(key: str) -> torch.Tensor:
         return weights[key].to(dtype=dtype)

@@ -42,7 +42,22 @@ def open_gguf(path: Path) -> Iterator[Any]:
         reader = GGUFReader(path)
     except (ValueError, OSError, struct.error, IndexError) as err:
         raise UserError(f"{path} is not a readable GGUF file (truncated, or another format?): {err}") from None
+    check_text_is_utf8(reader, path)
     yield reader
+
+
+def check_text_is_utf8(reader: Any, path: Path) -> None:
+    """Refuse a GGUF file whose text metadata (strings and lists of them, e.g. the tokens) is not UTF-8, as GGUF
+    requires: read once here, so that no later read fails."""
+    from gguf import GGUFValueType
+
+    for name, field in reader.fields.items():
+        if field.types and field.types[-1] == GGUFValueType.STRING:
+            try:
+                field.contents()
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}: the GGUF metadata {name!r} holds text that is not UTF-8 ({err.reason}; "
+                                "damaged file?)") from None
 
 
 def gguf_value(reader: Any, key: str, default: Any = None) -> Any:
@@ -80,7 +95,8 @@ def convert_gguf(reader: Any, path: Path, vocab_size: Optional[int] = None,
 
 
 def gguf_config(reader: Any, source: str, tied: bool) -> Config:
-    """Our config for the metadata of a GGUF file; other architectures and scaled RoPE types are refused."""
+    """Our config for the metadata of a GGUF file; other architectures and scaled RoPE types are refused, and so is a
+    block count that its tensors do not have."""
     arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise UserError(f"{source}: GGUF architecture {arch!r} is not supported (only 'llama')")
@@ -94,16 +110,23 @@ def gguf_config(reader: Any, source: str, tied: bool) -> Config:
     scaling = gguf_value(reader, "llama.rope.scaling.type", "none")
     if scaling != "none":
         raise UserError(f"{source}: RoPE scaling {scaling!r} is not supported")
-    dim, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    if int(gguf_value(reader, "llama.rope.dimension_count", dim // heads)) != dim // heads:
-        raise UserError(f"{source}: llama.rope.dimension_count differs from the head size {dim // heads}")
+    block_count = need("block_count")
+    blocks = {match[1] for match in (GGUF_LAYER_KEY.fullmatch(tensor.name) for tensor in reader.tensors) if match}
+    if block_count != len(blocks):
+        raise UserError(f"{source}: llama.block_count is {block_count!r} but the file holds the tensors of "
+                        f"{len(blocks)} blocks (blk.N): the file is damaged or its metadata wrong")
+    heads = need("attention.head_count")
     vocab = gguf_value(reader, "llama.vocab_size") or len(gguf_value(reader, "tokenizer.ggml.tokens", []))
-    eps = float(f"{need('attention.layer_norm_rms_epsilon'):.6g}")  # stored as float32: 1e-5 is 9.99999975e-06
-    return make_config(source, block_size=int(need("context_length")), vocab_size=int(vocab),
-                       n_layer=int(need("block_count")), n_head=heads,
-                       n_kv_head=int(gguf_value(reader, "llama.attention.head_count_kv", heads)), n_embd=dim,
-                       intermediate_size=int(need("feed_forward_length")), norm_eps=eps,
-                       rope_base=float(gguf_value(reader, "llama.rope.freq_base", 10000.0)), tie_embeddings=tied)
+    eps = need("attention.layer_norm_rms_epsilon")
+    config = make_config(source, block_size=need("context_length"), vocab_size=vocab, n_layer=len(blocks),
+                         n_head=heads, n_kv_head=gguf_value(reader, "llama.attention.head_count_kv", heads),
+                         n_embd=need("embedding_length"), intermediate_size=need("feed_forward_length"),
+                         # stored as float32: 1e-5 is 9.99999975e-06
+                         norm_eps=float(f"{eps:.6g}") if isinstance(eps, float) else eps,
+                         rope_base=gguf_value(reader, "llama.rope.freq_base", 10000.0), tie_embeddings=tied)
+    if gguf_value(reader, "llama.rope.dimension_count", config.head_dim) != config.head_dim:
+        raise UserError(f"{source}: llama.rope.dimension_count differs from the head size {config.head_dim}")
+    return config
 
 
 def gguf_rope_scaling(reader: Any, config: Config, factors: torch.Tensor, source: str) -> Config:
@@ -134,14 +157,19 @@ def _gguf_name(name: str) -> str:
 
 def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
     """The tokenizer of a GGUF file: ``tokenizer.json`` (byte-level BPE, 'gpt2') or a SentencePiece
-    ``tokenizer.model`` ('llama'), and a ``tokenizer_config.json`` with its special tokens, BOS rule and chat template."""
+    ``tokenizer.model`` ('llama'), and a ``tokenizer_config.json`` with its special tokens, BOS rule and chat template.
+
+    Per-token lists must have an entry for every token, and special token ids must be tokens (-1: none)."""
     model = gguf_value(reader, "tokenizer.ggml.model")
     tokens = gguf_value(reader, "tokenizer.ggml.tokens", [])
-    types = gguf_value(reader, "tokenizer.ggml.token_type", [])
-    special_ids = {ours: gguf_value(reader, f"tokenizer.ggml.{theirs}_token_id")
-                   for ours, theirs in (("unk_id", "unknown"), ("bos_id", "bos"), ("eos_id", "eos"), ("pad_id", "padding"))}
+    types = gguf_token_list(reader, "token_type", len(tokens), path, default=1)  # llama.cpp's "normal"
+    names = {"unk_id": "unknown", "bos_id": "bos", "eos_id": "eos", "pad_id": "padding"}
+    special_ids = {ours: gguf_token_id(reader, theirs, len(tokens), path) for ours, theirs in names.items()}
     if model == "gpt2":
         merges = [tuple(merge.split(" ", 1)) for merge in gguf_value(reader, "tokenizer.ggml.merges", [])]
+        if any(len(merge) != 2 for merge in merges):
+            raise UserError(f"{path}: tokenizer.ggml.merges holds an entry that is not two tokens separated by a space "
+                            "(damaged file?)")
         pre = gguf_value(reader, "tokenizer.ggml.pre", "gpt-2")
         special = {token: i for i, (token, kind) in enumerate(zip(tokens, types)) if kind in GGUF_SPECIAL_TOKEN_TYPES}
         try:
@@ -151,9 +179,13 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
             raise UserError(f"{path}: {err}") from None
         add_bos_default = pre == "llama-bpe"
     elif model == "llama":
-        model_bytes = sentencepiece_model(tokens, gguf_value(reader, "tokenizer.ggml.scores"), types,
-                                          {k: v for k, v in special_ids.items() if v is not None},
-                                          bool(gguf_value(reader, "tokenizer.ggml.add_space_prefix", True)))
+        scores = gguf_token_list(reader, "scores", len(tokens), path, default=0.0)
+        given_ids = {key: i for key, i in special_ids.items() if i is not None}
+        add_space = bool(gguf_value(reader, "tokenizer.ggml.add_space_prefix", True))
+        try:
+            model_bytes = sentencepiece_model(tokens, scores, types, given_ids, add_space)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
         files, add_bos_default = {TOKENIZER_FILE: model_bytes}, True
     else:
         raise UserError(f"{path}: GGUF tokenizer {model!r} is not supported (only 'gpt2', byte-level BPE, or "
@@ -166,3 +198,30 @@ def gguf_tokenizer_files(reader: Any, path: Path) -> TokenizerFiles:
               "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
               "chat_template": gguf_value(reader, "tokenizer.chat_template")}
     return {**files, TOKENIZER_CONFIG: json.dumps(config, indent=2)}
+
+
+def gguf_token_list(reader: Any, name: str, n_tokens: int, path: Path, default: Any) -> list:
+    """The per-token list ``tokenizer.ggml.<name>`` (one entry per token), or ``default`` for each where absent."""
+    values = gguf_value(reader, f"tokenizer.ggml.{name}")
+    if values is None:
+        return [default] * n_tokens
+    if not isinstance(values, list) or len(values) != n_tokens:
+        count = f"{len(values)} entries" if isinstance(values, list) else "no list"
+        raise UserError(f"{path}: tokenizer.ggml.{name} has {count} for the {n_tokens} tokens (damaged file?)")
+    return values
+
+
+GGUF_NO_TOKEN = (-1, 0xFFFFFFFF)
+"""llama.cpp's "no such token" id, as int32 and as uint32."""
+
+
+def gguf_token_id(reader: Any, name: str, n_tokens: int, path: Path) -> Optional[int]:
+    """The id of the special token ``tokenizer.ggml.<name>_token_id`` (None where absent or "no such token")."""
+    key = f"tokenizer.ggml.{name}_token_id"
+    value = gguf_value(reader, key)
+    if value is None or value in GGUF_NO_TOKEN:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_tokens:
+        raise UserError(f"{path}: {key} is {value!r}, not a token id of its {n_tokens}-token vocabulary "
+                        "(damaged file?)")
+    return value

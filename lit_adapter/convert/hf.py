@@ -3,7 +3,7 @@ one from the Hub."""
 
 import re
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Optional
 
 import torch
@@ -11,8 +11,8 @@ from tqdm import tqdm
 
 from lit_adapter.files import read_safetensors, torch_load
 from lit_adapter.config import Config
-from lit_adapter.convert.common import (StateDict, check_meta_weights, check_vocab_size, make_config, meta_to_lit,
-                                        read_json, require, tensor_dict)
+from lit_adapter.convert.common import (StateDict, check_meta_weights, check_vocab_size, check_weight_dtypes,
+                                        make_config, meta_to_lit, read_json, require, tensor_dict)
 from lit_adapter.errors import UserError
 
 HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
@@ -44,6 +44,7 @@ def convert_hf(checkpoint_dir: Path, vocab_size: Optional[int] = None,
     if config.tie_embeddings:
         weights.pop("output.weight", None)
     source = str(checkpoint_dir)
+    check_weight_dtypes(weights, source, dtype)
     check_meta_weights(weights, config, source)
     for i in range(config.n_layer):
         for name, heads in (("wq", config.n_head), ("wk", config.n_kv_head)):
@@ -59,41 +60,55 @@ def hf_config(hf: dict, source: str) -> Config:
                            ("mlp_bias", False)):
         if hf.get(key, supported) != supported:
             raise UserError(f"{source}: {key} {hf[key]!r} is not supported (only {supported!r})")
-    dim, heads = need("hidden_size"), need("num_attention_heads")
-    if (hf.get("head_dim") or dim // heads) != dim // heads:
-        raise UserError(f"{source}: head_dim {hf['head_dim']} differs from hidden_size / num_attention_heads")
-    return make_config(source, block_size=hf.get("max_position_embeddings"), vocab_size=need("vocab_size"),
-                       n_layer=need("num_hidden_layers"), n_head=heads, n_kv_head=hf.get("num_key_value_heads"),
-                       n_embd=dim, intermediate_size=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       tie_embeddings=hf.get("tie_word_embeddings", False), **_hf_rope(hf, source))
+    config = make_config(source, block_size=hf.get("max_position_embeddings"), vocab_size=need("vocab_size"),
+                         n_layer=need("num_hidden_layers"), n_head=need("num_attention_heads"),
+                         n_kv_head=hf.get("num_key_value_heads"), n_embd=need("hidden_size"),
+                         intermediate_size=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                         tie_embeddings=hf.get("tie_word_embeddings", False), **_hf_rope(hf, source))
+    if hf.get("head_dim", config.head_dim) != config.head_dim:
+        raise UserError(f"{source}: head_dim {hf['head_dim']!r} differs from hidden_size / num_attention_heads "
+                        f"({config.head_dim})")
+    return config
 
 
 def _hf_rope(hf: dict, source: str) -> dict[str, Any]:
-    """Our RoPE fields for ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x).
+    """Our RoPE fields for ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (4.x), read as
+    transformers reads them: a ``rope_scaling`` replaces ``rope_parameters`` whole, and the theta is its own or
+    the top-level ``rope_theta``.
 
     Only Llama 3.1's "llama3" scaling is supported; any other is refused.
     """
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{source}: {key} must be a JSON object, got {rope!r}")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    fields = {"rope_base": float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    fields = {"rope_base": rope.get("rope_theta", hf.get("rope_theta", 10000.0))}
     if kind == "default":
         return fields
     if kind != "llama3":
         raise UserError(f"{source}: RoPE scaling {kind!r} is not supported (only 'llama3' or none)")
     need = partial(require, rope, source=f"{source} rope scaling")
-    return {**fields, "rope_scaling_factor": float(need("factor")),
-            "rope_low_freq_factor": float(need("low_freq_factor")),
-            "rope_high_freq_factor": float(need("high_freq_factor")),
-            "rope_original_max_positions": int(need("original_max_position_embeddings"))}
+    return {**fields, "rope_scaling_factor": need("factor"), "rope_low_freq_factor": need("low_freq_factor"),
+            "rope_high_freq_factor": need("high_freq_factor"),
+            "rope_original_max_positions": need("original_max_position_embeddings")}
 
 
 def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
-    """The weight files of a Hugging Face directory, safetensors first; sharded ones as listed by their index."""
+    """The weight files of a Hugging Face directory, safetensors first; sharded ones as listed by their index,
+    which may name files inside the directory only."""
     for single in ("model.safetensors", "pytorch_model.bin"):
         index = checkpoint_dir / f"{single}.index.json"
         if index.is_file():
             weight_map = require(read_json(index), "weight_map", source=str(index))
-            paths = [checkpoint_dir / name for name in sorted(set(weight_map.values()))]
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                raise UserError(f"{index}: weight_map must map each tensor name to a file name (regenerate it)")
+            names = sorted(set(weight_map.values()))
+            outside = [name for name in names if not stays_inside(name)]
+            if outside:
+                raise UserError(f"{index} lists {outside[0]!r}, not a file name inside {checkpoint_dir}: only the "
+                                "directory's own shards are read (fix or regenerate the index)")
+            paths = [checkpoint_dir / name for name in names]
             missing = [path.name for path in paths if not path.is_file()]
             if missing:
                 raise UserError(f"{index} lists {', '.join(missing)}, not found in {checkpoint_dir}")
@@ -101,6 +116,12 @@ def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
         if (checkpoint_dir / single).is_file():
             return [checkpoint_dir / single]
     raise UserError(f"{checkpoint_dir} holds no model.safetensors, pytorch_model.bin or their .index.json")
+
+
+def stays_inside(name: str) -> bool:
+    """Whether the path ``name`` names something inside the directory it is relative to: not absolute, no '..'."""
+    path = PurePath(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _hf_layer_name(name: str) -> str:

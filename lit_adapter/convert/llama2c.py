@@ -12,7 +12,8 @@ import torch
 
 from lit_adapter.files import require_file, torch_load
 from lit_adapter.config import Config, swiglu_hidden_size
-from lit_adapter.convert.common import StateDict, check_vocab_size, make_config, meta_to_lit, require, tensor_dict
+from lit_adapter.convert.common import (StateDict, check_vocab_size, errors_about, make_config, meta_to_lit, require,
+                                        tensor_dict)
 from lit_adapter.errors import UserError
 
 LLAMA2C_NORM_EPS = 1e-5
@@ -53,8 +54,11 @@ def _read_llama2c_pt(path: Path) -> tuple[StateDict, Config]:
     tied = head is None or (embedding is not None and torch.equal(head, embedding))
     if tied:
         weights.pop("output.weight", None)
-    dim = need("dim")
-    hidden = args.get("hidden_dim") or swiglu_hidden_size(dim, need("multiple_of"))
+    dim, hidden = need("dim"), args.get("hidden_dim")
+    if hidden is None:  # train.py derives it
+        multiple_of = need("multiple_of")
+        with errors_about(source):
+            hidden = swiglu_hidden_size(dim, multiple_of)
     config = make_config(source, block_size=args.get("max_seq_len"), vocab_size=need("vocab_size"),
                          n_layer=need("n_layers"), n_head=need("n_heads"), n_kv_head=args.get("n_kv_heads"), n_embd=dim,
                          intermediate_size=hidden, norm_eps=args.get("norm_eps", LLAMA2C_NORM_EPS), tie_embeddings=tied)

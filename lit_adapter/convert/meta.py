@@ -9,8 +9,8 @@ from tqdm import tqdm
 
 from lit_adapter.files import torch_load
 from lit_adapter.config import Config, swiglu_hidden_size
-from lit_adapter.convert.common import (StateDict, check_vocab_size, make_config, meta_to_lit, read_json, require,
-                                        tensor_dict)
+from lit_adapter.convert.common import (StateDict, check_vocab_size, errors_about, make_config, meta_to_lit,
+                                        read_json, require, tensor_dict)
 from lit_adapter.errors import UserError
 
 META_SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -43,18 +43,20 @@ def meta_config(params: dict, vocab_size: Optional[int], source: str) -> Config:
     """
     need = partial(require, params, source=source)
     vocab = params.get("vocab_size", -1)
-    if vocab <= 0:
+    if vocab == -1:
         if vocab_size is None:
-            raise UserError(f"{source} leaves vocab_size at {vocab}: the tokenizer's vocab size is needed")
+            raise UserError(f"{source} leaves vocab_size at -1: the tokenizer's vocab size is needed")
         vocab = vocab_size
-    dim = need("dim")
-    hidden = swiglu_hidden_size(dim, need("multiple_of"), params.get("ffn_dim_multiplier"))
+    dim, multiple_of, scaled = need("dim"), need("multiple_of"), params.get("use_scaled_rope", False)
+    if not isinstance(scaled, bool):
+        raise UserError(f"{source}: use_scaled_rope must be true or false, got {scaled!r}")
+    with errors_about(source):
+        hidden = swiglu_hidden_size(dim, multiple_of, params.get("ffn_dim_multiplier"))
     return make_config(source, block_size=params.get("max_seq_len"), vocab_size=vocab, n_layer=need("n_layers"),
                        n_head=need("n_heads"), n_kv_head=params.get("n_kv_heads"), n_embd=dim,
                        intermediate_size=hidden, norm_eps=need("norm_eps"),
-                       rope_base=float(params.get("rope_theta", 10000.0)),
-                       rope_scaling_factor=float(params.get("rope_scaling_factor", 8.0))
-                       if params.get("use_scaled_rope") else None)
+                       rope_base=params.get("rope_theta", 10000.0),
+                       rope_scaling_factor=params.get("rope_scaling_factor", 8.0) if scaled else None)
 
 
 def merge_meta_shards(shards: list[StateDict], paths: list[Path]) -> StateDict:

@@ -5,7 +5,9 @@ from a vocabulary and its merges: Meta's Llama 3 tiktoken file, GGUF byte-level 
 import base64
 import json
 from pathlib import Path
+from typing import Optional
 
+from lit_adapter.convert.common import read_json
 from lit_adapter.errors import UserError
 from lit_adapter.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, TokenizerFiles
 
@@ -27,7 +29,11 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tok
 
     if pre_tokenizer not in PRE_TOKENIZERS:
         raise UserError(f"pre-tokenizer {pre_tokenizer!r} is not supported (only {', '.join(PRE_TOKENIZERS)})")
-    tokenizer = HFTokenizer(models.BPE(vocab, merges, ignore_merges=ignore_merges))
+    try:
+        model = models.BPE(vocab, merges, ignore_merges=ignore_merges)
+    except Exception as err:  # tokenizers raises plain Exceptions, e.g. for a merge of tokens not in the vocabulary
+        raise UserError(f"the BPE merges do not fit the vocabulary ({str(err).splitlines()[0]})") from None
+    tokenizer = HFTokenizer(model)
     if pre_tokenizer == "llama-bpe":
         split = [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -56,8 +62,12 @@ def sentencepiece_model(pieces: list[str], scores: list[float], types: list[int]
     from sentencepiece import sentencepiece_model_pb2 as proto
 
     model = proto.ModelProto()
-    for piece, score, kind in zip(pieces, scores, types, strict=True):
-        model.pieces.add(piece=piece, score=score, type=kind)
+    for i, (piece, score, kind) in enumerate(zip(pieces, scores, types, strict=True)):
+        try:
+            model.pieces.add(piece=piece, score=score, type=kind)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"token {i} ({piece!r}, score {score!r}, type {kind!r}) is not a SentencePiece piece: "
+                            f"{err}") from None
     spec = model.trainer_spec
     spec.model_type, spec.vocab_size = proto.TrainerSpec.BPE, len(pieces)
     spec.byte_fallback = proto.ModelProto.SentencePiece.BYTE in types
@@ -127,18 +137,39 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
     return parts
 
 
-def llama3_special_tokens(n_ranks: int) -> dict[str, int]:
-    """The 256 special tokens after Meta's Llama 3 vocabulary, named as in Llama 3.1 (3.0 leaves the three that
-    3.1 added, <|finetune_right_pad_id|>, <|eom_id|> and <|python_tag|>, reserved and never produces them)."""
-    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>", 6: "<|start_header_id|>",
-             7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>", 10: "<|python_tag|>"}
+LLAMA3_RELEASES = ("3.0", "3.1")
+"""The releases whose special tokens Meta's tiktoken file can get: Llama 3.0's, or 3.1's (also 3.2's and 3.3's)."""
+LLAMA31_TOKENS = {4: "<|finetune_right_pad_id|>", 8: "<|eom_id|>", 10: "<|python_tag|>"}
+"""The special tokens that Llama 3.1 named among 3.0's reserved ones (3.0 never produces them)."""
+
+
+def llama3_special_tokens(n_ranks: int, release: str) -> dict[str, int]:
+    """The 256 special tokens after Meta's Llama 3 vocabulary, named as in the ``release`` ("3.0" or "3.1"): 3.1
+    named three of 3.0's reserved tokens, so the numbers of the reserved ones after them differ."""
+    names = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+             9: "<|eot_id|>", **(LLAMA31_TOKENS if release == "3.1" else {})}
     reserved = (i for i in range(LLAMA3_SPECIAL_TOKENS) if i not in names)
     names.update({i: f"<|reserved_special_token_{n}|>" for n, i in enumerate(reserved)})
     return {name: n_ranks + i for i, name in names.items()}
 
 
-def llama3_tokenizer_files(path: Path) -> TokenizerFiles:
-    """``tokenizer.json`` and ``tokenizer_config.json`` (Llama 3 chat format) for Meta's tiktoken file."""
+def llama3_release(path: Path) -> str:
+    """The Llama 3 release of Meta's tiktoken file ``path``, told by the ``params.json`` of the download beside it:
+    3.1 and later scale their RoPE (``use_scaled_rope``), 3.0 does not."""
+    params = path.parent / "params.json"
+    if not params.is_file():
+        raise UserError(f"{path} is Meta's Llama 3 tokenizer, whose special tokens differ between Llama 3.0 and 3.1 "
+                        f"(and later), and no params.json beside it tells which: put the model's params.json there "
+                        f"or pass --llama3_release {' or '.join(LLAMA3_RELEASES)}")
+    return "3.1" if read_json(params).get("use_scaled_rope") else "3.0"
+
+
+def llama3_tokenizer_files(path: Path, release: Optional[str] = None) -> TokenizerFiles:
+    """``tokenizer.json`` and ``tokenizer_config.json`` (Llama 3 chat format) for Meta's tiktoken file, with the
+    special tokens of the ``release`` (by default the one its download's params.json tells)."""
+    if release is not None and release not in LLAMA3_RELEASES:
+        raise UserError(f"unknown Llama 3 release {release!r}: choose one of {', '.join(LLAMA3_RELEASES)}")
+    release = release or llama3_release(Path(path))
     ranks = read_tiktoken(path)
     alphabet = bytes_to_unicode()
 
@@ -147,7 +178,7 @@ def llama3_tokenizer_files(path: Path) -> TokenizerFiles:
 
     vocab = {text(token): rank for token, rank in ranks.items()}
     merges = [(text(a), text(b)) for a, b in tiktoken_merges(ranks)]
-    special = llama3_special_tokens(len(ranks))
+    special = llama3_special_tokens(len(ranks), release)
     config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True,
               "chat_template": LLAMA3_CHAT_TEMPLATE}
     return {TOKENIZER_JSON: byte_level_bpe(vocab, merges, "llama-bpe", special, ignore_merges=True),

@@ -2,13 +2,16 @@
 
 import json
 import os
+import resource
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_script, run_script_in_this_process, shared_file
+from conftest import ROOT, run_script, run_script_in_this_process, script_env, shared_file
 from safetensors.torch import load_file, save_file
 
 from lit_adapter.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model, read_config, save_checkpoint_dir
@@ -326,6 +329,27 @@ def test_meta_format_errors(tmp_path):
     one_line_error(excinfo, str(meta_dir), "norm.weight has shape (63,)", "needs (64,)")
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"dim": "64"}, "params.json: dim must be a whole number from 1 to 65536, got '64'"),
+    ({"n_layers": 10**8}, "params.json: n_layer must be a whole number from 1 to 1024, got 100000000"),
+    ({"ffn_dim_multiplier": [1.5]}, "params.json: ffn_dim_multiplier must be a number from 0.01 to 100, got [1.5]"),
+    ({"use_scaled_rope": "yes"}, "params.json: use_scaled_rope must be true or false, got 'yes'"),
+    ({"vocab_size": 0}, "params.json: vocab_size must be a whole number from 1 to 2097152, got 0"),
+])
+def test_meta_params_are_checked_before_use(change, message):
+    with pytest.raises(UserError) as excinfo:
+        meta_config({**TINY_META_PARAMS, **change}, 512, "params.json")
+    assert str(excinfo.value) == message
+
+
+def test_llama2c_model_args_are_checked_before_use(tmp_path):
+    torch.save({"model": {}, "model_args": {"dim": 64, "multiple_of": 0, "n_layers": 1, "n_heads": 8,
+                                            "vocab_size": 512}}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError) as excinfo:
+        convert_llama2c(tmp_path / "ckpt.pt")
+    assert str(excinfo.value) == f"{tmp_path / 'ckpt.pt'}: multiple_of must be a whole number from 1 to 65536, got 0"
+
+
 def test_meta_config_matches_published_params():
     llama_7b = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}
     llama2_7b = {**llama_7b, "norm_eps": 1e-05}
@@ -410,10 +434,30 @@ def test_cli_reports_errors_in_one_line(tmp_path, capfd):
                                                   "choose another directory"]
 
 
+def test_a_file_size_limit_ends_with_one_line_and_no_output(tmp_path, stories260k_bin):
+    """A write beyond the file-size limit (EFBIG: ulimit -f, or a file system's largest file) is reported as a full
+    disk is, in one line, and leaves nothing behind."""
+    out = tmp_path / "out"
+
+    def limit_file_size() -> None:  # in the child: 100 kB, a tenth of the weights
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    result = subprocess.run([sys.executable, CONVERT, "--format", "llama2c", "--checkpoint_path", str(stories260k_bin),
+                             "--output_dir", str(out)], cwd=ROOT, env=script_env(), capture_output=True, text=True,
+                            timeout=120, preexec_fn=limit_file_size)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert errors == [f"error: cannot write {out}/{WEIGHTS_FILE}: the file is larger than the file system or the "
+                      "file-size limit (ulimit -f) allows; raise the limit or choose another location (the unfinished "
+                      "file was removed)"], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_help_documents_every_option(capfd):
     # in this process: the script runs as its own process in the two tests above
     result = run_script_in_this_process(CONVERT, "--help", capfd=capfd)
     assert result.returncode == 0
-    for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype"):
+    for option in ("--format", "--checkpoint_path", "--output_dir", "--tokenizer_path", "--dtype", "--llama3_release"):
         assert option in result.stdout
     assert "meta,hf,llama2c,gguf" in result.stdout and "tok512.model" in result.stdout

@@ -6,6 +6,7 @@ import os
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -19,10 +20,10 @@ from lit_adapter.convert import convert, find_tokenizer
 from lit_adapter.convert.gguf import GGUF_LAYER_NAMES, GGUF_NAMES
 from lit_adapter.convert.hf import convert_hf, hf_config
 from lit_adapter.convert.meta import meta_config
-from lit_adapter.convert.tokenizers import bytes_to_unicode
+from lit_adapter.convert.tokenizers import bytes_to_unicode, llama3_release, sentencepiece_model
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, llama3_scaled_frequencies
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 NEW_TOKENS = 40
@@ -39,12 +40,19 @@ LLAMA3_TEXTS = [
 # ---- Llama 3 tokenizer: the tiktoken file converted by us against the released tokenizer.json
 
 
+LLAMA3_8B_PARAMS = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                    "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}
+"""Meta's params.json of Llama 3 8B (3.1 adds "use_scaled_rope": true)."""
+
+
 @pytest.fixture(scope="session")
 def llama3_dirs(tmp_path_factory) -> dict[str, Path]:
-    """The released tokenizer.json, and the tiktoken tokenizer.model of a Meta download as conversion writes it."""
+    """The released (Llama 3.0) tokenizer.json, and the tiktoken tokenizer.model of Meta's Llama 3 8B download (its
+    params.json beside it) as conversion writes it."""
     released = shared_file("llama3_tokenizer/tokenizer.json")
     meta_download, converted = tmp_path_factory.mktemp("llama3_meta"), tmp_path_factory.mktemp("llama3_converted")
     (meta_download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+    (meta_download / "params.json").write_text(json.dumps(LLAMA3_8B_PARAMS))
     save_tokenizer_files(find_tokenizer("meta", meta_download), converted)
     return {"released": released, "converted": converted}
 
@@ -63,7 +71,49 @@ def test_llama3_encodings_equal_hf_tokenizers(llama3_dirs):
     assert converted.encode("This is a test sentence.", eos=True).tolist() == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert (converted.vocab_size, converted.bos_id, converted.eos_id, converted.add_bos) == (128256, 128000, 128001, True)
-    assert converted.stop_ids == {128001, 128008, 128009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+    assert converted.stop_ids == {128001, 128009}  # <|end_of_text|>, <|eot_id|> (3.0 has no <|eom_id|>)
+
+
+def test_llama3_special_tokens_are_named_as_in_their_release(llama3_dirs, tmp_path):
+    """Meta's tiktoken file is the same in Llama 3.0 and 3.1, whose special tokens differ: 3.0's (its download's
+    params.json has no use_scaled_rope) are the released 3.0 tokenizer.json's, id for id; 3.1 names three of the
+    reserved ones, so the numbers of the reserved tokens after them shift."""
+    def added_tokens(path: Path) -> list[tuple[int, str]]:
+        return [(token["id"], token["content"]) for token in json.loads(path.read_text())["added_tokens"]]
+
+    assert added_tokens(llama3_dirs["converted"] / "tokenizer.json") == added_tokens(llama3_dirs["released"])
+    download = tmp_path / "Llama3.1-8B"
+    download.mkdir()
+    (download / "params.json").write_text(json.dumps({**LLAMA3_8B_PARAMS, "use_scaled_rope": True}))
+    assert llama3_release(download / "tokenizer.model") == "3.1"
+    (download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+    (download / "params.json").unlink()  # the option alone tells
+    files = find_tokenizer("meta", download, llama3_release="3.1")
+    llama31 = Tokenizer(download, files)
+    names = ("<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|eom_id|>", "<|python_tag|>",
+             "<|reserved_special_token_247|>")
+    assert [llama31.backend.token_to_id(name) for name in names] == [128004, 128005, 128008, 128010, 128255]
+    assert llama31.stop_ids == {128001, 128008, 128009}
+
+
+def test_a_tokenizer_json_alone_adds_the_bos_of_its_post_processor(llama3_dirs, tmp_path):
+    """Without a tokenizer_config.json, the BOS is the token that tokenizer.json's post-processor puts first (as the
+    template of Hugging Face's Llama 3.1 files does); the released 3.0 file's post-processor puts none."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    reference = HFTokenizer.from_file(str(llama3_dirs["released"]))
+    reference.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    reference.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path)
+    assert (tokenizer.bos_token, tokenizer.bos_id, tokenizer.add_bos) == ("<|begin_of_text|>", 128000, True)
+    for text in LLAMA3_TEXTS[:-1]:  # the last one starts with the BOS already, which we do not add twice
+        assert tokenizer.encode(text).tolist() == reference.encode(text).ids, text
+    released = Tokenizer(llama3_dirs["released"])
+    assert (released.bos_id, released.add_bos, released.encode("Hi").tolist()) == (None, False, [13347])
 
 
 def test_llama3_chat_format_is_exact(llama3_dirs):
@@ -96,18 +146,30 @@ def test_chat_template_raise_exception_is_a_user_error(llama3_dirs, tmp_path):
 # ---- Llama 3.1: RoPE scaling "llama3"
 
 
-def test_tiny_llama31_logits_match_transformers(tmp_path):
+LLAMA31_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("keys", ["as saved", "rope_scaling beside rope_parameters"])
+def test_tiny_llama31_logits_match_transformers(tmp_path, keys):
+    """A Llama 3.1 of transformers' own config.json; and of one whose rope_scaling contradicts its rope_parameters,
+    which transformers reads as we do: rope_scaling replaces them whole, with the top-level rope_theta."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
     hf_config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
-                            rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling, tie_word_embeddings=True,
-                            attn_implementation="eager")
+                            rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(LLAMA31_SCALING),
+                            tie_word_embeddings=True, attn_implementation="eager")
     hf = LlamaForCausalLM(hf_config).float().eval()
     randomize_(hf)
     hf.save_pretrained(tmp_path / "hf")
+    if keys != "as saved":
+        config_path = tmp_path / "hf" / "config.json"
+        contradicting = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+                         "rope_scaling": dict(LLAMA31_SCALING), "rope_theta": 500000.0}
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **contradicting}))
+        hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float().eval()
+        assert (hf.config.rope_parameters["rope_type"], hf.config.rope_parameters["rope_theta"]) == ("llama3", 5e5)
     state_dict, config = convert_hf(tmp_path / "hf")
     assert (config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor,
             config.rope_original_max_positions, config.rope_base) == (8.0, 1.0, 4.0, 16, 500000.0)
@@ -124,10 +186,8 @@ def test_tiny_llama31_logits_match_transformers(tmp_path):
 
 
 def test_llama3_presets_are_found_from_their_shape():
-    params = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
-              "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0}  # Meta's Llama 3 8B params.json
-    assert meta_config(params, None, "params.json").name == "llama-3-8b"
-    llama31 = meta_config({**params, "use_scaled_rope": True}, None, "params.json")
+    assert meta_config(LLAMA3_8B_PARAMS, None, "params.json").name == "llama-3-8b"
+    llama31 = meta_config({**LLAMA3_8B_PARAMS, "use_scaled_rope": True}, None, "params.json")
     assert (llama31.name, llama31.rope_scaling_factor, llama31.block_size) == ("llama-3.1-8b", 8.0, 131072)
     hf = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
           "intermediate_size": 8192, "vocab_size": 128256, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
@@ -146,12 +206,14 @@ TINY_GGUF = Config("tiny-gguf", block_size=64, vocab_size=258, n_layer=2, n_head
 
 
 def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: torch.Tensor | None = None,
-                    sentencepiece: Path | None = None, given: dict | None = None, written: dict | None = None) -> dict:
+                    sentencepiece: Path | None = None, given: dict | None = None, written: dict | None = None,
+                    add_metadata: Callable[[Any], None] | None = None) -> dict:
     """A random model of ``config`` as a llama GGUF (matrices in ``tensor_type``, norms F32); its state dict.
 
     The vocabulary is a tiny byte-level BPE one, or the pieces of the SentencePiece model ``sentencepiece``.
     ``given`` replaces tensors (by GGUF name) with other arrays; ``written`` receives what each tensor holds
-    (dequantised). The gguf package cannot quantise to K-quants: their matrices get random blocks.
+    (dequantised); ``add_metadata`` is called with the writer to add keys. The gguf package cannot quantise to
+    K-quants: their matrices get random blocks.
     """
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import dequantize, quantize
@@ -181,6 +243,8 @@ def write_tiny_gguf(path: Path, config: Config, tensor_type: str, rope_factors: 
         writer.add_eos_token_id(257)
     else:
         write_sentencepiece_vocabulary(writer, sentencepiece)
+    if add_metadata is not None:
+        add_metadata(writer)
     kind = GGMLQuantizationType[tensor_type]
     for name, weight in meta.items():
         array = weight.detach().numpy() if given is None else given[gguf_names[name]]
@@ -245,6 +309,19 @@ def test_gguf_sentencepiece_vocabulary_becomes_tokenizer_model(tmp_path, llama_t
     assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}]) == "[INST] Hi [/INST]"
 
 
+def test_a_sentencepiece_vocabulary_without_bos_or_eos_pieces(tmp_path):
+    """No <s>: no BOS is added; no </s>, which generation stops at: one line."""
+    pieces, scores = ["<unk>", "</s>", "a", "b", "ab"], [0.0, 0.0, -1.0, -2.0, -0.5]
+    without_bos = {TOKENIZER_FILE: sentencepiece_model(pieces, scores, [2, 3, 1, 1, 1], {"unk_id": 0}, False)}
+    tokenizer = Tokenizer(tmp_path / "x.gguf", without_bos)
+    assert (tokenizer.bos_id, tokenizer.bos_token, tokenizer.eos_id, tokenizer.add_bos) == (None, None, 1, True)
+    assert tokenizer.encode("ab", eos=True).tolist() == [4, 1]
+    without_eos = {TOKENIZER_FILE: sentencepiece_model(pieces[::2], scores[::2], [2, 1, 1], {"unk_id": 0}, False)}
+    with pytest.raises(UserError, match=r"x\.gguf \(tokenizer\.model\) has no end-of-text piece \(</s>\), which "
+                                        r"generation stops at: use the model's own tokenizer$"):
+        Tokenizer(tmp_path / "x.gguf", without_eos)
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_gguf_f32_weights_convert_exactly(tmp_path, tied):
     config = replace(TINY_GGUF, tie_embeddings=tied)
@@ -258,6 +335,19 @@ def test_gguf_f32_weights_convert_exactly(tmp_path, tied):
     assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id, tokenizer.add_bos) == (258, 257, None, False)
     # the alphabet lists the printable bytes from "!" (33) first, so "c" (99) is token 66
     assert tokenizer.encode("abc<|end|>").tolist() == [256, 66, 257]
+
+
+def test_gguf_bos_token_id_minus_one_means_no_bos(tmp_path):
+    """llama.cpp's -1 is "no such token", not the last token of the vocabulary."""
+    def no_bos(writer) -> None:
+        writer.add_int32("tokenizer.ggml.bos_token_id", -1)
+        writer.add_add_bos_token(True)
+
+    write_tiny_gguf(tmp_path / "tiny.gguf", TINY_GGUF, "F32", add_metadata=no_bos)
+    _, _, files = convert("gguf", tmp_path / "tiny.gguf")
+    assert json.loads(files["tokenizer_config.json"])["bos_token"] is None
+    tokenizer = Tokenizer(tmp_path / "tiny.gguf", files)
+    assert (tokenizer.bos_id, tokenizer.bos_token, tokenizer.encode("ab").tolist()) == (None, None, [256])
 
 
 @pytest.mark.parametrize("tensor_type, tolerance", [("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.2)])
