@@ -106,3 +106,16 @@ def smollm2_checkpoint(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("smollm2") / "checkpoint"
     convert_in_this_process("--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(output_dir))
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def llama3_converted(tmp_path_factory) -> Path:
+    """Meta's Llama 3 tiktoken ``tokenizer.model`` as conversion writes it: tokenizer.json, tokenizer_config.json
+    (with Meta's chat template)."""
+    from lit_adapter.checkpoint import save_tokenizer_files
+    from lit_adapter.convert import find_tokenizer
+
+    download, converted = tmp_path_factory.mktemp("llama3_meta"), tmp_path_factory.mktemp("llama3_converted")
+    (download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+    save_tokenizer_files(find_tokenizer("meta", download), converted)
+    return converted
