@@ -188,13 +188,13 @@ def report(cli: list[float], single: list[dict], all_at_once: list[float], arriv
     one = statistics.median(r["tokens"] / r["total"] for r in single)
     base = statistics.median(cli)
     together_speed = statistics.median(all_at_once)
-    print(f"\n| measurement | value |\n|---|---|")
+    print("\n| measurement | value |\n|---|---|")
     print(f"| generate/adapter.py batch 1, tokens/s (median of {len(cli)}) | {base:.1f} |")
     print(f"| one client, tokens/s (median of {len(single)}) | {one:.1f} ({one / base:.1%} of generate/adapter.py) |")
     print(f"| one client, time to first token p50 | {statistics.median(r['first'] for r in single) * 1e3:.1f} ms |")
     print(f"| all at once, tokens/s (median of {len(all_at_once)}) | {together_speed:.1f} ({together_speed / one:.1f}x "
           "one client) |")
-    print(f"\n| Poisson rate (requests/s) | tokens/s | latency p50 | latency p99 | first token p50 | first token p99 |")
+    print("\n| Poisson rate (requests/s) | tokens/s | latency p50 | latency p99 | first token p50 | first token p99 |")
     print("|---|---|---|---|---|---|")
     for rate, r in arrivals.items():
         print(f"| {rate:g} | {r['tokens_per_s']:.1f} | {r['p50']:.2f} s | {r['p99']:.2f} s | "

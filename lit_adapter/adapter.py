@@ -6,7 +6,7 @@ their own, and the result is added to the attention output through a gate per he
 so training starts from exactly the base model. Only prompts and gates train.
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Sequence
 
 import torch

@@ -23,6 +23,16 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+MAX_SEED = 2**32 - 1
+"""Seeds run from 0 to this (NumPy's range, which Lightning's seeding shares)."""
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    """A one-line ``UserError`` for a seed outside 0..``MAX_SEED``."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{option} must be a whole number from 0 to {MAX_SEED}, got {seed}")
+
+
 def out_of_memory_hint(model_prefix: str = "--") -> str:
     """What to change when the GPU memory runs out; the training options are named with ``model_prefix`` ("--" for
     finetune/adapter.py, "--model." for the Trainer route, whose own options are --trainer.*)."""

@@ -133,6 +133,21 @@ def check_not_an_input(output: Path, source: Path, option: str) -> None:
                         "another path")
 
 
+def check_can_write_file(path: Path, option: str) -> None:
+    """Fail before any long work if file ``path`` (given by ``option``) cannot be written. Nothing is created."""
+    if Path(path).is_dir():
+        raise UserError(f"{option} {path} is a directory: name a file in it")
+    check_can_create(Path(path).absolute().parent, option)
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of file ``path``, or a one-line ``UserError`` where it is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
+
+
 def unwritable_reason(directory: Path) -> Optional[str]:
     """Why files cannot be created in ``directory`` (made if missing), or None where they can be."""
     directory = Path(directory).absolute()

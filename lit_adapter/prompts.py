@@ -8,6 +8,7 @@ recorded in ``prep_config.yaml`` and in the adapter file, so generation writes p
 before styles were recorded mean ``LEGACY_STYLE``. A new style is one class and one entry.
 """
 
+import re
 from typing import TYPE_CHECKING, Literal, Optional
 
 from lit_adapter.errors import UserError
@@ -33,14 +34,16 @@ class PromptStyle:
         raise NotImplementedError
 
     def prompt(self, tokenizer: "Tokenizer", messages: list[Message]) -> str:
-        """The text the model continues with its answer to the last user turn of ``messages``."""
-        return self.render(tokenizer, messages, add_generation_prompt=True)
+        """The text the model continues with its answer to the last user turn of ``messages``, rendered from the
+        messages ``escape``-d (``Tokenizer.encode_rendered`` encodes it)."""
+        return self.render(tokenizer, escaped(tokenizer, messages), add_generation_prompt=True)
 
     def segments(self, tokenizer: "Tokenizer", record: dict) -> Segments:
-        """A training record (Alpaca fields or ``messages``) as pieces of text, the answers learned. Joined, they
-        are the whole sample; each answer follows the ``prompt`` of the turns before it. The caller closes a
-        sample whose answers carry no end-of-turn token (``split_closing``) with EOS."""
-        return conversation_segments(self, tokenizer, record_messages(record))
+        """A training record (Alpaca fields or ``messages``) as pieces of rendered text (as ``prompt``), each answer
+        learned with the end-of-turn token the style writes after it. Joined, they are the whole sample; the last
+        answer follows the ``prompt`` of the turns before it. The caller closes a sample whose answers carry no
+        end-of-turn token (``split_closing``) with EOS."""
+        return conversation_segments(self, tokenizer, escaped(tokenizer, record_messages(record)))
 
     def adds_bos(self, tokenizer: "Tokenizer") -> bool:
         """Whether a prompt in this style is encoded after a BOS token (the tokenizer's configuration decides)."""
@@ -48,7 +51,7 @@ class PromptStyle:
 
     def encode(self, tokenizer: "Tokenizer", messages: list[Message]) -> "torch.Tensor":
         """The token ids of ``prompt``, led by BOS where ``adds_bos`` says so."""
-        return tokenizer.encode(self.prompt(tokenizer, messages), bos=self.adds_bos(tokenizer))
+        return tokenizer.encode_rendered(self.prompt(tokenizer, messages), bos=self.adds_bos(tokenizer))
 
     def split_closing(self, ids: list[int], learned: list[bool],
                       tokenizer: "Tokenizer") -> tuple[list[int], list[bool], list[int]]:
@@ -88,13 +91,13 @@ class Alpaca(PromptStyle):
 
     def segments(self, tokenizer: "Tokenizer", record: dict) -> Segments:
         if "messages" not in record:
-            return [(self.instruction(record["instruction"], record.get("input", "")), False),
-                    (record["output"], True)]
+            instruction, input = tokenizer.escape(record["instruction"]), tokenizer.escape(record.get("input", ""))
+            return [(self.instruction(instruction, input), False), (tokenizer.escape(record["output"]), True)]
         roles = [message["role"] for message in record["messages"]]
         if roles != ["user", "assistant"]:
             raise UserError(f"the alpaca prompt style holds one instruction and its answer, not a conversation of "
                             f"{roles}: prepare with --prompt_style chat (the model's chat template)")
-        question, answer = record["messages"]
+        question, answer = escaped(tokenizer, record["messages"])
         return [(self.instruction(question["content"]), False), (answer["content"], True)]
 
 
@@ -161,22 +164,76 @@ def record_messages(record: dict) -> list[Message]:
             {"role": "assistant", "content": record["output"]}]
 
 
+def escaped(tokenizer: "Tokenizer", messages: list[Message]) -> list[Message]:
+    """``messages`` with their contents ``escape``-d: special-token spellings in them stay text when rendered."""
+    return [{**message, "content": tokenizer.escape(message["content"])} for message in messages]
+
+
+ANSWER_START, ANSWER_END = "\ufdd0", "\ufdd1"
+"""Unicode noncharacters that mark the answers in one rendering of a whole conversation."""
+
+
 def conversation_segments(style: PromptStyle, tokenizer: "Tokenizer", messages: list[Message]) -> Segments:
-    """``messages`` rendered turn by turn: each answer after the prompt of the turns before it, then learned."""
-    segments, rendered = [], ""
+    """``messages`` (escaped) rendered once, each answer learned from where the ``prompt`` of the turns before it
+    ends through the end-of-turn token that the style writes right after it.
 
-    def extend(text: str, learned: bool) -> None:
-        nonlocal rendered
-        if not text.startswith(rendered):
-            raise UserError(f"the {style.name} style does not render conversations turn by turn (a later turn changes "
-                            "the text before it), so answers cannot be told apart from prompts")
-        if len(text) > len(rendered):
-            segments.append((text[len(rendered):], learned))
-        rendered = text
+    Answers are found by marking their text inside its white space (which a template may strip). The last answer
+    must follow its ``prompt``; what the template writes between a prompt and an answer (a space, say) is taken from
+    it for every answer."""
+    if any(ANSWER_START in m["content"] or ANSWER_END in m["content"] for m in messages):
+        raise UserError("a message holds the Unicode noncharacter U+FDD0 or U+FDD1, which marks answers while "
+                        "preparing: remove it from the data")
+    answers = [turn for turn, m in enumerate(messages) if m["role"] == "assistant" and m["content"].strip()]
+    marked = [{**m, "content": _marked(m["content"])} if m["role"] == "assistant" and m["content"].strip() else m
+              for m in messages]
+    pieces = re.split(f"[{ANSWER_START}{ANSWER_END}]", style.render(tokenizer, marked, add_generation_prompt=False))
+    if len(pieces) != 2 * len(answers) + 1:
+        raise UserError(f"the {style.name} style does not write each answer of a conversation once as it is, so "
+                        "answers cannot be told apart from prompts")
+    if not answers:
+        return [(pieces[0], False)]
+    lead = _lead(style, tokenizer, messages[:answers[-1] + 1], "".join(pieces[:-2]))
+    segments, before = [], pieces[0]
+    for turn, answer, after in zip(answers, pieces[1::2], pieces[2::2]):
+        content = messages[turn]["content"]
+        start = _answer_start(before, lead, content[:len(content) - len(content.lstrip())], style)
+        end = _closing(tokenizer, after)
+        segments += [(before[:start], False), (before[start:] + answer + after[:end], True)]
+        before = after[end:]
+    return [(piece, learned) for piece, learned in segments + [(before, False)] if piece]
 
-    for turn, message in enumerate(messages):
-        if message["role"] == "assistant":
-            extend(style.prompt(tokenizer, messages[:turn]), False)
-        extend(style.render(tokenizer, messages[:turn + 1], add_generation_prompt=False),
-               message["role"] == "assistant")
-    return segments
+
+def _marked(content: str) -> str:
+    """``content`` with ``ANSWER_START`` and ``ANSWER_END`` around its text, inside its leading and trailing white
+    space."""
+    text = content.strip()
+    start = content.index(text)
+    return f"{content[:start]}{ANSWER_START}{text}{ANSWER_END}{content[start + len(text):]}"
+
+
+def _lead(style: PromptStyle, tokenizer: "Tokenizer", messages: list[Message], before: str) -> str:
+    """What the style writes between the prompt of the last answer of ``messages`` and the answer's own text, which
+    follows ``before``; a style whose rendering does not begin with that prompt is refused."""
+    prompt, content = style.render(tokenizer, messages[:-1], add_generation_prompt=True), messages[-1]["content"]
+    if not before.startswith(prompt):
+        raise UserError(f"the {style.name} style does not render conversations turn by turn (the text before the "
+                        "last answer differs from its prompt), so answers cannot be told apart from prompts")
+    lead, space = before[len(prompt):], content[:len(content) - len(content.lstrip())]
+    return lead[:len(lead) - len(space)] if space and lead.endswith(space) else lead
+
+
+def _answer_start(before: str, lead: str, space: str, style: PromptStyle) -> int:
+    """Where in ``before`` (the text before an answer) the learned part starts: at the ``lead`` that the style
+    writes before an answer and the answer's leading white ``space`` (if the style keeps it)."""
+    for written in (lead + space, lead):
+        if before.endswith(written):
+            return len(before) - len(written)
+    raise UserError(f"the {style.name} style writes another text before some answers than before the last one, so "
+                    "answers cannot be told apart from prompts")
+
+
+def _closing(tokenizer: "Tokenizer", after: str) -> int:
+    """How much of ``after``, the text after an answer, closes it: through its first special token if that ends a
+    turn, else nothing."""
+    marker = tokenizer.first_special(after)
+    return marker.end() if marker and tokenizer.special_tokens[marker.group()] in tokenizer.stop_ids else 0

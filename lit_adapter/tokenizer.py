@@ -6,6 +6,11 @@ and ``tokenizer_config.json`` adds BOS/EOS, the BOS rule and the chat template (
 and GGUF byte-level vocabularies become a ``tokenizer.json`` built by ``byte_level_bpe`` (the one place that makes a
 byte-level BPE tokenizer from a vocabulary and merges); GGUF SentencePiece vocabularies become a ``tokenizer.model``
 built by ``sentencepiece_model``.
+
+Text is text: the spelling of a special token (``<|im_end|>``, ``</s>``) in a message, a prompt or training data
+encodes as the characters it is made of, never as that token. Only the markers a prompt style writes itself are
+special tokens. Prompt styles therefore render conversations with each message ``escape``-d (every special-token
+spelling replaced by a placeholder of the same length) and encode the result with ``encode_rendered``.
 """
 
 import json
@@ -14,11 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from sentencepiece import SentencePieceProcessor
+from sentencepiece.sentencepiece_pb2 import SentencePieceText
 
+from lit_adapter.chat_template import ChatTemplate
 from lit_adapter.errors import UserError
+from lit_adapter.files import read_text
 
 TOKENIZER_FILE = "tokenizer.model"
 """SentencePiece model (or Meta's tiktoken file, which conversion turns into ``TOKENIZER_JSON``)."""
@@ -29,6 +35,12 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, TOKENIZ
 """The tokenizer files a checkpoint directory may hold."""
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "</s>")
 """Tokens that end a chat turn or a text; generation stops on any of them that the vocabulary holds."""
+
+PLACEHOLDER = 0x100000
+"""``escape`` writes the n-th special-token spelling as ``chr(PLACEHOLDER + n)`` (a private-use character)..."""
+PLACEHOLDER_FILL = "\U000F0000"
+"""... followed by this private-use character until the placeholder is as long as the spelling."""
+PLACEHOLDER_RUN = re.compile("([\U00100000-\U0010FFFD])(\U000F0000*)")
 
 TokenizerFiles = dict[str, "Path | str | bytes"]
 """A file name in a checkpoint directory -> the file to copy there, or the text or bytes to write (converted ones)."""
@@ -58,21 +70,74 @@ class Tokenizer:
         self.bos_token: Optional[str] = b.bos_token
         self.eos_token: str = b.eos_token
         self.add_bos: bool = b.add_bos
-        self.chat_template = _chat_template(files, config)
+        self.chat_template, self._template_source = _chat_template(files, config, Path(path))
+        self._compiled_template: Optional[ChatTemplate] = None
         self.stop_ids = frozenset({self.eos_id} | {i for i in map(b.token_to_id, END_OF_TURN_TOKENS) if i is not None})
+        self.special_tokens: dict[str, int] = b.special_tokens()
+        """The special tokens by spelling: what a prompt style's markers may write, and what text never encodes as."""
+        spellings = sorted(self.special_tokens, key=len, reverse=True)
+        self._spellings = re.compile("|".join(map(re.escape, spellings))) if spellings else None
+        self._placeholders = {s: chr(PLACEHOLDER + n) + PLACEHOLDER_FILL * (len(s) - 1) for n, s in enumerate(spellings)}
+        self._spelling_of = {chr(PLACEHOLDER + n): s for n, s in enumerate(spellings)}
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
-        """Token ids of ``text`` (int64); BOS leads where ``bos`` (default: ``add_bos``) unless the text starts with it."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:  # e.g. undecodable bytes of a command line, kept as surrogates
-            raise UserError(f"the text is not valid UTF-8 (at character {err.start}): pass UTF-8 text") from None
-        ids = self.backend.encode(text)
+        """Token ids of ``text`` (int64), special-token spellings in it included as text; BOS leads where ``bos``
+        (default: ``add_bos``), EOS ends where ``eos``."""
+        return self.encode_rendered(self.escape(text), bos, eos)
+
+    def encode_rendered(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:
+        """Token ids of a prompt style's rendering of ``escape``-d messages: the special-token spellings in it (the
+        style's markers) are those tokens; the rest is text. BOS and EOS as in ``encode``."""
+        ids = [token for token, _, _ in self.token_spans(text)]
         if (self.add_bos if bos is None else bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         if eos:
             ids = ids + [self.eos_id]
         return torch.tensor(ids, dtype=torch.long)
+
+    def token_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """The tokens of rendered ``text`` (see ``encode_rendered``), each with the span of characters it encodes."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # e.g. undecodable bytes of a command line, kept as surrogates
+            raise UserError(f"the text is not valid UTF-8 (at character {err.start}): pass UTF-8 text") from None
+        spans, start = [], 0
+        for marker in self._spellings.finditer(text) if self._spellings else ():
+            spans += self._text_spans(text, start, marker.start())
+            spans.append((self.special_tokens[marker.group()], marker.start(), marker.end()))
+            start = marker.end()
+        return spans + self._text_spans(text, start, len(text))
+
+    def _text_spans(self, text: str, start: int, end: int) -> list[tuple[int, int, int]]:
+        """The tokens of ``text[start:end]``, which holds no marker, with spans in ``text``."""
+        if start == end:
+            return []
+        return [(token, start + a, start + b) for token, a, b in self.backend.spans(self.unescape(text[start:end]))]
+
+    def first_special(self, text: str) -> Optional[re.Match]:
+        """The first special-token spelling in ``text`` (None: none)."""
+        return self._spellings.search(text) if self._spellings else None
+
+    def escape(self, text: str) -> str:
+        """``text`` with each special-token spelling replaced by a placeholder of the same length, which renderings
+        keep as text: see ``encode_rendered``. Text that already holds a placeholder is refused."""
+        if any(self._spelled(run) for run in PLACEHOLDER_RUN.finditer(text)):
+            raise UserError("the text holds private-use characters (U+100000 and on, then U+F0000) that lit_adapter "
+                            "uses for special-token spellings: remove them")
+        return self._spellings.sub(lambda m: self._placeholders[m.group()], text) if self._spellings else text
+
+    def unescape(self, text: str) -> str:
+        """``text`` with the placeholders of ``escape`` turned back into the spellings they stand for."""
+        def spelling(run: re.Match) -> str:
+            spelled = self._spelled(run)
+            return spelled + run.group()[len(spelled):] if spelled else run.group()
+
+        return PLACEHOLDER_RUN.sub(spelling, text)
+
+    def _spelled(self, run: re.Match) -> str:
+        """The spelling that a run of ``PLACEHOLDER_RUN`` begins with ("": none)."""
+        spelled = self._spelling_of.get(run.group(1), "")
+        return spelled if len(spelled) <= len(run.group()) else ""
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):
@@ -80,26 +145,12 @@ class Tokenizer:
         return self.backend.decode(list(ids))
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The chat as the model's template writes it (Jinja2, sandboxed, with transformers' variables)."""
-        if not self.chat_template:
+        """The chat as the model's template writes it (Jinja2, sandboxed and bounded, with transformers' variables)."""
+        if self.chat_template is None:
             raise UserError(f"the tokenizer in {self.path} has no chat template: pass the prompt as plain text")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.bos_token or "",
-                                    self.eos_token)
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool, bos_token: str,
-                         eos_token: str) -> str:
-    """Render a Hugging Face chat template; ``raise_exception`` in it and template errors become a ``UserError``."""
-    def raise_exception(message: str) -> None:
-        raise UserError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                bos_token=bos_token, eos_token=eos_token)
-    except TemplateError as err:
-        raise UserError(f"the chat template cannot be rendered: {err}") from None
+        if self._compiled_template is None:  # compiled at first use: a broken template only fails what uses it
+            self._compiled_template = ChatTemplate(self.chat_template, self._template_source)
+        return self._compiled_template.render(messages, add_generation_prompt, self.bos_token or "", self.eos_token)
 
 
 # ---- the tokenizer files of a checkpoint
@@ -134,7 +185,8 @@ def _name_of(files: TokenizerFiles, name: str, path: Path) -> str:
 
 
 def _read_text(source: "Path | str | bytes") -> str:
-    return Path(source).read_text() if isinstance(source, Path) else source
+    """The text of a tokenizer file, or the generated text itself."""
+    return read_text(source) if isinstance(source, Path) else source
 
 
 def _tokenizer_config(files: TokenizerFiles, path: Path) -> dict:
@@ -144,18 +196,22 @@ def _tokenizer_config(files: TokenizerFiles, path: Path) -> dict:
     return _read_json(files[TOKENIZER_CONFIG], _name_of(files, TOKENIZER_CONFIG, path))
 
 
-def _chat_template(files: TokenizerFiles, config: dict) -> Optional[str]:
-    """The chat template: ``chat_template.jinja``, else the config's (the default one of named templates)."""
-    template = _read_text(files[CHAT_TEMPLATE_FILE]) if CHAT_TEMPLATE_FILE in files else config.get("chat_template")
-    if isinstance(template, list):
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return template
+def _chat_template(files: TokenizerFiles, config: dict, path: Path) -> tuple[Any, str]:
+    """The chat template (None: none; checked when compiled) and the file it is in: ``chat_template.jinja``, else
+    the config's (the default one of named templates)."""
+    if CHAT_TEMPLATE_FILE in files:
+        return _read_text(files[CHAT_TEMPLATE_FILE]), _name_of(files, CHAT_TEMPLATE_FILE, path)
+    template = config.get("chat_template")
+    if isinstance(template, list) and all(isinstance(t, dict) for t in template):
+        named = [t for t in template if t.get("name") == "default"]
+        template = named[0].get("template") if named else None
+    return template, _name_of(files, TOKENIZER_CONFIG, path) if template is not None else ""
 
 
 def _read_json(source: "Path | str", what: str) -> dict:
     try:
         value = json.loads(_read_text(source))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise UserError(f"{what} is not a Hugging Face tokenizer file (not valid JSON: {err})") from None
     if not isinstance(value, dict):
         raise UserError(f"{what} is not a Hugging Face tokenizer file (no JSON object)")
@@ -192,8 +248,16 @@ class _SentencePieceBackend:
         piece = self.processor.PieceToId(token)
         return None if piece == self.processor.unk_id() and token != self.processor.IdToPiece(piece) else piece
 
-    def encode(self, text: str) -> list[int]:
-        return self.processor.EncodeAsIds(text)
+    def special_tokens(self) -> dict[str, int]:
+        return {self.processor.IdToPiece(i): i for i in range(self.vocab_size) if self.processor.IsControl(i)}
+
+    def spans(self, text: str) -> list[tuple[int, int, int]]:
+        """Tokens of ``text`` with their character spans (SentencePiece counts bytes)."""
+        pieces = SentencePieceText.FromString(self.processor.encode(text, out_type="serialized_proto")).pieces
+        if text.isascii():
+            return [(piece.id, piece.begin, piece.end) for piece in pieces]
+        char_at = [i for i, char in enumerate(text) for _ in char.encode("utf-8")] + [len(text)]
+        return [(piece.id, char_at[piece.begin], char_at[piece.end]) for piece in pieces]
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.DecodeIds(ids)
@@ -219,6 +283,8 @@ class _HFBackend:
         self.eos_id = self._id_of(self.eos_token, "eos_token", what)
         add_bos = config.get("add_bos_token")
         self.add_bos = bool(add_bos) if add_bos is not None else leading is not None and leading == self.bos_token
+        self.tokenizer.encode_special_tokens = True  # special-token spellings in text are text
+        self.tokenizer.post_processor = None  # adds nothing without special tokens, and its offsets would skip spaces
 
     def _id_of(self, token: str, role: str, what: str) -> int:
         """The id of a special token that the config (or the post-processor) names."""
@@ -247,8 +313,13 @@ class _HFBackend:
     def token_to_id(self, token: str) -> Optional[int]:
         return self.tokenizer.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def special_tokens(self) -> dict[str, int]:
+        return {token.content: i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+
+    def spans(self, text: str) -> list[tuple[int, int, int]]:
+        """Tokens of ``text`` with their character spans."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return [(token, start, end) for token, (start, end) in zip(encoding.ids, encoding.offsets)]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -132,3 +132,16 @@ def another_sentencepiece_model(model: Path, destination: Path) -> Path:
     first.piece, second.piece = second.piece, first.piece
     destination.write_bytes(proto.SerializeToString())
     return destination
+
+
+@pytest.fixture(scope="session")
+def llama3_converted(tmp_path_factory) -> Path:
+    """Meta's Llama 3 tiktoken ``tokenizer.model`` as conversion writes it for Llama 3.0 (whose tokenizer.json
+    ../shared/data holds): tokenizer.json, tokenizer_config.json (with Meta's chat template)."""
+    from lit_adapter.checkpoint import save_tokenizer_files
+    from lit_adapter.convert import find_tokenizer
+
+    download, converted = tmp_path_factory.mktemp("llama3_meta"), tmp_path_factory.mktemp("llama3_converted")
+    (download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+    save_tokenizer_files(find_tokenizer("meta", download, llama3_release="3.0"), converted)
+    return converted

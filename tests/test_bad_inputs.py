@@ -36,7 +36,7 @@ from conftest import ROOT, another_sentencepiece_model, run_script, run_script_i
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
 from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
 from lit_adapter.cli import run_cli
-from lit_adapter.checkpoint import CONFIG_FILE, read_config, save_config
+from lit_adapter.checkpoint import CONFIG_FILE
 from lit_adapter.config import Config
 from lit_adapter.train.lightning_cli import AdapterCLI
 from lit_adapter.train.lightning_cli import main as trainer_main
@@ -369,6 +369,50 @@ ROWS = [
     row("prepare-json-lines-with-a-broken-line", prepare("--data_file", "{jsonl}"), 1,
         r"error: {jsonl} line 2 is not valid JSON \(Expecting property name enclosed in double quotes at column 2\); "
         r"JSON Lines hold one record per line$"),
+    # reliability round 3: generation and prompts
+    row("generate-requests-not-utf8", generate("--requests_path", "{requests_latin1}"), 1,
+        r"error: {requests_latin1} is not UTF-8 text \(byte 15\): save it as UTF-8$"),
+    row("generate-requests-nested-too-deep", generate("--requests_path", "{requests_deep}"), 1,
+        r"error: {requests_deep} line 1 is not JSON: maximum recursion depth exceeded"),
+    row("generate-output-path-is-a-directory", generate("--requests_path", "{requests}", "--output_path", "{tmp}"), 1,
+        r"error: --output_path {tmp} is a directory: name a file in it$"),
+    row("generate-output-path-without-requests", generate("--output_path", "{tmp}/answers.jsonl"), 1,
+        r"error: --output_path is where the answers to --requests_path go: give --requests_path too$"),
+    row("generate-empty-prompt-without-bos", generate("--checkpoint_dir", "{ckpt_without_bos}", "--prompt", ""), 1,
+        r"error: the prompt is empty and the model has no BOS token to begin with: give a prompt$"),
+    row("generate-negative-seed", generate("--seed", "-1"), 1,
+        r"error: --seed must be a whole number from 0 to 4294967295, got -1$"),
+    row("prepare-negative-seed", prepare("--seed", "-1"), 1,
+        r"error: --seed must be a whole number from 0 to 4294967295, got -1$"),
+    row("finetune-negative-seed", finetune("--seed", "-1"), 1,
+        r"error: --seed must be a whole number from 0 to 4294967295, got -1$"),
+    row("generate-chat-template-not-utf8", generate("--checkpoint_dir", "{template_latin1}", "--prompt_style", "chat"),
+        1, r"error: {template_latin1}/chat_template\.jinja is not UTF-8 text \(byte 4\): save it as UTF-8$"),
+    row("generate-chat-template-loops-for-ever", generate("--checkpoint_dir", "{template_loops}", "--prompt_style",
+                                                          "chat"), 1,
+        r"error: the chat template of {template_loops}/chat_template\.jinja loops more than 1000000 times: it "
+        r"cannot be a chat prompt$"),
+    row("generate-chat-template-writes-too-much", generate("--checkpoint_dir", "{template_floods}", "--prompt_style",
+                                                           "chat"), 1,
+        r"error: the chat template of {template_floods}/chat_template\.jinja writes more than 16777216 characters"),
+    row("generate-chat-template-multiplies-a-string", generate("--checkpoint_dir", "{template_multiplies}",
+                                                               "--prompt_style", "chat"), 1,
+        r"error: the chat template of {template_multiplies}/chat_template\.jinja makes a sequence of 60000000 items: "
+        r"refused$"),
+    row("generate-chat-template-recurses", generate("--checkpoint_dir", "{template_recurses}", "--prompt_style",
+                                                    "chat"), 1,
+        r"error: the chat template of {template_recurses}/chat_template\.jinja recurses or grows without bound$"),
+    row("generate-chat-template-is-a-number", generate("--checkpoint_dir", "{template_number}", "--prompt_style",
+                                                       "chat"), 1,
+        r"error: the chat template of {template_number}/tokenizer_config\.json is not text \(a int\): fix or "
+        r"remove it$"),
+    row("generate-chat-template-list-of-strings", generate("--checkpoint_dir", "{template_list}", "--prompt_style",
+                                                           "chat"), 1,
+        r"error: the chat template of {template_list}/tokenizer_config\.json is not text \(a list\): fix or "
+        r"remove it$"),
+    row("adapter-with-extreme-values", generate_adapter("--adapter_path", "{extreme_adapter}"), 1,
+        r"error: the model's next-token scores are not finite \(inf or nan\): an adapter holds values far beyond "
+        r"trained ones"),
     # 12. the Trainer route
     row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
         r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
@@ -484,6 +528,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     add_reliability_assets(a, records)
     add_training_round3_assets(a, records)
     add_checkpoint_metadata_assets(a, records)
+    add_generation_round3_assets(a)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -642,6 +687,36 @@ def add_checkpoint_metadata_assets(a: dict[str, Path], records: list[dict]) -> N
     a["lone_tiktoken"] = tmp / "lone_tiktoken" / "tokenizer.model"
     a["lone_tiktoken"].parent.mkdir()
     a["lone_tiktoken"].symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
+
+
+CHAT_TEMPLATES = {  # checkpoints whose chat template is bad, and the file it is in
+    "template_latin1": ("chat_template.jinja", "{{ '\xe9' }}".encode("latin-1")),
+    "template_loops": ("chat_template.jinja", "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                              "{% endfor %}"),
+    "template_floods": ("chat_template.jinja", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"),
+    "template_multiplies": ("chat_template.jinja", "{{ 'x' * 60000000 }}"),
+    "template_recurses": ("chat_template.jinja", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"),
+    "template_number": ("tokenizer_config.json", json.dumps({"chat_template": 5})),
+    "template_list": ("tokenizer_config.json", json.dumps({"chat_template": ["{{ 'x' }}"]})),
+}
+
+
+def add_generation_round3_assets(a: dict[str, Path]) -> None:
+    """Files for the generation rows of reliability round 3: requests, chat templates, an adapter, a checkpoint."""
+    tmp, ckpt = a["tmp"], a["ckpt"]
+    a["requests"], a["requests_latin1"], a["requests_deep"] = (tmp / f"{n}.jsonl" for n in ("ok", "latin1", "deep"))
+    a["requests"].write_text('{"prompt": "Once"}\n')
+    a["requests_latin1"].write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    a["requests_deep"].write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    for name, (file, content) in {**CHAT_TEMPLATES, "ckpt_without_bos": ("tokenizer_config.json",
+                                                                          '{"add_bos_token": false}')}.items():
+        a[name] = tmp / name
+        shutil.copytree(ckpt, a[name])
+        (a[name] / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    model = load_model(ckpt, adapter=True)
+    a["extreme_adapter"] = tmp / "extreme_adapter.safetensors"
+    save_adapter(a["extreme_adapter"], None, model.config,
+                 state_dict={k: torch.full_like(v, 1e30) for k, v in adapter_state_dict(model).items()})
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

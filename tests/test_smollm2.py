@@ -98,7 +98,7 @@ def test_chat_samples_learn_exactly_the_assistant_turns(alpaca):
     sample, truncated = tokenize_sample(record, tokenizer, 512, style="chat")
     ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
     learned = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
-    end = tokenizer.encode("<|im_end|>\n", bos=False).tolist()
+    end = [tokenizer.special_tokens["<|im_end|>"]]  # each answer's end-of-turn token, not the newline after it
     assert learned == (tokenizer.encode("Blue.", bos=False).tolist() + end
                        + tokenizer.encode("Red.", bos=False).tolist() + end)
     # the prompt of the first answer is the model's own chat prompt, as generation writes it
@@ -111,7 +111,7 @@ def test_chat_prepared_data_records_its_style_and_masks_the_template(alpaca):
     data.setup()
     assert data.prompt_style == "chat"
     tokenizer = alpaca["tokenizer"]
-    im_end = tokenizer.encode("<|im_end|>", bos=False).tolist()
+    im_end = [tokenizer.special_tokens["<|im_end|>"]]
     for sample in data.splits["val"]:
         ids, labels = sample["input_ids"].tolist(), sample["labels"].tolist()
         first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)

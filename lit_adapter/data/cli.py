@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.checkpoint import CONFIG_FILE, QUICK_START_CHECKPOINT, read_config
+from lit_adapter.cli import check_seed
 from lit_adapter.data.prepare import VAL_SIZE, default_val_size, prepare_dataset
 from lit_adapter.data.records import download_alpaca, load_records
 from lit_adapter.errors import UserError
@@ -48,6 +49,7 @@ def main(destination_dir: Path = Path("data/alpaca"), checkpoint_dir: Optional[P
         raise UserError(f"checkpoint directory {checkpoint_dir} not found: pass --checkpoint_dir (holding the "
                         "tokenizer) or --tokenizer_path")
     check_can_create(destination_dir, "--destination_dir")
+    check_seed(seed)
     tokenizer = Tokenizer(tokenizer_path or checkpoint_dir)
     max_seq_length = checked_length(max_seq_length, checkpoint_dir)
     records, data_file = read_records(data_file, destination_dir, skip_bad_records)

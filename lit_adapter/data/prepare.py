@@ -3,6 +3,7 @@
 
 import math
 import statistics
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -63,19 +64,36 @@ def tokenize_sample(record: dict, tokenizer: Tokenizer, max_seq_length: int, mas
 
 
 def encode_segments(tokenizer: Tokenizer, segments: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    """Token ids of the joined ``segments`` and, per token, whether its segment is learned.
+    """Token ids of the joined ``segments`` (rendered text) and, per token, whether its segment is learned.
 
-    Each segment's tokens are those that tokenizing the text so far adds; where that would change the tokens
-    before it (a token spanning the boundary), the segment is tokenized on its own.
+    The text is tokenized whole; where a token would span two segments, the text is cut there and each side is
+    tokenized on its own (so that a prompt keeps the tokens it has at generation time). Linear in the text.
     """
-    ids, learned, text = [], [], ""
-    for piece, learn in segments:
-        text += piece
-        so_far = tokenizer.encode(text, bos=False).tolist()
-        new = so_far[len(ids):] if so_far[:len(ids)] == ids else tokenizer.encode(piece, bos=False).tolist()
-        ids += new
-        learned += [learn] * len(new)
-    return ids, learned
+    text = "".join(piece for piece, _ in segments)
+    ends = list(accumulate(len(piece) for piece, _ in segments))
+    cuts = [0, len(text)]
+    while True:
+        spans = [(token, start + a, start + b) for start, end in zip(cuts, cuts[1:])
+                 for token, a, b in tokenizer.token_spans(text[start:end])]
+        spanned = spanned_ends(spans, ends)
+        if not spanned:
+            break
+        cuts = sorted(set(cuts) | spanned)
+    learned_at = [learned for piece, learned in segments for _ in piece]
+    return [token for token, _, _ in spans], [learned_at[min(a, len(text) - 1)] for _, a, _ in spans]
+
+
+def spanned_ends(spans: list[tuple[int, int, int]], ends: list[int]) -> set[int]:
+    """The segment ``ends`` (sorted) that a token of ``spans`` (sorted by start) starts before and ends after."""
+    spanned, next_end = set(), 0
+    for _, start, stop in spans:
+        while next_end < len(ends) and ends[next_end] <= start:
+            next_end += 1
+        inside = next_end
+        while inside < len(ends) and ends[inside] < stop:
+            spanned.add(ends[inside])
+            inside += 1
+    return spanned
 
 
 def check_max_seq_length(max_seq_length: int) -> None:

@@ -5,14 +5,16 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from tqdm import tqdm
 
 from lit_adapter.adapter import AdapterLLaMA
+from lit_adapter.cli import check_seed
 from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, BaseCheckpoint, open_checkpoint
 from lit_adapter.errors import UserError
+from lit_adapter.files import check_can_write_file
 from lit_adapter.generate.adapters import AdapterSet, load_generation_model, open_adapters
 from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate, stream_text
 from lit_adapter.generate.engine import Engine, Job
@@ -62,7 +64,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
         accelerator: "cpu", "cuda" or "auto" (a GPU if there is one).
     """
     defaults = Request(prompt, adapter, max_new_tokens, temperature, top_k, top_p)
-    check_options(defaults, num_samples, batch_size, chat_context, interactive, requests_path)
+    check_options(defaults, num_samples, batch_size, chat_context, seed, interactive, requests_path, output_path)
     torch.manual_seed(seed)
     prompting = Prompting(prompt_style, system)
     base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults, prompting,
@@ -136,13 +138,18 @@ def warn_about_overridden_styles(adapters: AdapterSet, used: set[Optional[str]],
                   f"{trained} style", file=sys.stderr)
 
 
-def check_options(defaults: Request, num_samples: int, batch_size: int, chat_context: int, interactive: bool,
-                  requests_path: Optional[Path]) -> None:
+def check_options(defaults: Request, num_samples: int, batch_size: int, chat_context: int, seed: int,
+                  interactive: bool, requests_path: Optional[Path], output_path: Optional[Path]) -> None:
     check_request(defaults)
     if num_samples < 1 or batch_size < 1 or chat_context < 1:
         raise UserError("num_samples, batch_size and chat_context must be at least 1")
+    check_seed(seed)
     if interactive and requests_path is not None:
         raise UserError("--interactive and --requests_path exclude each other: chat, or answer a file")
+    if output_path is not None:
+        if requests_path is None:
+            raise UserError("--output_path is where the answers to --requests_path go: give --requests_path too")
+        check_can_write_file(output_path, "--output_path")
 
 
 def first_adapter(request: Request, adapters: AdapterSet) -> Request:
@@ -157,8 +164,10 @@ def encode_requests(requests: list[Request], adapters: AdapterSet, prompting: Pr
     prompts = []
     for number, request in enumerate(requests, start=1):
         ids = prompting.encode(adapters, request, base.tokenizer)
+        where = f"request {number}: " if numbered else ""
+        if ids.numel() == 0:
+            raise UserError(f"{where}the prompt is empty and the model has no BOS token to begin with: give a prompt")
         if ids.numel() + request.max_new_tokens > base.config.block_size:
-            where = f"request {number}: " if numbered else ""
             raise UserError(f"{where}the prompt is {ids.numel()} tokens; with max_new_tokens={request.max_new_tokens} "
                             f"it exceeds the model's context of {base.config.block_size} tokens")
         prompts.append(ids)
@@ -239,7 +248,7 @@ def chat(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional
     messages: list[Message] = []
     replies = []
     print("Chat: type a message and Enter; an empty line ends.", file=sys.stderr)
-    for line in sys.stdin:
+    for line in stdin_lines():
         if not line.strip():
             break
         messages.append({"role": "user", "content": line.rstrip("\n")})
@@ -256,3 +265,14 @@ def chat(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional
         replies.append(tokenizer.decode(stream_text(tokenizer, tokens)))
         messages.append({"role": "assistant", "content": replies[-1]})
     return replies
+
+
+def stdin_lines() -> Iterator[str]:
+    """The lines typed on stdin, read as UTF-8 whatever the locale; a line that is not UTF-8 is a ``UserError``."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="strict")
+    try:
+        yield from sys.stdin
+    except UnicodeDecodeError as err:
+        raise UserError(f"the message typed is not UTF-8 text (byte {err.start}): type UTF-8, or set a UTF-8 "
+                        "locale") from None

@@ -13,7 +13,7 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Text
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.generate.sampling import Option, sample, seeded_noise
+from lit_adapter.generate.sampling import Option, check_token, sample, seeded_noise
 from lit_adapter.model import CacheView, LLaMA
 from lit_adapter.tokenizer import Tokenizer
 
@@ -24,8 +24,9 @@ def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor,
                      top_k: Optional[Option], top_p: Option, seeds: Optional[torch.Tensor] = None,
                      view: Optional[CacheView] = None) -> torch.Tensor:
     """One decoding step: each row's token (B, 1) at its own position ``input_pos`` (B, 1) in, the next (B, 1) out,
-    drawn with torch's generator or, given ``seeds`` (B,), with each row's ``seeded_noise``."""
-    logits = model(token, input_pos, view=view)[:, -1]
+    drawn with torch's generator or, given ``seeds`` (B,), with each row's ``seeded_noise``. A row whose token
+    is ``NON_FINITE`` (its job has failed) reads token 0."""
+    logits = model(token.clamp(min=0), input_pos, view=view)[:, -1]  # a NON_FINITE row reads token 0
     noise = None if seeds is None else seeded_noise(seeds, input_pos + 1, logits.size(-1))
     return sample(logits, temperature, top_k, top_p, noise)
 
@@ -145,7 +146,7 @@ def generate(model: LLaMA, prompt: torch.Tensor, max_new_tokens: int, temperatur
     The model must have a KV cache (``model.set_kv_cache``) long enough for prompt + new tokens.
     """
     for (token_id,) in generate_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, decode_fn):
-        yield token_id
+        yield check_token(token_id)
         if token_id in stop_ids:
             return
 
@@ -163,7 +164,7 @@ def generate_batch(model: LLaMA, prompts: Sequence[torch.Tensor], max_new_tokens
     for step in generate_steps(model, prompts, limits, temperature, top_k, top_p, decode_fn):
         for row, token_id in enumerate(step):
             if not done[row]:
-                outputs[row].append(token_id)
+                outputs[row].append(check_token(token_id))
                 done[row] = token_id in stop_ids or len(outputs[row]) == limits[row]
         if all(done):
             break

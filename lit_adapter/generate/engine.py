@@ -19,7 +19,7 @@ import torch
 
 from lit_adapter.adapter import AdapterLLaMA
 from lit_adapter.generate.decode import DecodeFn, GraphDecode, decode_one_token
-from lit_adapter.generate.sampling import sample, seeded_noise
+from lit_adapter.generate.sampling import check_token, sample, seeded_noise
 from lit_adapter.model import CacheView, LLaMA
 
 SEED_RANGE = 1 << 62
@@ -285,7 +285,7 @@ class Engine:
         """Give the job in ``slot`` its new token; end it at a stop token or its length."""
         job = self.slots[slot]
         job.first_token_at = job.first_token_at or time.perf_counter()
-        if token in job.stop_ids:
+        if check_token(token) in job.stop_ids:
             self.finish(slot, "stop")
             return
         job.tokens.append(token)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lit_adapter.errors import UserError
-from lit_adapter.files import atomic_path
+from lit_adapter.files import atomic_path, read_text
 from lit_adapter.generate.engine import Sampling
 
 
@@ -53,7 +53,7 @@ def read_requests(path: Path, defaults: Request) -> list[Request]:
     if not path.is_file():
         raise UserError(f"requests file {path} not found")
     requests = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             requests.append(parse_request(line, defaults, f"{path} line {number}"))
     if not requests:
@@ -64,7 +64,7 @@ def read_requests(path: Path, defaults: Request) -> list[Request]:
 def parse_request(line: str, defaults: Request, where: str) -> Request:
     try:
         fields = json.loads(line)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested beyond Python's stack
         raise UserError(f"{where} is not JSON: {err}") from None
     if not isinstance(fields, dict) or "prompt" not in fields:
         raise UserError(f"{where}: expected a JSON object with a \"prompt\"")

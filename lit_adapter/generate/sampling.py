@@ -4,18 +4,23 @@ the temperature-scaled distribution restricted to the top k tokens and the top-p
 The options are numbers for the whole batch, or (B, 1) tensors with a value per row (a running batch whose rows
 belong to different requests). The draw is ``argmax(p / E)`` with E ~ Exp(1) per token: from torch's generator, or
 from ``seeded_noise``, which depends only on a row's seed and position, so a seeded request draws the same tokens
-whatever else runs in its batch.
+whatever else runs in its batch. A row whose logits are not all finite draws ``NON_FINITE``, which the host refuses
+(``check_token``) when it reads the token.
 """
 
 from typing import Optional, Union
 
 import torch
 
+from lit_adapter.errors import UserError
+
 Option = Union[float, int, torch.Tensor]
 """A sampling option: a number for every row, or a (B, 1) tensor of one per row."""
 TINY = torch.finfo(torch.float32).tiny
 """Temperatures below this are greedy (a smaller one would be 0 in float32)."""
 MASK64 = (1 << 64) - 1
+NON_FINITE = -1
+"""The token of a row whose logits hold inf or nan: no token (the next step reads token 0 in its place)."""
 
 
 def sample(logits: torch.Tensor, temperature: Option = 1.0, top_k: Optional[Option] = None, top_p: Option = 1.0,
@@ -25,6 +30,20 @@ def sample(logits: torch.Tensor, temperature: Option = 1.0, top_k: Optional[Opti
     ``top_k`` None (or a row's value at least the vocabulary) keeps every token; ``noise``: Exp(1) draws shaped like
     the logits (default: drawn from torch's generator).
     """
+    finite = logits.isfinite().all(dim=-1, keepdim=True)
+    return torch.where(finite, _draw(logits, temperature, top_k, top_p, noise), NON_FINITE)
+
+
+def check_token(token: int) -> int:
+    """``token``, or a one-line ``UserError`` where it is ``NON_FINITE``."""
+    if token == NON_FINITE:
+        raise UserError("the model's next-token scores are not finite (inf or nan): an adapter holds values far "
+                        "beyond trained ones, or the model overflows its precision (try --precision bf16-true)")
+    return token
+
+
+def _draw(logits: torch.Tensor, temperature: Option, top_k: Optional[Option], top_p: Option,
+          noise: Optional[torch.Tensor]) -> torch.Tensor:
     greedy = logits.argmax(dim=-1, keepdim=True)
     per_row = isinstance(temperature, torch.Tensor)
     if not per_row and temperature < TINY:

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, open_checkpoint
+from lit_adapter.cli import check_seed
 from lit_adapter.errors import UserError
 from lit_adapter.generate.adapters import load_generation_model, open_adapters
 from lit_adapter.generate.decode import GraphDecode, decode_one_token
@@ -50,6 +51,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
     import uvicorn
 
     check_options(port, max_batch, max_waiting, prefill_chunk, max_seq_length)
+    check_seed(seed)
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = open_checkpoint(checkpoint_dir)

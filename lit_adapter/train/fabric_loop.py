@@ -20,7 +20,7 @@ from tqdm import tqdm
 from lit_adapter.adapter import AdapterArgs, trainable_summary
 from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCheckpoint, check_adapter_name,
                                     load_model, open_checkpoint)
-from lit_adapter.cli import StopRequest, progress
+from lit_adapter.cli import StopRequest, check_seed, progress
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
@@ -295,6 +295,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
     hparams = {k: (asdict(v) if isinstance(v, (AdapterArgs, TrainArgs, EvalArgs)) else str(v) if isinstance(v, Path)
                    else v) for k, v in locals().items()}
     check_options(save_interval, eval, train, devices, out_dir)
+    check_seed(seed)
     hparams["name"] = check_adapter_name(name or Path(out_dir).resolve().name)
     precision = check_precision(precision or default_precision(torch.cuda.is_available()), strategy).name
     base = open_checkpoint(checkpoint_dir, adapter.config)  # a shape that does not fit fails before any loading

@@ -14,7 +14,7 @@ import torch
 from conftest import SMOLLM2_GGUF, run_script_in_this_process, shared_file
 from tests.convert.test_convert import lit_to_meta, randomize_
 
-from lit_adapter.checkpoint import load_model, read_config, save_checkpoint_dir, save_tokenizer_files
+from lit_adapter.checkpoint import load_model, read_config, save_checkpoint_dir
 from lit_adapter.config import Config
 from lit_adapter.convert import convert, find_tokenizer
 from lit_adapter.convert.gguf import GGUF_LAYER_NAMES, GGUF_NAMES
@@ -46,15 +46,9 @@ LLAMA3_8B_PARAMS = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
 
 
 @pytest.fixture(scope="session")
-def llama3_dirs(tmp_path_factory) -> dict[str, Path]:
-    """The released (Llama 3.0) tokenizer.json, and the tiktoken tokenizer.model of Meta's Llama 3 8B download (its
-    params.json beside it) as conversion writes it."""
-    released = shared_file("llama3_tokenizer/tokenizer.json")
-    meta_download, converted = tmp_path_factory.mktemp("llama3_meta"), tmp_path_factory.mktemp("llama3_converted")
-    (meta_download / "tokenizer.model").symlink_to(shared_file("llama3_tokenizer/tokenizer.model"))
-    (meta_download / "params.json").write_text(json.dumps(LLAMA3_8B_PARAMS))
-    save_tokenizer_files(find_tokenizer("meta", meta_download), converted)
-    return {"released": released, "converted": converted}
+def llama3_dirs(llama3_converted) -> dict[str, Path]:
+    """The released (Llama 3.0) tokenizer.json, and the tiktoken tokenizer.model of a Meta download as conversion writes it."""
+    return {"released": shared_file("llama3_tokenizer/tokenizer.json"), "converted": llama3_converted}
 
 
 def test_llama3_encodings_equal_hf_tokenizers(llama3_dirs):
@@ -64,9 +58,9 @@ def test_llama3_encodings_equal_hf_tokenizers(llama3_dirs):
     released, converted = Tokenizer(llama3_dirs["released"]), Tokenizer(llama3_dirs["converted"])
     assert sorted(os.listdir(llama3_dirs["converted"])) == ["tokenizer.json", "tokenizer_config.json"]
     for text in LLAMA3_TEXTS:
-        expected = reference.encode(text, add_special_tokens=False).ids
-        assert released.encode(text, bos=False).tolist() == expected, text
-        assert converted.encode(text, bos=False).tolist() == expected, text
+        expected = reference.encode(text, add_special_tokens=False).ids  # a rendering: special spellings are tokens
+        assert released.encode_rendered(text, bos=False).tolist() == expected, text
+        assert converted.encode_rendered(text, bos=False).tolist() == expected, text
         assert converted.decode(expected) == reference.decode(expected, skip_special_tokens=True)
     assert converted.encode("This is a test sentence.", eos=True).tolist() == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001]
@@ -125,7 +119,7 @@ def test_llama3_chat_format_is_exact(llama3_dirs):
                     "<|start_header_id|>assistant<|end_header_id|>\n\n")
     be_brief, hi_there = (tokenizer.encode(t, bos=False).tolist() for t in ("Be brief.", "Hi there"))
     # BOS is in the text already and is not added twice; 9125 system, 882 user, 78191 assistant, 271 "\n\n"
-    assert tokenizer.encode(text).tolist() == [128000, 128006, 9125, 128007, 271, *be_brief, 128009,
+    assert tokenizer.encode_rendered(text).tolist() == [128000, 128006, 9125, 128007, 271, *be_brief, 128009,
                                                128006, 882, 128007, 271, *hi_there, 128009,
                                                128006, 78191, 128007, 271]
     plain = Tokenizer(llama3_dirs["released"])  # a tokenizer.json without tokenizer_config.json
@@ -334,7 +328,7 @@ def test_gguf_f32_weights_convert_exactly(tmp_path, tied):
     tokenizer = Tokenizer(tmp_path / "tiny.gguf", files)
     assert (tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id, tokenizer.add_bos) == (258, 257, None, False)
     # the alphabet lists the printable bytes from "!" (33) first, so "c" (99) is token 66
-    assert tokenizer.encode("abc<|end|>").tolist() == [256, 66, 257]
+    assert tokenizer.encode_rendered("abc<|end|>").tolist() == [256, 66, 257]
 
 
 def test_gguf_bos_token_id_minus_one_means_no_bos(tmp_path):
@@ -406,7 +400,7 @@ def smollm2(smollm2_checkpoint) -> dict:
     hf_tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = Tokenizer(ours)
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_rendered(prompt)
     with torch.no_grad():
         greedy = hf.generate(ids[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, ids.numel():].tolist()
     return {"ours": ours, "hf": hf, "hf_tokenizer": hf_tokenizer, "tokenizer": tokenizer, "prompt": prompt,
@@ -420,10 +414,11 @@ def run_script(script: str, *args: str, capfd) -> subprocess.CompletedProcess:
     return result
 
 
-def greedy_text(checkpoint_dir: Path, prompt: str, capfd) -> str:
-    """What generate/base.py prints for ``prompt``, greedy, NEW_TOKENS at most."""
-    result = run_script("generate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--prompt", prompt,
-                        "--temperature", "0", "--max_new_tokens", str(NEW_TOKENS), capfd=capfd)
+def greedy_text(checkpoint_dir: Path, capfd) -> str:
+    """What generate/base.py prints for the ``CHAT`` message in the model's chat template, greedy, NEW_TOKENS at most."""
+    result = run_script("generate/base.py", "--checkpoint_dir", str(checkpoint_dir), "--prompt", CHAT[0]["content"],
+                        "--prompt_style", "chat", "--temperature", "0", "--max_new_tokens", str(NEW_TOKENS),
+                        capfd=capfd)
     return result.stdout.removesuffix("\n")
 
 
@@ -446,7 +441,7 @@ def test_smollm2_gguf_tokenizer_and_chat_template(smollm2):
                       "<|im_start|>assistant\n")
     assert smollm2["hf_tokenizer"].apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == prompt
     for text in [prompt, *LLAMA3_TEXTS]:
-        assert tokenizer.encode(text).tolist() == smollm2["hf_tokenizer"](text)["input_ids"], text
+        assert tokenizer.encode_rendered(text).tolist() == smollm2["hf_tokenizer"](text)["input_ids"], text
 
 
 def test_smollm2_gguf_logits_match_transformers(smollm2):
@@ -461,7 +456,7 @@ def test_smollm2_gguf_logits_match_transformers(smollm2):
 def test_smollm2_gguf_greedy_generation_matches_transformers(smollm2, capfd):
     text = expected_text(smollm2)
     assert text.startswith("1. Stay hydrated: Drink plenty of water, and avoid sugary drinks.")
-    assert greedy_text(smollm2["ours"], smollm2["prompt"], capfd) == text
+    assert greedy_text(smollm2["ours"], capfd) == text
 
 
 def test_smollm2_hf_folder_converts_to_the_same_model(smollm2, tmp_path, capfd):
@@ -479,6 +474,6 @@ def test_smollm2_hf_folder_converts_to_the_same_model(smollm2, tmp_path, capfd):
                "--output_dir", str(out), capfd=capfd)
     tokenizer = Tokenizer(out)
     assert tokenizer.apply_chat_template(CHAT, add_generation_prompt=True) == smollm2["prompt"]
-    assert tokenizer.encode(smollm2["prompt"]).tolist() == smollm2["ids"].tolist()
-    assert greedy_text(out, smollm2["prompt"], capfd) == expected_text(smollm2)
+    assert tokenizer.encode_rendered(smollm2["prompt"]).tolist() == smollm2["ids"].tolist()
+    assert greedy_text(out, capfd) == expected_text(smollm2)
 

@@ -165,9 +165,15 @@ def test_response_is_tokenized_alone_where_a_token_would_span_the_prompt_end():
         bos_id, eos_id, add_bos = 1, 2, True
         vocab: dict[str, int] = {}
 
-        def encode(self, text: str, bos: bool = False) -> torch.Tensor:
-            pieces = [m.group() for m in re.finditer(r"\n.?|.", text, re.DOTALL)]
-            return torch.tensor([self.vocab.setdefault(p, 3 + len(self.vocab)) for p in pieces])
+        def token_spans(self, text: str) -> list[tuple[int, int, int]]:
+            return [(self.vocab.setdefault(m.group(), 3 + len(self.vocab)), m.start(), m.end())
+                    for m in re.finditer(r"\n.?|.", text, re.DOTALL)]
+
+        def encode(self, text: str) -> torch.Tensor:
+            return torch.tensor([token for token, _, _ in self.token_spans(text)])
+
+        def escape(self, text: str) -> str:
+            return text
 
     tok = MergingTokenizer()
     record = {"instruction": "Hi", "input": "", "output": "ok"}

@@ -84,3 +84,32 @@ def test_download_errors_are_one_line_and_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", gated)
     with pytest.raises(UserError, match="org/model is gated: accept its license.*--token or set HF_TOKEN"):
         download_hf("org/model", tmp_path)
+
+
+def test_a_long_conversation_prepares_in_work_linear_in_its_turns(llama3_converted, monkeypatch):
+    """Characters rendered by the chat template and tokenized, for a chat record of N and of 2N turns."""
+    from lit_adapter.chat_template import ChatTemplate
+
+    tokenizer, work = Tokenizer(llama3_converted), {"characters": 0}
+    render, spans = ChatTemplate.render, tokenizer.backend.spans
+
+    def counted_render(self, *args, **kwargs):
+        text = render(self, *args, **kwargs)
+        work["characters"] += len(text)
+        return text
+
+    def counted_spans(text):
+        work["characters"] += len(text)
+        return spans(text)
+
+    monkeypatch.setattr(ChatTemplate, "render", counted_render)
+    monkeypatch.setattr(tokenizer.backend, "spans", counted_spans)
+    used = {}
+    for turns in (10_000, 20_000):
+        messages = [{"role": "user" if turn % 2 == 0 else "assistant", "content": f"turn {turn}"}
+                    for turn in range(turns)]
+        work["characters"] = 0
+        sample, truncated = tokenize_sample({"messages": messages}, tokenizer, 512, style="chat")
+        used[turns] = work["characters"]
+        assert truncated and sample["input_ids"].numel() == 512
+    assert used[20_000] <= 2.2 * used[10_000]

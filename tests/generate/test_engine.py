@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lit_adapter.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict
+from lit_adapter.errors import UserError
 from lit_adapter.generate.decode import GraphDecode, decode_one_token, generate
 from lit_adapter.generate.engine import Engine, Job, QueueFull, Sampling, bucket_sizes
 from lit_adapter.model import init_weights
@@ -171,3 +172,27 @@ def test_a_failing_decode_step_ends_its_rows_and_the_engine_goes_on(model):
     engine.submit(later)
     engine.run_until_done()
     assert later.tokens == alone(model, first.prompt, 0, 10)
+
+
+@pytest.mark.parametrize("decode_fn", [decode_one_token, GraphDecode()], ids=["eager", "graph"])
+def test_an_adapter_that_makes_logits_non_finite_fails_only_its_jobs(decode_fn):
+    """Prompts of 1e30 (finite, far beyond trained values) overflow attention into nan: that job ends with a one-line
+    error at its first token; the job beside it in the batch gets its one-by-one answer."""
+    torch.manual_seed(0)
+    model = AdapterLLaMA(CONFIG)
+    init_weights(model)
+    normal = {name: torch.randn(t.shape) for name, t in adapter_state_dict(model).items()}
+    model.register_adapters([normal, {name: torch.full_like(t, 1e30) for name, t in normal.items()}])
+    model.eval()
+    good_prompt, bad_prompt = prompts(2, seed=9)
+    expected = alone(model, good_prompt, 0, 12)
+    engine = Engine(model, max_batch=2, max_seq_length=64, decode_fn=decode_fn)
+    good, bad = Job(good_prompt, 12, 0), Job(bad_prompt, 12, 1)
+    engine.submit(bad)
+    engine.submit(good)
+    engine.run_until_done()
+    assert bad.finish_reason == "error" and bad.tokens == []
+    assert isinstance(bad.error, UserError) and str(bad.error).startswith("the model's next-token scores are not finite")
+    assert good.tokens == expected and good.finish_reason == "length"
+    with pytest.raises(UserError, match="not finite"):
+        alone(model, bad_prompt, 1, 5)

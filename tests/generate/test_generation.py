@@ -10,15 +10,16 @@ import io
 import json
 import re
 import shutil
+import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import convert_in_this_process, run_script, run_script_in_this_process, shared_file
+from conftest import (ROOT, convert_in_this_process, run_script, run_script_in_this_process, script_env,
+                      shared_file)
 from lit_adapter.generate import cli as serving
 from lit_adapter.adapter import AdapterConfig, AdapterGPT, adapter_state_dict, is_adapter_param
 from lit_adapter.checkpoint import load_model, save_adapter
@@ -602,6 +603,19 @@ def test_interactive_chat_keeps_the_conversation_in_the_prompt_style(stories, mo
     expected_second = reference_text(stories, conversation, 25)[0]
     assert replies == [expected_first, expected_second] and expected_first != expected_second
     assert capsys.readouterr().out == f"{expected_first}\n{expected_second}\n"
+
+
+def test_a_chat_message_that_is_not_utf8_is_one_line_under_any_locale(stories):
+    """Typed bytes are read as UTF-8 whatever the locale says (here ASCII, strict): Latin-1 "é" is refused."""
+    command = [sys.executable, "generate/base.py", "--checkpoint_dir", str(stories["checkpoint"]), "--interactive",
+               "true", "--max_new_tokens", "3"]
+    env = {**script_env(), "LC_ALL": "C", "PYTHONIOENCODING": "ascii:strict", "PYTHONUTF8": "0"}
+    result = subprocess.run(command, cwd=ROOT, env=env, input="caf\xe9\n".encode("latin-1"), capture_output=True,
+                            timeout=120)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == ("error: the message typed is not UTF-8 text (byte 3): type UTF-8, or "
+                                                "set a UTF-8 locale")
 
 
 def test_chat_drops_the_oldest_exchange_beyond_chat_context(stories, monkeypatch):

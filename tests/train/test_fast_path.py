@@ -15,7 +15,6 @@ from lightning.fabric import Fabric
 from lit_adapter.adapter import AdapterConfig, AdapterGPT, is_adapter_param
 from lit_adapter.checkpoint import load_adapter, load_model, save_adapter, save_checkpoint_dir
 from lit_adapter.files import read_safetensors
-from lit_adapter.config import Config
 from lit_adapter.data.batching import IGNORE_INDEX
 from lit_adapter.precision import base_dtype
 from lit_adapter.train.args import TrainArgs
