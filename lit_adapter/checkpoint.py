@@ -3,14 +3,17 @@
 A checkpoint folder (a converted base model) holds ``model.safetensors``, ``model_config.yaml`` (the base
 ``Config``) and the tokenizer files (``tokenizer.json`` with ``tokenizer_config.json``, or a SentencePiece
 ``tokenizer.model``). An adapter file holds the adapter's tensors only, with its shape, its base model's shape and
-its prompt style as metadata. Everything read is safetensors or ``torch.load(weights_only=True)``.
+fingerprint (``BaseCheckpoint.fingerprint``) and its prompt style as metadata. Everything read is safetensors or
+``torch.load(weights_only=True)``.
 """
 
+import hashlib
 import json
 import re
 import shutil
 import zipfile
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Type
 
@@ -22,9 +25,9 @@ from lit_adapter.adapter import AdapterConfig, AdapterLLaMA, adapter_state_dict,
 from lit_adapter.config import ROPE_SCALING_PARAMETERS, Config
 from lit_adapter.cli import progress
 from lit_adapter.errors import UserError
-from lit_adapter.files import (atomic_dir, atomic_path, check_can_create, compare_shapes, open_safetensors,
-                               preview_keys, read_safetensors, read_safetensors_metadata, read_yaml_mapping,
-                               require_file, shapes_of, write_yaml)
+from lit_adapter.files import (atomic_dir, atomic_path, check_can_create, compare_shapes, file_fingerprint,
+                               open_safetensors, preview_keys, read_safetensors, read_safetensors_metadata,
+                               read_yaml_mapping, require_file, shapes_of, write_yaml)
 from lit_adapter.model import LLaMA
 from lit_adapter.prompts import LEGACY_STYLE, get_style
 from lit_adapter.tokenizer import Tokenizer, TokenizerFiles, tokenizer_files
@@ -153,6 +156,19 @@ class BaseCheckpoint:
     config: Config
     tokenizer: Tokenizer
 
+    @cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """What tells this base model from another of its shape (Llama-2-7B from Llama-2-7B-chat): a hash of its
+        weights (the first row of every tensor, rounded to bfloat16, so that a conversion to another float dtype
+        keeps it) and one of its tokenizer file. Adapters record it; ``check_adapter_base`` compares it."""
+        weights = hashlib.sha256()
+        with open_safetensors(self.directory / WEIGHTS_FILE) as f:
+            for key in sorted(f.keys()):
+                tensor = f.get_slice(key)
+                first_row = tensor[:1] if len(tensor.get_shape()) > 1 else tensor[:]
+                weights.update(key.encode() + first_row.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        return {"weights": weights.hexdigest()[:16], "tokenizer": file_fingerprint(self.tokenizer.path)["sha256"][:16]}
+
 
 def open_checkpoint(directory: Path, shape: Callable[[Config], Config] = lambda config: config) -> BaseCheckpoint:
     """Read the config of ``directory`` (changed by ``shape``, e.g. to an adapter's shape) and its tokenizer."""
@@ -218,9 +234,10 @@ def keep_adapter_float32(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------- the adapter file
 
 def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_style: str = LEGACY_STYLE,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None) -> None:
-    """Write the adapter weights (only) as safetensors, with the adapter shape, the base identity, the prompt
-    style it was trained with and its ``name`` (if given) as metadata.
+                 state_dict: Optional[dict[str, torch.Tensor]] = None, name: Optional[str] = None,
+                 fingerprint: Optional[dict[str, str]] = None) -> None:
+    """Write the adapter weights (only) as safetensors, with the adapter shape, the base identity (its shape and
+    ``fingerprint``, if known), the prompt style it was trained with and its ``name`` (if given) as metadata.
 
     The weights are ``state_dict`` if given, else taken from ``model``.
     """
@@ -232,6 +249,7 @@ def save_adapter(path: Path, model: Optional[nn.Module], config: Config, prompt_
         "adapter": json.dumps(config.adapter_shape()),
         "prompt_style": get_style(prompt_style).name,
         **({"name": check_adapter_name(name)} if name else {}),
+        **({"base_fingerprint": json.dumps(fingerprint)} if fingerprint else {}),
     }
     with atomic_path(path) as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}, tmp, metadata=metadata)
@@ -281,6 +299,25 @@ def adapter_config(path: Path, base: Config) -> AdapterConfig:
         check_state_dict(AdapterLLaMA, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                          source=str(path), only_adapter=True)
     return config
+
+
+def check_adapter_base(path: Path, base: BaseCheckpoint) -> None:
+    """Refuse an adapter file trained on another base of the same shape (its recorded fingerprint differs from
+    ``base``'s; files from before fingerprints were recorded are not checked)."""
+    metadata = read_safetensors_metadata(path)
+    if "base_fingerprint" not in metadata:
+        return
+    current = base.fingerprint
+    try:
+        saved = json.loads(metadata["base_fingerprint"])
+        differing = [part for part, value in current.items() if saved[part] != value]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} has damaged lit_adapter metadata (an unreadable 'base_fingerprint')") from None
+    if differing:
+        raise UserError(f"{path} was trained on another base than {base.directory}: "
+                        + ", ".join(f"{part} fingerprint {saved[part]} vs {current[part]}" for part in differing)
+                        + " (same shape, other weights or tokenizer): use the base it was trained on, or pass "
+                          "--allow_other_base true to use it anyway")
 
 
 def adapter_prompt_style(path: Path) -> str:

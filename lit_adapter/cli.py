@@ -136,12 +136,13 @@ def process_rank() -> int:
 
 
 def gather_values(args: list[str], option: str) -> list[str]:
-    """``option a b c`` (values up to the next ``--`` option) as ``option ["a", "b", "c"]``, a list to the parser."""
+    """``option a b c`` (values up to the next ``--`` option) as ``option ["a", "b", "c"]``, a list to the parser
+    (also of one value; one that is a JSON list already stays as it is)."""
     if option not in args:
         return args
     start = args.index(option) + 1
     end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
-    if end - start < 2:
+    if end == start or (end == start + 1 and args[start].startswith("[")):
         return args
     return args[:start] + [json.dumps(args[start:end])] + args[end:]
 

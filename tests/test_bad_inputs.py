@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, another_sentencepiece_model, run_script, run_script_in_this_process, shared_file
 from lit_adapter.adapter import AdapterGPT, adapter_state_dict
-from lit_adapter.checkpoint import load_model, read_safetensors_metadata, save_adapter
+from lit_adapter.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_model, open_checkpoint, read_safetensors_metadata,
+                                    save_adapter)
 from lit_adapter.cli import run_cli
-from lit_adapter.checkpoint import CONFIG_FILE
 from lit_adapter.config import Config
 from lit_adapter.train.lightning_cli import AdapterCLI
 from lit_adapter.train.lightning_cli import main as trainer_main
@@ -413,6 +413,11 @@ ROWS = [
     row("adapter-with-extreme-values", generate_adapter("--adapter_path", "{extreme_adapter}"), 1,
         r"error: the model's next-token scores are not finite \(inf or nan\): an adapter holds values far beyond "
         r"trained ones"),
+    row("adapter-of-another-base-of-the-same-shape", generate_adapter("--checkpoint_dir", "{ckpt_other_weights}",
+                                                                      "--adapter_path", "{fingerprinted_adapter}"), 1,
+        r"error: {fingerprinted_adapter} was trained on another base than {ckpt_other_weights}: weights fingerprint "
+        r"[0-9a-f]{{16}} vs [0-9a-f]{{16}} \(same shape, other weights or tokenizer\): use the base it was trained on, "
+        r"or pass --allow_other_base true to use it anyway$"),
     # 12. the Trainer route
     row("trainer-ckpt-last-without-checkpoints", trainer("--ckpt_path", "last"), 1,
         r"error: --ckpt_path last: no checkpoint \(\.ckpt\) below {tmp}/out/trainer-ckpt-last-without-checkpoints"),
@@ -717,6 +722,19 @@ def add_generation_round3_assets(a: dict[str, Path]) -> None:
     a["extreme_adapter"] = tmp / "extreme_adapter.safetensors"
     save_adapter(a["extreme_adapter"], None, model.config,
                  state_dict={k: torch.full_like(v, 1e30) for k, v in adapter_state_dict(model).items()})
+    a["fingerprinted_adapter"] = tmp / "fingerprinted_adapter.safetensors"
+    save_adapter(a["fingerprinted_adapter"], model, model.config, fingerprint=open_checkpoint(ckpt).fingerprint)
+    a["ckpt_other_weights"] = tmp / "ckpt_other_weights"  # the same shape and tokenizer, other weights
+    shutil.copytree(ckpt, a["ckpt_other_weights"])
+    weights = load_file(ckpt / WEIGHTS_FILE)
+    save_file({k: v * 1.01 for k, v in weights.items()}, a["ckpt_other_weights"] / WEIGHTS_FILE)
+
+
+def test_an_adapter_of_another_base_is_used_when_allowed(assets, capfd):
+    result = run_script_in_this_process("generate/adapter.py", "--checkpoint_dir", str(assets["ckpt_other_weights"]),
+                                        "--adapter_path", str(assets["fingerprinted_adapter"]), "--max_new_tokens",
+                                        "3", "--prompt", "Hi", "--allow_other_base", "true", capfd=capfd)
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr
 
 
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:

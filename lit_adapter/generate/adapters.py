@@ -9,7 +9,7 @@ import torch
 
 from lit_adapter.adapter import AdapterLLaMA
 from lit_adapter.checkpoint import (BaseCheckpoint, adapter_config, adapter_name, adapter_prompt_style,
-                                    check_adapter_name, load_model, read_adapter)
+                                    check_adapter_base, check_adapter_name, load_model, read_adapter)
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import LLaMA
@@ -42,12 +42,16 @@ class AdapterSet:
         return option or (BASE_MODEL_STYLE if index is None else self.styles[index])
 
 
-def open_adapters(specs: Sequence[str | Path], base: Config) -> AdapterSet:
-    """The adapters of ``specs`` (each ``name=path`` or a path) on ``base``: every file must fit the base, and all
-    must share one adapter shape and have different names."""
+def open_adapters(specs: Sequence[str | Path], base: BaseCheckpoint, allow_other_base: bool = False) -> AdapterSet:
+    """The adapters of ``specs`` (each ``name=path`` or a path) on ``base``: every file must fit the base (its shape,
+    and unless ``allow_other_base`` its fingerprint), and all must share one adapter shape and have different
+    names."""
     named = [str(spec).split("=", 1) if "=" in str(spec) else [None, str(spec)] for spec in specs]
     paths = [Path(path) for _, path in named]
-    configs = [adapter_config(path, base) for path in paths]  # each file checked before its name is read
+    configs = [adapter_config(path, base.config) for path in paths]  # each file checked before its name is read
+    if not allow_other_base:
+        for path in paths:
+            check_adapter_base(path, base)
     names = [check_adapter_name(name) if name else adapter_name(path) or path.stem
              for (name, _), path in zip(named, paths)]
     for path, config in zip(paths[1:], configs[1:]):
@@ -57,7 +61,8 @@ def open_adapters(specs: Sequence[str | Path], base: Config) -> AdapterSet:
     if len(set(names)) < len(names) or not all(names):
         raise UserError(f"adapters served together need different names (the name picks the adapter): "
                         f"{', '.join(names)}; name them with name=path")
-    return AdapterSet(names, paths, [adapter_prompt_style(path) for path in paths], configs[0] if configs else base)
+    return AdapterSet(names, paths, [adapter_prompt_style(path) for path in paths],
+                      configs[0] if configs else base.config)
 
 
 def load_generation_model(base: BaseCheckpoint, adapters: AdapterSet, device: torch.device,

@@ -32,7 +32,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
          precision: Optional[GenerationPrecision] = None, compile: bool = False, cuda_graph: bool = True,
          prompt_style: Optional[StyleName] = None, system: Optional[str] = None,
-         accelerator: Literal["auto", "cpu", "cuda"] = "auto") -> list[str]:
+         accelerator: Literal["auto", "cpu", "cuda"] = "auto", allow_other_base: bool = False) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
 
     Args:
@@ -62,13 +62,15 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
             text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
         system: A system message before every prompt and chat (the Alpaca template has no place for one).
         accelerator: "cpu", "cuda" or "auto" (a GPU if there is one).
+        allow_other_base: Use adapters trained on another base of the same shape (their recorded fingerprint of
+            the weights or tokenizer differs from checkpoint_dir's), which is otherwise refused.
     """
     defaults = Request(prompt, adapter, max_new_tokens, temperature, top_k, top_p)
     check_options(defaults, num_samples, batch_size, chat_context, seed, interactive, requests_path, output_path)
     torch.manual_seed(seed)
     prompting = Prompting(prompt_style, system)
     base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults, prompting,
-                                                    precision, accelerator)
+                                                    precision, accelerator, allow_other_base)
     device = model.embed.weight.device
     decode_fn = compile_decode() if compile else GraphDecode() if cuda_graph and device.type == "cuda" else \
         decode_one_token
@@ -104,14 +106,14 @@ class Prompting:
 
 
 def load(checkpoint_dir: Path, adapter_path: Optional[Path | list[Path]], requests_path: Optional[Path],
-         defaults: Request, prompting: Prompting, precision: Optional[str], accelerator: str
-         ) -> tuple[BaseCheckpoint, AdapterSet, list[Request], list[torch.Tensor], LLaMA]:
+         defaults: Request, prompting: Prompting, precision: Optional[str], accelerator: str,
+         allow_other_base: bool) -> tuple[BaseCheckpoint, AdapterSet, list[Request], list[torch.Tensor], LLaMA]:
     """The checkpoint, the adapters, the requests and their prompt ids (all checked first), then the model."""
     device = pick_device(accelerator)
     start = time.perf_counter()
     base = open_checkpoint(checkpoint_dir)
     adapters = open_adapters(adapter_path if isinstance(adapter_path, list) else [adapter_path] if adapter_path else [],
-                             base.config)
+                             base, allow_other_base)
     requests = read_requests(requests_path, defaults) if requests_path else [first_adapter(defaults, adapters)]
     warn_about_overridden_styles(adapters, {r.adapter for r in requests}, prompting.option)
     prompts = encode_requests(requests, adapters, prompting, base, numbered=requests_path is not None)

@@ -26,7 +26,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
          host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, max_batch: int = 16,
          max_waiting: int = 64, max_seq_length: Optional[int] = None, prefill_chunk: int = 512,
          precision: Optional[GenerationPrecision] = None, cuda_graph: bool = True, name: Optional[str] = None,
-         seed: int = 1234) -> None:
+         seed: int = 1234, allow_other_base: bool = False) -> None:
     """Serve a base model and its adapters over the OpenAI API (chat and text completions, streamed or not).
 
     Args:
@@ -47,6 +47,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
         cuda_graph: On a GPU, replay the decoding step as CUDA graphs, one per batch and length bucket.
         name: The base model's name in requests and /v1/models (default: the checkpoint directory's name).
         seed: Seed of the random draws of requests that give no seed of their own.
+        allow_other_base: Use adapters trained on another base of the same shape (their recorded fingerprint of
+            the weights or tokenizer differs from checkpoint_dir's), which is otherwise refused.
     """
     import uvicorn
 
@@ -55,7 +57,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = open_checkpoint(checkpoint_dir)
-    adapters = open_adapters(adapter_path or [], base.config)
+    adapters = open_adapters(adapter_path or [], base, allow_other_base)
     context = min(max_seq_length or min(base.config.block_size, DEFAULT_CONTEXT), base.config.block_size)
     dtype = base_dtype(precision or default_precision(device.type == "cuda", purpose="generation"))
     model = load_generation_model(base, adapters, device, dtype)

@@ -199,7 +199,7 @@ class Run:
     def save(self, directory: Path) -> None:
         save_training_state(directory, self.raw_model, self.optimizer, self.scheduler, self.progress,
                             self.raw_model.config, self.hparams, self.fabric.is_global_zero, self.data.prompt_style,
-                            self.hparams["name"])
+                            self.hparams["name"], self.hparams["base_fingerprint"])
         self.fabric.barrier()
 
     def save_or_stop(self, step: int, stop: StopRequest) -> None:
@@ -299,6 +299,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
     hparams["name"] = check_adapter_name(name or Path(out_dir).resolve().name)
     precision = check_precision(precision or default_precision(torch.cuda.is_available()), strategy).name
     base = open_checkpoint(checkpoint_dir, adapter.config)  # a shape that does not fit fails before any loading
+    hparams["base_fingerprint"] = base.fingerprint
     state_path = find_resume_state(resume, out_dir)  # a wrong --resume fails before anything is loaded
     data, train, eval = open_data(data_dir, allow_other_tokenizer, train, eval, seed, base, devices)
     hparams.update(train=asdict(train), eval=asdict(eval))

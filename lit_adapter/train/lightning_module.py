@@ -291,7 +291,7 @@ class AdapterModule(L.LightningModule):
         directory = self.out_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir)
         if self.trainer.is_global_zero:
             save_adapter(directory / ADAPTER_FILE, self.model, self.model.config, self.prompt_style, state_dict=adapter,
-                         name=self.adapter_name)
+                         name=self.adapter_name, fingerprint=self.base.fingerprint)
         self.trainer.strategy.barrier()
         self.adapter_path = directory / ADAPTER_FILE
         self.print(f"Saved the adapter to {self.adapter_path}")
@@ -301,6 +301,7 @@ class AdapterModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_adapter_param(k)}
         checkpoint["model_config"] = asdict(self.model.config)
         checkpoint["prompt_style"] = self.prompt_style
+        checkpoint["base_fingerprint"] = self.base.fingerprint
         checkpoint["run_options"] = self.run_options()
         checkpoint["data_layout"] = self._data_layout()
 

@@ -41,13 +41,15 @@ def adapter_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimiz
 
 def save_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                         scheduler: Any, progress: dict, config: AdapterConfig, hparams: dict, is_rank_zero: bool,
-                        prompt_style: str, name: str) -> None:
-    """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically)."""
+                        prompt_style: str, name: str, fingerprint: dict[str, str]) -> None:
+    """Write ``adapter.safetensors``, ``hyperparameters.yaml`` and last ``training_state.pt`` (each atomically);
+    ``fingerprint`` is the base's (``BaseCheckpoint.fingerprint``)."""
     adapter, optimizer_state = adapter_and_optimizer_state(model, optimizer)
     if not is_rank_zero:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter, name=name)
+    save_adapter(directory / ADAPTER_FILE, model, config, prompt_style, state_dict=adapter, name=name,
+                 fingerprint=fingerprint)
     save_hparams(directory, hparams)
     state = {
         "adapter": adapter,
@@ -59,6 +61,7 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
         "model_config": asdict(config),
         "prompt_style": prompt_style,
         "name": name,
+        "base_fingerprint": fingerprint,
     }
     with atomic_path(directory / STATE_FILE) as tmp:
         torch.save(state, tmp)
@@ -120,12 +123,14 @@ def is_trainer_checkpoint(checkpoint: Any) -> bool:
 
 @dataclass(frozen=True)
 class SavedAdapter:
-    """The adapter of a training state or a Trainer checkpoint: its weights, shape, prompt style and name."""
+    """The adapter of a training state or a Trainer checkpoint: its weights, shape, prompt style, name and base
+    fingerprint (None where the state is older than these)."""
 
     weights: dict[str, torch.Tensor]
     config: AdapterConfig
     prompt_style: str
     name: Optional[str]
+    fingerprint: Optional[dict[str, str]]
 
 
 def read_state_adapter(path: Path) -> SavedAdapter:
@@ -143,7 +148,7 @@ def read_state_adapter(path: Path) -> SavedAdapter:
                         "finetune/adapter_trainer.py (it has no adapter weights and model config)")
     try:
         return SavedAdapter(weights, AdapterConfig(**state["model_config"]), get_style(state.get("prompt_style")).name,
-                            name)
+                            name, state.get("base_fingerprint"))
     except (TypeError, UserError) as err:
         raise UserError(f"{path} holds an unreadable model config or prompt style: {err}") from None
 
@@ -238,6 +243,7 @@ def extract_adapter(state_path: Path, output_path: Optional[Path] = None) -> Non
     check_not_an_input(output_path, state_path, "--output_path")
     saved = read_state_adapter(state_path)
     check_state_dict(AdapterLLaMA, saved.config, shapes_of(saved.weights), source=str(state_path), only_adapter=True)
-    save_adapter(output_path, None, saved.config, saved.prompt_style, state_dict=saved.weights, name=saved.name)
+    save_adapter(output_path, None, saved.config, saved.prompt_style, state_dict=saved.weights, name=saved.name,
+                 fingerprint=saved.fingerprint)
     print(f"wrote the adapter of {state_path} ({sum(t.numel() for t in saved.weights.values()):,} parameters) "
           f"to {output_path}")

@@ -1,5 +1,6 @@
 """The HTTP application in this process (uvicorn on a thread, the tiny stories260K model): a request that fails is
-answered 500 and logged while the others go on; a server open beyond this machine without a key is warned about."""
+answered 500 and logged while the others go on; a server open beyond this machine without a key is warned about;
+an adapter of another base is served only when allowed."""
 
 import logging
 import threading
@@ -12,7 +13,8 @@ import torch
 import uvicorn
 
 from conftest import convert_in_this_process, shared_file
-from lit_adapter.checkpoint import open_checkpoint
+from lit_adapter.checkpoint import load_model, open_checkpoint, save_adapter
+from lit_adapter.cli import run_cli
 from lit_adapter.generate.adapters import load_generation_model, open_adapters
 from lit_adapter.generate.engine import Engine
 from lit_adapter.serve import cli
@@ -36,7 +38,7 @@ def stories(tmp_path_factory):
 def served(stories):
     """The app on a thread, its engine's prefill failing for requests of ``FAILING_LENGTH`` tokens."""
     base = open_checkpoint(stories)
-    adapters = open_adapters([], base.config)
+    adapters = open_adapters([], base)
     engine = Engine(load_generation_model(base, adapters, torch.device("cpu"), torch.float32), 4, 256)
     prefill = engine.prefill
 
@@ -86,3 +88,22 @@ def test_serving_beyond_this_machine_without_a_key_is_warned_about(stories, monk
     cli.main(checkpoint_dir=stories, host="0.0.0.0", port=8011, max_batch=2, api_key="k")
     assert "without --api_key" not in caplog.text
     assert cli.is_local("localhost") and cli.is_local("::1") and not cli.is_local("10.0.0.1")
+
+
+def test_an_adapter_of_another_base_is_served_only_when_allowed(stories, tmp_path, monkeypatch, capsys):
+    """An adapter whose recorded base fingerprint differs from the checkpoint's is refused in one line, and served
+    with --allow_other_base true."""
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kwargs: started.append(port))
+    model = load_model(stories, adapter=True)
+    adapter = tmp_path / "other.safetensors"
+    other = {**open_checkpoint(stories).fingerprint, "weights": "0" * 16}
+    save_adapter(adapter, model, model.config, fingerprint=other)
+    args = ["--checkpoint_dir", str(stories), "--adapter_path", str(adapter), "--port", "8012"]
+    with pytest.raises(SystemExit) as exit:
+        run_cli(cli.main, args, list_options=("--adapter_path",))
+    assert exit.value.code == 1 and not started
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        f"error: {adapter} was trained on another base than {stories}: weights fingerprint {'0' * 16} vs ")
+    run_cli(cli.main, [*args, "--allow_other_base", "true"], list_options=("--adapter_path",))
+    assert started == [8012]

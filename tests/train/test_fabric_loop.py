@@ -30,7 +30,8 @@ from lit_adapter.generate import cli as serving
 from lit_adapter.train import args as train_args
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
-from lit_adapter.checkpoint import ADAPTER_FILE, adapter_config, load_adapter, load_config, load_model, save_adapter
+from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_config, load_adapter, load_config, load_model, open_checkpoint,
+                                    save_adapter)
 from lit_adapter.files import read_safetensors, read_safetensors_metadata, torch_load
 from lit_adapter.train.state import HPARAMS_FILE, STATE_FILE
 from lit_adapter.cli import run_cli
@@ -422,7 +423,7 @@ def test_values_that_cannot_train_are_refused_in_one_line(assets, tmp_path, caps
     assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
-def test_extract_adapter_writes_the_adapter_saved_beside_the_state(small_run, tmp_path, capsys):
+def test_extract_adapter_writes_the_adapter_saved_beside_the_state(assets, small_run, tmp_path, capsys):
     extract = script("scripts/extract_adapter.py")["extract_adapter"]
     saved = small_run / "step-000002" / ADAPTER_FILE
     run_cli(extract, ["--state_path", str(small_run / "step-000002"), "--output_path", str(tmp_path / "a.safetensors")])
@@ -432,6 +433,8 @@ def test_extract_adapter_writes_the_adapter_saved_beside_the_state(small_run, tm
         torch.testing.assert_close(read_safetensors(path), read_safetensors(saved), atol=0, rtol=0)
         assert read_safetensors_metadata(path) == read_safetensors_metadata(saved)
     assert all(is_adapter_param(key) for key in read_safetensors(saved))
+    base = open_checkpoint(assets["checkpoint"])
+    assert json.loads(read_safetensors_metadata(saved)["base_fingerprint"]) == base.fingerprint
     copy = tmp_path / "step-000002"
     copy.mkdir()
     shutil.copyfile(small_run / "step-000002" / STATE_FILE, copy / STATE_FILE)

@@ -3,6 +3,7 @@ model and the first Alpaca records: it starts from the base model, shares the Fa
 learns, resumes exactly from a Lightning checkpoint (also as "last", with a new learning rate), its checkpoints
 convert to adapter files, it runs FSDP2 over two CPU processes, and its fit and validate subcommands agree."""
 
+import json
 import os
 import re
 import runpy
@@ -20,8 +21,9 @@ from safetensors.torch import load_file
 
 from lit_adapter.adapter import is_adapter_param
 from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_name, adapter_prompt_style, load_adapter, load_model,
-                                    save_adapter)
+                                    open_checkpoint, save_adapter)
 from lit_adapter.cli import run_cli
+from lit_adapter.files import read_safetensors_metadata
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.train.lightning_module import AdapterModule
@@ -393,6 +395,8 @@ def test_a_trainer_checkpoint_is_extracted_and_resumed_as_last_with_a_new_learni
     for name, weight in adapter_weights(first.model).items():
         torch.testing.assert_close(extracted[name], weight, rtol=0, atol=0)
     assert adapter_prompt_style(tmp_path / "extracted.safetensors") == "alpaca"
+    fingerprint = read_safetensors_metadata(tmp_path / "extracted.safetensors")["base_fingerprint"]
+    assert json.loads(fingerprint) == open_checkpoint(assets["checkpoint"]).fingerprint
     with mock.patch.object(AdapterModule, "prompt_style", "chat"):  # as a run on chat data records it
         first.trainer.save_checkpoint(tmp_path / "chat.ckpt")
     extract(tmp_path / "chat.ckpt", tmp_path / "chat.safetensors")
