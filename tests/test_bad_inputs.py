@@ -386,6 +386,8 @@ ROWS = [
         r"error: --seed must be a whole number from 0 to 4294967295, got -1$"),
     row("finetune-negative-seed", finetune("--seed", "-1"), 1,
         r"error: --seed must be a whole number from 0 to 4294967295, got -1$"),
+    row("trainer-negative-seed", trainer("--seed_everything", "-1"), 1,
+        r"error: --seed_everything must be a whole number from 0 to 4294967295, got -1$"),
     row("generate-chat-template-not-utf8", generate("--checkpoint_dir", "{template_latin1}", "--prompt_style", "chat"),
         1, r"error: {template_latin1}/chat_template\.jinja is not UTF-8 text \(byte 4\): save it as UTF-8$"),
     row("generate-chat-template-loops-for-ever", generate("--checkpoint_dir", "{template_loops}", "--prompt_style",

@@ -107,7 +107,8 @@ class Prompting:
 
 def load(checkpoint_dir: Path, adapter_path: Optional[Path | list[Path]], requests_path: Optional[Path],
          defaults: Request, prompting: Prompting, precision: Optional[str], accelerator: str,
-         allow_other_base: bool) -> tuple[BaseCheckpoint, AdapterSet, list[Request], list[torch.Tensor], LLaMA]:
+         allow_other_base: bool = False
+         ) -> tuple[BaseCheckpoint, AdapterSet, list[Request], list[torch.Tensor], LLaMA]:
     """The checkpoint, the adapters, the requests and their prompt ids (all checked first), then the model."""
     device = pick_device(accelerator)
     start = time.perf_counter()

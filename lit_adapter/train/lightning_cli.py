@@ -20,7 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_adapter.cli import EXIT_INTERRUPTED, exit_on_user_error, out_of_memory_hint
+from lit_adapter.cli import EXIT_INTERRUPTED, check_seed, exit_on_user_error, out_of_memory_hint
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path, check_can_create, torch_load
@@ -60,6 +60,13 @@ class AdapterCLI(LightningCLI):
                          seed_everything_default=1337, trainer_defaults={
                              "default_root_dir": "out/adapter_trainer/alpaca", "num_sanity_val_steps": 0,
                              "check_val_every_n_epoch": None}, **kwargs)
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after a check of --seed_everything (Lightning raises a ValueError)."""
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            check_seed(seed, "--seed_everything")
+        super()._set_seed()
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

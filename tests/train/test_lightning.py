@@ -396,7 +396,7 @@ def test_a_trainer_checkpoint_is_extracted_and_resumed_as_last_with_a_new_learni
         torch.testing.assert_close(extracted[name], weight, rtol=0, atol=0)
     assert adapter_prompt_style(tmp_path / "extracted.safetensors") == "alpaca"
     fingerprint = read_safetensors_metadata(tmp_path / "extracted.safetensors")["base_fingerprint"]
-    assert json.loads(fingerprint) == open_checkpoint(assets["checkpoint"]).fingerprint
+    assert json.loads(fingerprint) == open_checkpoint(assets[0]).fingerprint
     with mock.patch.object(AdapterModule, "prompt_style", "chat"):  # as a run on chat data records it
         first.trainer.save_checkpoint(tmp_path / "chat.ckpt")
     extract(tmp_path / "chat.ckpt", tmp_path / "chat.safetensors")
