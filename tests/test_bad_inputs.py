@@ -739,6 +739,12 @@ def test_an_adapter_of_another_base_is_used_when_allowed(assets, capfd):
     assert result.returncode == 0 and "error" not in result.stderr, result.stderr
 
 
+def test_allow_other_base_is_an_option_where_adapters_are_loaded(capfd):
+    for script, offered in (("generate/adapter.py", True), ("generate/serve.py", True), ("generate/base.py", False)):
+        result = run_script_in_this_process(script, "--help", capfd=capfd)
+        assert result.returncode == 0 and ("--allow_other_base" in result.stdout) == offered, script
+
+
 def row_args(row: Row, assets: dict[str, Path]) -> list[str]:
     """The row's arguments with the assets' paths filled in."""
     paths = {name: str(path) for name, path in assets.items()}
