@@ -436,8 +436,8 @@ def test_a_preparation_past_a_file_size_limit_is_one_line_and_leaves_nothing(ass
                         str(assets["records"]), "--destination_dir", str(data), "--val_size", "2",
                         preexec_fn=file_size_limit(8))  # the training split is larger
     assert result.returncode == 1
-    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.NO_ROOM[errno.EFBIG]} (the unfinished "
-                                      "file was removed)"]
+    assert error_lines_of(result) == [f"error: cannot write {data}/train.pt: {files.NO_ROOM[errno.EFBIG]} (the "
+                                      "unfinished file was removed)"]
     assert list(data.iterdir()) == []
 
 

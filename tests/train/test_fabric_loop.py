@@ -30,8 +30,8 @@ from lit_adapter.generate import cli as serving
 from lit_adapter.train import args as train_args
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.adapter import is_adapter_param, mark_only_adapter_trainable
-from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_config, load_adapter, load_config, load_model, open_checkpoint,
-                                    save_adapter)
+from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_config, load_adapter, load_config, load_model,
+                                    open_checkpoint, save_adapter)
 from lit_adapter.files import read_safetensors, read_safetensors_metadata, torch_load
 from lit_adapter.train.state import HPARAMS_FILE, STATE_FILE
 from lit_adapter.cli import run_cli
