@@ -282,7 +282,7 @@ def adapter_config(path: Path, base: Config) -> AdapterConfig:
     try:
         saved_base, saved_adapter = json.loads(metadata["base"]), json.loads(metadata["adapter"])
         saved_name = saved_base.pop("name", "")
-    except (KeyError, ValueError, AttributeError):
+    except (KeyError, ValueError, AttributeError, RecursionError):
         raise UserError(f"{path} has damaged lit_adapter metadata (no readable 'base' and 'adapter' entries)") from None
     current = base.base_shape()
     diff = {k: (v, current.get(k)) for k, v in saved_base.items() if current.get(k) != v}
@@ -311,7 +311,7 @@ def check_adapter_base(path: Path, base: BaseCheckpoint) -> None:
     try:
         saved = json.loads(metadata["base_fingerprint"])
         differing = [part for part, value in current.items() if saved[part] != value]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise UserError(f"{path} has damaged lit_adapter metadata (an unreadable 'base_fingerprint')") from None
     if differing:
         raise UserError(f"{path} was trained on another base than {base.directory}: "

@@ -11,13 +11,34 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, NoReturn, Optional
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, get_loader, set_loader, set_parsing_settings
 from tqdm import tqdm
 
 from lit_adapter.errors import UserError
+from lit_adapter.files import NESTED_TOO_DEEPLY
 
 # the strings under dataclass fields become their --help
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+JSONARGPARSE_YAML_LOAD = get_loader("yaml")
+
+
+def yaml_load_within_depth(text: str) -> Any:
+    """jsonargparse's YAML loading (config files and option values), after PyYAML's Python parser has read
+    ``text``: nested thousands deep, it raises a RecursionError, reported as a YAML error in one line, where the C
+    parser that jsonargparse uses would crash the process (a segmentation fault)."""
+    try:
+        yaml.safe_load(text)
+    except RecursionError:
+        raise yaml.YAMLError(NESTED_TOO_DEEPLY) from None
+    except yaml.YAMLError:
+        pass  # jsonargparse's loader says what is wrong, as before
+    return JSONARGPARSE_YAML_LOAD(text)
+
+
+set_loader("yaml", yaml_load_within_depth, exceptions=(yaml.YAMLError,))
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -98,10 +119,12 @@ def run_cli(function: Callable, args: Optional[list[str]] = None, list_options: 
 
 
 def option_error_line(message: str) -> str:
-    """The parser's message about an option on one line, with the option named as it is typed."""
+    """The parser's message about an option on one line, with the option named as it is typed (a long value it
+    quotes is cut short)."""
     line = " ".join(message.split())
     line = re.sub(r'Parser key "([^"]+)":', r"--\1:", line)
     line = re.sub(r"a typing\.Literal\[([^]]*)\]", lambda m: "one of " + m[1].replace("'", ""), line)
+    line = re.sub(r"'([^']{80})[^']{20,}'", r"'\1...'", line)
     return re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", line)
 
 

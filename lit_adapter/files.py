@@ -4,6 +4,7 @@ file fingerprints, and the comparison of tensor shapes by name that every loader
 
 import errno
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -244,6 +245,17 @@ def preview_keys(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+BAD_JSON = (json.JSONDecodeError, RecursionError)
+"""What ``json.loads`` raises on bad text: a decode error, or a RecursionError for nesting deeper than Python's
+stack (a hostile or damaged file)."""
+NESTED_TOO_DEEPLY = "nested deeper than can be read (a damaged file?)"
+
+
+def json_problem(err: Exception) -> str:
+    """What is wrong with bad JSON text (one of ``BAD_JSON``), in words."""
+    return NESTED_TOO_DEEPLY if isinstance(err, RecursionError) else str(err)
+
+
 def read_yaml_mapping(path: Path) -> dict:
     """The mapping in a YAML file (plain YAML only: tags that would build objects are refused), or a ``UserError``."""
     path = Path(path)
@@ -256,6 +268,8 @@ def read_yaml_mapping(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         detail = " ".join(str(err).split())
         raise UserError(f"{path} is not a readable plain-YAML file ({detail})") from None
+    except RecursionError:
+        raise UserError(f"{path} is not a readable plain-YAML file: {NESTED_TOO_DEEPLY}") from None
     if not isinstance(values, dict):
         what = "empty" if values is None else f"a YAML {type(values).__name__}"
         raise UserError(f"{path} is {what}, expected a mapping of keys to values (regenerate it)")

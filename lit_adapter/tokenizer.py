@@ -24,7 +24,7 @@ from sentencepiece.sentencepiece_pb2 import SentencePieceText
 
 from lit_adapter.chat_template import ChatTemplate
 from lit_adapter.errors import UserError
-from lit_adapter.files import read_text
+from lit_adapter.files import BAD_JSON, json_problem, read_text
 
 TOKENIZER_FILE = "tokenizer.model"
 """SentencePiece model (or Meta's tiktoken file, which conversion turns into ``TOKENIZER_JSON``)."""
@@ -211,8 +211,8 @@ def _chat_template(files: TokenizerFiles, config: dict, path: Path) -> tuple[Any
 def _read_json(source: "Path | str", what: str) -> dict:
     try:
         value = json.loads(_read_text(source))
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise UserError(f"{what} is not a Hugging Face tokenizer file (not valid JSON: {err})") from None
+    except BAD_JSON as err:
+        raise UserError(f"{what} is not a Hugging Face tokenizer file (not valid JSON: {json_problem(err)})") from None
     if not isinstance(value, dict):
         raise UserError(f"{what} is not a Hugging Face tokenizer file (no JSON object)")
     return value

@@ -369,11 +369,25 @@ ROWS = [
     row("prepare-json-lines-with-a-broken-line", prepare("--data_file", "{jsonl}"), 1,
         r"error: {jsonl} line 2 is not valid JSON \(Expecting property name enclosed in double quotes at column 2\); "
         r"JSON Lines hold one record per line$"),
+    # reliability round 3: files nested deeper than Python's stack (or, in jsonargparse's C reader, a crash)
+    row("prepare-json-nested-too-deep", prepare("--data_file", "{deep_json}"), 1,
+        r"error: {deep_json} is not valid JSON: nested deeper than can be read \(a damaged file\?\)$"),
+    row("prepare-jsonl-nested-too-deep", prepare("--data_file", "{deep_jsonl}"), 1,
+        r"error: {deep_jsonl} line 1 is not valid JSON: nested deeper than can be read \(a damaged file\?\)$"),
+    row("generate-model-config-nested-too-deep", generate("--checkpoint_dir", "{ckpt_deep_yaml}"), 1,
+        r"error: {ckpt_deep_yaml}/model_config\.yaml is not a readable plain-YAML file: nested deeper than can be "
+        r"read \(a damaged file\?\)$"),
+    row("convert-hf-config-nested-too-deep", hf("{hf_deep_config}"), 1,
+        r"error: {hf_deep_config}/config\.json is not valid JSON: nested deeper than can be read \(a damaged "
+        r"file\?\)$"),
+    row("finetune-config-file-nested-too-deep", finetune("--config", "{deep_config_yaml}"), 1,
+        r"error: Problems parsing config: nested deeper than can be read \(a damaged file\?\); see --help$",
+        own_process=True),  # jsonargparse's C YAML reader crashed the process (a segmentation fault)
     # reliability round 3: generation and prompts
     row("generate-requests-not-utf8", generate("--requests_path", "{requests_latin1}"), 1,
         r"error: {requests_latin1} is not UTF-8 text \(byte 15\): save it as UTF-8$"),
     row("generate-requests-nested-too-deep", generate("--requests_path", "{requests_deep}"), 1,
-        r"error: {requests_deep} line 1 is not JSON: maximum recursion depth exceeded"),
+        r"error: {requests_deep} line 1 is not JSON: nested deeper than can be read \(a damaged file\?\)$"),
     row("generate-output-path-is-a-directory", generate("--requests_path", "{requests}", "--output_path", "{tmp}"), 1,
         r"error: --output_path {tmp} is a directory: name a file in it$"),
     row("generate-output-path-without-requests", generate("--output_path", "{tmp}/answers.jsonl"), 1,
@@ -536,6 +550,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     add_training_round3_assets(a, records)
     add_checkpoint_metadata_assets(a, records)
     add_generation_round3_assets(a)
+    add_deep_nesting_assets(a)
     a["random_file"] = tmp / "random.safetensors"
     a["random_file"].write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8,
                                                generator=torch.Generator().manual_seed(0)).numpy().tobytes())
@@ -730,6 +745,23 @@ def add_generation_round3_assets(a: dict[str, Path]) -> None:
     shutil.copytree(ckpt, a["ckpt_other_weights"])
     weights = load_file(ckpt / WEIGHTS_FILE)
     save_file({k: v * 1.01 for k, v in weights.items()}, a["ckpt_other_weights"] / WEIGHTS_FILE)
+
+
+def add_deep_nesting_assets(a: dict[str, Path]) -> None:
+    """Files whose JSON or YAML nests 100,000 deep: data files, a model config, an HF config.json, a --config file."""
+    tmp, deep = a["tmp"], "[" * 100_000 + "]" * 100_000
+    a["deep_json"], a["deep_jsonl"] = tmp / "deep.json", tmp / "deep.jsonl"
+    a["deep_json"].write_text(deep)
+    a["deep_jsonl"].write_text(deep + "\n")
+    a["ckpt_deep_yaml"] = tmp / "ckpt_deep_yaml"
+    shutil.copytree(a["ckpt"], a["ckpt_deep_yaml"])
+    (a["ckpt_deep_yaml"] / CONFIG_FILE).write_text(f"n_layer: {deep}\n")
+    a["hf_deep_config"] = tmp / "hf_deep_config"
+    a["hf_deep_config"].mkdir()
+    (a["hf_deep_config"] / "config.json").write_text(deep)
+    shutil.copyfile(a["tok512"], a["hf_deep_config"] / "tokenizer.model")
+    a["deep_config_yaml"] = tmp / "deep_config.yaml"
+    a["deep_config_yaml"].write_text(f"train: {deep}\n")
 
 
 def test_an_adapter_of_another_base_is_used_when_allowed(assets, capfd):

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Literal, Optional
 import torch
 from tqdm import tqdm
 
-from lit_adapter.files import compare_shapes, preview_keys, shapes_of
+from lit_adapter.files import BAD_JSON, compare_shapes, json_problem, preview_keys, read_text, shapes_of
 from lit_adapter.config import PRESETS, Config
 from lit_adapter.errors import UserError
 
@@ -119,9 +119,9 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found")
     try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON: {err}") from None
+        value = json.loads(read_text(path))
+    except BAD_JSON as err:
+        raise UserError(f"{path} is not valid JSON: {json_problem(err)}") from None
     if not isinstance(value, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return value

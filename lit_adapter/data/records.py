@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lit_adapter.errors import UserError
-from lit_adapter.files import atomic_path
+from lit_adapter.files import NESTED_TOO_DEEPLY, atomic_path
 from lit_adapter.prompts import ROLES
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
@@ -59,6 +59,8 @@ def _read_records_file(path: Path) -> list[tuple[str, Any]]:
         where = f", in record {index}" if index is not None else ""
         raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}{where}); "
                         "is the file truncated?") from None
+    except RecursionError:
+        raise UserError(f"{path} is not valid JSON: {NESTED_TOO_DEEPLY}") from None
     if not isinstance(data, list):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, expected a list of records with keys {FIELDS}")
     return [(f"record {index}", record) for index, record in enumerate(data)]
@@ -83,6 +85,8 @@ def _parse_json_lines(path: Path, text: str) -> list[tuple[str, Any]]:
             except json.JSONDecodeError as err:
                 raise UserError(f"{path} line {number} is not valid JSON ({err.msg} at column {err.colno}); "
                                 "JSON Lines hold one record per line") from None
+            except RecursionError:
+                raise UserError(f"{path} line {number} is not valid JSON: {NESTED_TOO_DEEPLY}") from None
     return entries
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lit_adapter.errors import UserError
-from lit_adapter.files import atomic_path, read_text
+from lit_adapter.files import BAD_JSON, atomic_path, json_problem, read_text
 from lit_adapter.generate.engine import Sampling
 
 
@@ -64,8 +64,8 @@ def read_requests(path: Path, defaults: Request) -> list[Request]:
 def parse_request(line: str, defaults: Request, where: str) -> Request:
     try:
         fields = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nested beyond Python's stack
-        raise UserError(f"{where} is not JSON: {err}") from None
+    except BAD_JSON as err:
+        raise UserError(f"{where} is not JSON: {json_problem(err)}") from None
     if not isinstance(fields, dict) or "prompt" not in fields:
         raise UserError(f"{where}: expected a JSON object with a \"prompt\"")
     unknown = sorted(set(fields) - set(asdict(defaults)))

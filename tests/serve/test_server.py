@@ -184,8 +184,9 @@ def test_a_short_request_finishes_before_a_long_one_that_started_first(server):
      ["frequency_penalty"]),
     ({"model": "chat-a", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, ["tools"]),
     ('{"model": "chat-a", "messages": [', 400, ["JSON"]),
+    ('{"model": "chat-a", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, ["parsing the body"]),
 ], ids=["unknown model", "too long", "max_tokens 0", "no messages", "missing messages", "n 2", "penalty", "tools",
-        "malformed JSON"])
+        "malformed JSON", "JSON nested 100,000 deep"])
 def test_bad_input_gets_its_status_and_the_server_goes_on(server, body, status, words):
     content = body if isinstance(body, str) else json.dumps(body)
     response = httpx.post(f"{server.url}/v1/chat/completions", content=content, timeout=60,
