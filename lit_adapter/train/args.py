@@ -48,7 +48,7 @@ class EvalArgs:
     max_batches: int = 100
     """Most validation micro batches per evaluation."""
     max_new_tokens: int = 100
-    """Length of the sample response generated at each evaluation."""
+    """Length of the sample response generated at each evaluation (0: none)."""
     instruction: Optional[str] = None
     """The instruction whose greedy answer is shown at each evaluation (default: the first validation record's,
     which scripts/prepare_alpaca.py records)."""
@@ -74,6 +74,8 @@ def check_eval_args(args: EvalArgs, prefix: str = "eval.") -> None:
     """Refuse evaluation settings that cannot work (``prefix`` names them as on the command line)."""
     if args.interval < 1 or args.max_batches < 1:
         raise UserError(f"{prefix}interval and {prefix}max_batches must be at least 1")
+    if args.max_new_tokens < 0:
+        raise UserError(f"{prefix}max_new_tokens must be zero (no sample answer) or more, got {args.max_new_tokens}")
 
 
 PAPER_GLOBAL_BATCH = 64
