@@ -156,22 +156,22 @@ COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"
 
 
 def test_a_small_chat_set_prepares_and_fine_tunes_with_all_defaults(smollm2_checkpoint, tmp_path, capsys):
-    """40 two-turn chat records, and only paths given: the defaults fit the data and the model."""
+    """20 two-turn chat records, and only paths given: the defaults fit the data and the model."""
     records = tmp_path / "chats.jsonl"
     records.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": f"Name color number {i}."}, {"role": "assistant", "content": COLORS[i % 10]},
         {"role": "user", "content": "Another?"}, {"role": "assistant", "content": COLORS[(i + 1) % 10]}]}) + "\n"
-        for i in range(40)))
+        for i in range(20)))
     data, out = tmp_path / "data", tmp_path / "colors"
     run_cli(prepare, ["--checkpoint_dir", str(smollm2_checkpoint), "--data_file", str(records),
                       "--destination_dir", str(data)])
     printed = capsys.readouterr().out
-    assert "val_size 4: a tenth of the 40 records" in printed and "prompt style: chat" in printed
+    assert "val_size 2: a tenth of the 20 records" in printed and "prompt style: chat" in printed
     run_cli(training.main, ["--checkpoint_dir", str(smollm2_checkpoint), "--data_dir", str(data), "--out_dir", str(out),
                             "--eval.max_new_tokens", "4"])
     printed = capsys.readouterr().out
-    assert "train.global_batch_size 36: the training set holds 36 samples, fewer than 64" in printed
+    assert "train.global_batch_size 16: the training set holds 18 samples, fewer than 64" in printed
     assert "15 layers x 10 prompts" in printed  # the top half of a small model's 30 layers
     assert adapter_prompt_style(out / "adapter.safetensors") == "chat"
     assert read_safetensors_metadata(out / "adapter.safetensors")["name"] == "colors"
-    assert re.search(r"step 5: val loss \d\.\d+\n(Name color number \d+\.|Another\?)\n", printed), printed
+    assert re.search(r"step 6: val loss \d\.\d+\n(Name color number \d+\.|Another\?)\n", printed), printed

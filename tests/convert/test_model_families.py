@@ -47,7 +47,8 @@ LLAMA3_8B_PARAMS = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
 
 @pytest.fixture(scope="session")
 def llama3_dirs(llama3_converted) -> dict[str, Path]:
-    """The released (Llama 3.0) tokenizer.json, and the tiktoken tokenizer.model of a Meta download as conversion writes it."""
+    """The released (Llama 3.0) tokenizer.json, and the tiktoken tokenizer.model of a Meta download as conversion
+    writes it."""
     return {"released": shared_file("llama3_tokenizer/tokenizer.json"), "converted": llama3_converted}
 
 
