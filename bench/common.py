@@ -7,29 +7,35 @@ from typing import Callable, Optional
 
 import torch
 
-from lit_adapter.adapter import AdapterLLaMA, mark_only_adapter_trainable
-from lit_adapter.checkpoint import keep_adapter_float32
+from lit_adapter.adapter import mark_only_adapter_trainable
+from lit_adapter.checkpoint import build_model
 from lit_adapter.config import Config
 from lit_adapter.model import LLaMA, init_weights
 
 
-def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> LLaMA:
-    """A model with random weights in ``dtype`` (adapter in float32, with small random gates), built on ``device``."""
-    with torch.device("meta"):
-        model = (AdapterLLaMA if adapter else LLaMA)(config)
-    model.to(dtype).to_empty(device=device)
-    with torch.device(device), torch.no_grad():
-        init_weights(model)
-        model.reset_parameters()
-        if adapter:
-            model.reset_adapter()
-            keep_adapter_float32(model)
+def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 quantize: Optional[Callable[[torch.nn.Module], int]] = None) -> LLaMA:
+    """A model with random weights in ``dtype`` (adapter in float32, with small random gates), built on ``device``
+    part by part as ``load_model`` builds it (each block stored by ``quantize`` before the next is made)."""
+    model = build_model(config, adapter, device, dtype, lambda prefix, part: init_weights(part), quantize)
+    if adapter:
+        with torch.no_grad():
             for name, param in model.named_parameters():
                 if name.endswith("adapter_gate"):
                     param.normal_(std=0.1)  # non-zero, so the adapter path is really exercised
-    if adapter:
         mark_only_adapter_trainable(model)
     return model
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's saved state (parameters and persistent buffers) as stored: a quantized weight counts
+    its packed values and scales."""
+    def size(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(size(getattr(t, name)) for name in names)
+        return t.numel() * t.element_size()
+    return sum(size(t) for t in model.state_dict().values())
 
 
 def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[float]:

@@ -23,10 +23,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth, median, random_model  # noqa: E402
+from bench.common import copy_bandwidth, median, random_model, stored_bytes  # noqa: E402
 from lit_adapter.adapter import AdapterLLaMA, adapter_state_dict  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
+from lit_adapter.precision import PRECISIONS, GenerationPrecision, base_dtype, check_device  # noqa: E402
+from lit_adapter.quantize import frozen_linears  # noqa: E402
+from lit_adapter.quantize.low_bit import int4_round_trip  # noqa: E402
 from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
 
 MODES = ("eager", "graph", "compiled", "batch")
@@ -89,8 +92,9 @@ def random_adapters(model: AdapterLLaMA, n: int) -> list[dict[str, torch.Tensor]
 
 
 def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int = 200, repeats: int = 5,
-         batch_size: int = 16, modes: str = ",".join(MODES), device: Optional[str] = None) -> None:
-    """Measure generation tokens/s with random weights (bf16 on a GPU, float32 on the CPU).
+         batch_size: int = 16, modes: str = ",".join(MODES), device: Optional[str] = None,
+         precision: Optional[GenerationPrecision] = None) -> None:
+    """Measure generation tokens/s with random weights (bf16 on a GPU, float32 on the CPU, or ``precision``).
 
     Args:
         preset: Model preset (lit_adapter.config.PRESETS).
@@ -101,22 +105,31 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         modes: Comma-separated subset of eager, graph, compiled (batch 1, adapter 0) and batch (graph, batch_size
             adapters).
         device: cuda or cpu (default: cuda where there is one).
+        precision: The base's precision as generate/adapter.py --precision takes it (default: bf16-true on a GPU,
+            32-true on the CPU); with a quantized base, the batch mode's float32 check uses the bf16 base's float32
+            copy, and the last lines compare the quantized model's logits of one prompt with the bf16 model's (and,
+            for int4-base, with the bf16 model whose weights are int4-base's dequantized: the kernel's own error).
     """
-    chosen = modes.split(",")
+    chosen, checks = modes.split(","), []
     if set(chosen) - set(MODES) or prompt_length < 8:
         raise SystemExit(f"modes must come from {', '.join(MODES)}; prompt_length at least 8")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_cuda = device.type == "cuda"
     config = Config.from_name(preset)
-    model = adapter_model(config, batch_size, device, torch.bfloat16 if on_cuda else torch.float32)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    precision = precision or ("bf16-true" if on_cuda else "32-true")
+    check_device(precision, device)
+    model = adapter_model(config, batch_size, device, precision)
+    weight_bytes = stored_bytes(model)
     bandwidth = copy_bandwidth() if on_cuda else None
     name = f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s" if on_cuda else "CPU"
-    print(f"{name}, torch {torch.__version__}, inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
+    print(f"{name}, torch {torch.__version__}, {precision}, {weight_bytes / 2**30:.2f} GiB of weights, "
+          f"inductor cache {os.environ['TORCHINDUCTOR_CACHE_DIR']}")
 
     prompt = torch.randint(0, config.vocab_size, (prompt_length,))
+    if PRECISIONS[precision].quantize is not None:
+        checks += logit_errors(model, config, batch_size, device, precision, prompt)
+    results = {}
     decoders = {"eager": decode_one_token, "graph": GraphDecode(), "compiled": compile_decode()}
-    results, checks = {}, []
     for mode in [m for m in MODES if m in chosen and m != "batch"]:
         results[mode] = measure(model, [prompt], [0], max_new_tokens, decoders[mode], repeats)
         if mode == "compiled":
@@ -130,7 +143,7 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         if on_cuda:  # float32 as well: bf16 kernels for 1 and 16 rows may round differently (not a batching error)
             del model
             torch.cuda.empty_cache()
-            exact = adapter_model(config, batch_size, device, torch.float32)
+            exact = adapter_model(config, batch_size, device, "32-true")
             start = time.perf_counter()
             prepare(exact, prompts, list(range(batch_size)), max_new_tokens)
             batched = timed_generation(exact, prompts, max_new_tokens, GraphDecode(), start)[2]
@@ -140,12 +153,39 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         print(line)
 
 
-def adapter_model(config: Config, n_adapters: int, device: torch.device, dtype: torch.dtype) -> AdapterLLaMA:
-    """The random base (seed 0) in ``dtype`` with ``n_adapters`` random adapters registered."""
+def adapter_model(config: Config, n_adapters: int, device: torch.device, precision: str) -> AdapterLLaMA:
+    """The random base (seed 0) in ``precision`` with ``n_adapters`` random adapters registered."""
     torch.manual_seed(0)
-    model = random_model(config, adapter=True, device=device, dtype=dtype).eval()
+    model = random_model(config, adapter=True, device=device, dtype=base_dtype(precision, device.type),
+                         quantize=PRECISIONS[precision].quantize).eval()
     model.register_adapters(random_adapters(model, n_adapters))
     return model
+
+
+def logit_errors(model: AdapterLLaMA, config: Config, n_adapters: int, device: torch.device, precision: str,
+                 prompt: torch.Tensor) -> list[str]:
+    """Lines: the relative error of the quantized ``model``'s logits for ``prompt`` against the same random model
+    unquantized (and, for int4-base, against it with int4-base's dequantized weights)."""
+    references = {"unquantized": None}
+    if precision == "int4-base":
+        references["dequantized int4"] = lambda block: [
+            setattr(linear, "weight", torch.nn.Parameter(int4_round_trip(linear.weight), requires_grad=False))
+            for _, _, linear in frozen_linears(block)]
+    idx = prompt[None].to(device)
+    with torch.no_grad():
+        logits = model(idx).float()
+        lines = []
+        for label, quantize in references.items():
+            torch.manual_seed(0)
+            reference = random_model(config, adapter=True, device=device, dtype=base_dtype("bf16-true", device.type),
+                                     quantize=quantize).eval()
+            reference.register_adapters(random_adapters(reference, n_adapters))
+            expected = reference(idx).float()
+            lines.append(f"{precision} logits against the {label} model: relative error "
+                         f"{((logits - expected).norm() / expected.norm()).item():.4f}, same argmax at "
+                         f"{(logits.argmax(-1) == expected.argmax(-1)).float().mean().item():.1%} of positions")
+            del reference
+    return lines
 
 
 def equality(label: str, batched: list[list[int]], alone: list[list[int]]) -> str:

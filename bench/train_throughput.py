@@ -30,7 +30,7 @@ from lit_adapter.data.module import InstructionDataModule  # noqa: E402
 from lit_adapter.data.prepare import tokenize_sample, write_prepared_set  # noqa: E402
 from lit_adapter.data.records import load_records  # noqa: E402
 from lit_adapter.errors import UserError  # noqa: E402
-from lit_adapter.precision import TrainingPrecision, base_dtype, quantize_base  # noqa: E402
+from lit_adapter.precision import PRECISIONS, TrainingPrecision, base_dtype  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
 from lit_adapter.train.args import TrainArgs  # noqa: E402
 from lit_adapter.train.fabric_loop import setup_training, training_step, validate  # noqa: E402
@@ -65,8 +65,8 @@ def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_
 def build(config: Config, precision: TrainingPrecision, device: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight adapter model (the same weights for the same seed), its base in ``precision``'s format."""
     torch.manual_seed(seed)
-    dtype = base_dtype(precision)
-    return quantize_base(random_model(config, adapter=True, device=device, dtype=dtype), precision)
+    dtype = base_dtype(precision, torch.device(device).type)
+    return random_model(config, adapter=True, device=device, dtype=dtype, quantize=PRECISIONS[precision].quantize)
 
 
 def timed(step: Callable[[], tuple[int, int]], warmup_steps: int, steps: int, runs: int,
@@ -102,7 +102,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
 
     Args:
         preset: Model preset (lit_adapter.config.PRESETS).
-        precision: "bf16-true", or "fp8-base" (the blocks' linear weights in float8, FP8 matmuls).
+        precision: "bf16-true", "fp8-base" (the blocks' linear weights in float8, FP8 matmuls) or "nf4-base" (in
+            4-bit NormalFloat).
         micro_batch_size: Samples per micro-batch (fixed mode: the batch), or a cap with micro_batch_tokens.
         seq_length: Tokens per sample (fixed mode); the longest sample (Alpaca mode).
         alpaca: Alpaca-shaped data through the project's data pipeline and step instead of fixed shapes.
@@ -131,7 +132,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         raise UserError("--trace_path writes the profiled steps: add --profile true")
     config = Config.from_name(preset)
     cuda = accelerator == "cuda"
-    fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision if cuda else "32-true"))
+    fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision, "cuda" if cuda else "cpu"))
     device = str(fabric.device)
     train = TrainArgs(global_batch_size=global_batch_size if alpaca or quality else micro_batch_size,
                       micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens, learning_rate=2.25e-3,

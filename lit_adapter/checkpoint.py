@@ -28,7 +28,7 @@ from lit_adapter.errors import UserError
 from lit_adapter.files import (atomic_dir, atomic_path, check_can_create, compare_shapes, file_fingerprint,
                                open_safetensors, preview_keys, read_safetensors, read_safetensors_metadata,
                                read_yaml_mapping, require_file, shapes_of, write_yaml)
-from lit_adapter.model import LLaMA
+from lit_adapter.model import Block, LLaMA
 from lit_adapter.prompts import LEGACY_STYLE, get_style
 from lit_adapter.tokenizer import Tokenizer, TokenizerFiles, tokenizer_files
 
@@ -179,12 +179,14 @@ def open_checkpoint(directory: Path, shape: Callable[[Config], Config] = lambda 
 
 
 def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Config] = None,
-               device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> LLaMA:
-    """The base model of a checkpoint directory (an ``AdapterLLaMA`` with fresh adapter if ``adapter``).
+               device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None,
+               quantize: Optional[Callable[[nn.Module], int]] = None) -> LLaMA:
+    """The base model of a checkpoint directory (an ``AdapterLLaMA`` with fresh adapter if ``adapter``), its
+    blocks' frozen linear layers stored by ``quantize`` if given (``precision.Precision.quantize``).
 
-    The model is created on the meta device, allocated on ``device`` and filled one tensor at a time from
-    the safetensors file, so nothing is initialised twice and no second copy of the weights is held. Adapter
-    parameters stay float32 whatever ``dtype`` the base gets.
+    The tensors are read one at a time from the memory-mapped safetensors file into a model built part by part
+    (``build_model``): nothing is initialised twice, no second copy of the weights is held, and a quantized base
+    never sits whole on ``device`` in ``dtype``. Adapter parameters stay float32 whatever ``dtype`` the base gets.
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = config or load_config(checkpoint_dir)
@@ -192,18 +194,38 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     weights_path = checkpoint_dir / WEIGHTS_FILE
     with open_safetensors(weights_path) as f:
         # the config's sizes are checked against the stored tensors before anything is allocated
-        check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
+        stored = set(f.keys())
+        check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in stored},
                          source=str(weights_path))
         check_float_dtypes(f, weights_path)
-        with torch.device("meta"):
-            model = model_class(config)
-        if dtype is not None:
-            model.to(dtype)
-        model.to_empty(device=device or "cpu")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for key in progress(f.keys(), len(f.keys()), f"loading {checkpoint_dir.name}", "tensor"):
-                params[key].copy_(f.get_tensor(key))  # one tensor at a time: memory stays at the model's size
+        with progress(None, len(stored), f"loading {checkpoint_dir.name}", "tensor") as bar:
+            def fill(prefix: str, part: nn.Module) -> None:
+                for key, param in part.named_parameters(prefix):
+                    if key in stored:
+                        param.copy_(f.get_tensor(key))
+                        bar.update()
+
+            return build_model(config, adapter, device or "cpu", dtype, fill, quantize)
+
+
+def build_model(config: Config, adapter: bool, device: torch.device | str, dtype: Optional[torch.dtype],
+                fill: Callable[[str, nn.Module], None],
+                quantize: Optional[Callable[[nn.Module], int]] = None) -> LLaMA:
+    """A model created on the meta device, then allocated on ``device`` one part at a time, each part filled by
+    ``fill(prefix, part)`` (``prefix``: the part's name in the model's state dict): everything outside the blocks
+    first, then block by block, each block's frozen linear layers stored by ``quantize`` before the next block is
+    allocated. The adapter (if ``adapter``) is fresh and float32."""
+    with torch.device("meta"):
+        model = (AdapterLLaMA if adapter else LLaMA)(config)
+    if dtype is not None:
+        model.to(dtype)
+    parts = [(name, child) for name, child in model.named_children() if name != "blocks"]
+    with torch.no_grad():
+        for prefix, part in parts + [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]:
+            part.to_empty(device=device)
+            fill(prefix, part)
+            if quantize is not None and isinstance(part, Block):
+                quantize(part)
     model.reset_parameters()
     if adapter:
         with torch.device(model.embed.weight.device):

@@ -1,18 +1,19 @@
 """Precisions: the one registry of their names, the dtype each loads the frozen base in, the Lightning precision
 that runs it, the quantizer that stores the base's blocks in another format, and what each needs.
 
-The adapter's parameters (and so the optimizer state) stay float32 whatever the precision. A new frozen-base format
-is a module in ``lit_adapter/quantize/`` and one entry in ``PRECISIONS``.
+The adapter's parameters (and so the optimizer state) stay float32 whatever the precision, and one adapter file
+works on every precision of its base. A new frozen-base format is a module in ``lit_adapter/quantize/`` and one
+entry in ``PRECISIONS``.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
-from lit_adapter.quantize import fp8
+from lit_adapter.quantize import fp8, low_bit
 
 
 @dataclass(frozen=True)
@@ -23,13 +24,20 @@ class Precision:
     lightning: str
     """The Lightning precision that runs it ("bf16-true" keeps the adapter float32: ``train.strategies``)."""
     quantize: Optional[Callable[[nn.Module], int]] = None
-    """Stores the frozen blocks' linear layers in another format (None: they stay in ``base_dtype``)."""
+    """Stores the frozen linear layers of one block in another format (None: they stay in ``base_dtype``)."""
     check_device: Optional[Callable[[torch.device], None]] = None
-    """Refuses, in one line, a device that cannot run it."""
+    """Refuses, in one line, a device (or an installation) that cannot run it."""
     training: bool = True
     generation: bool = True
     shardable: bool = True
     """Whether ``--strategy fsdp`` can shard a base in this precision."""
+
+    def on(self, device_type: str) -> "Precision":
+        """This precision as it runs on a device of ``device_type``: a quantized base computes in float32 on the
+        CPU, where bf16 matrix products are several times slower than float32 ones (6x on 2 cores, 2026-12-07)."""
+        if self.quantize is not None and device_type == "cpu":
+            return replace(self, base_dtype=torch.float32, lightning="32-true")
+        return self
 
 
 PRECISIONS = {p.name: p for p in (
@@ -37,10 +45,17 @@ PRECISIONS = {p.name: p for p in (
     Precision("bf16-mixed", torch.float32, "bf16-mixed", generation=False),
     Precision("32-true", torch.float32, "32-true"),
     Precision("16-true", torch.float16, "16-true", training=False),
-    Precision("fp8-base", torch.bfloat16, "bf16-true", quantize=fp8.quantize_frozen_linears,
-              check_device=fp8.check_fp8_device, generation=False, shardable=False),
+    Precision("fp8-base", torch.bfloat16, "bf16-true", quantize=fp8.quantize_fp8, check_device=fp8.check_fp8_device,
+              shardable=False),
+    Precision("nf4-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_nf4,
+              check_device=low_bit.check_torchao("nf4-base"), shardable=False),
+    Precision("int8-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_int8,
+              check_device=low_bit.check_torchao("int8-base"), training=False),
+    Precision("int4-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_int4,
+              check_device=low_bit.check_int4_device, training=False),
 )}
 TrainingPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.training)]  # type: ignore[valid-type]
+QuantizedBase = Literal[tuple(name for name, p in PRECISIONS.items() if p.training and p.quantize)]  # type: ignore[valid-type]
 GenerationPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.generation)]  # type: ignore[valid-type]
 
 
@@ -52,9 +67,9 @@ def get_precision(name: str, purpose: Literal["training", "generation"] = "train
     return PRECISIONS[name]
 
 
-def base_dtype(name: str) -> torch.dtype:
-    """The dtype the frozen base model is loaded in under precision ``name``."""
-    return PRECISIONS[name].base_dtype
+def base_dtype(name: str, device_type: str) -> torch.dtype:
+    """The dtype the frozen base model is loaded in under precision ``name`` on a device of ``device_type``."""
+    return PRECISIONS[name].on(device_type).base_dtype
 
 
 def default_precision(on_gpu: bool, purpose: Literal["training", "generation"] = "training") -> str:
@@ -79,11 +94,3 @@ def check_device(name: str, device: torch.device) -> None:
     """Refuse in one line a ``device`` that cannot run precision ``name``."""
     if PRECISIONS[name].check_device is not None:
         PRECISIONS[name].check_device(device)
-
-
-def quantize_base(model: nn.Module, name: str) -> nn.Module:
-    """Store the frozen blocks of ``model`` in the format of precision ``name`` (nothing to do for most)."""
-    quantize = PRECISIONS[name].quantize
-    if quantize is not None:
-        quantize(model)
-    return model

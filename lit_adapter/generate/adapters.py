@@ -13,6 +13,7 @@ from lit_adapter.checkpoint import (BaseCheckpoint, adapter_config, adapter_name
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import LLaMA
+from lit_adapter.precision import PRECISIONS, base_dtype, check_device, default_precision
 from lit_adapter.prompts import BASE_MODEL_STYLE
 
 
@@ -66,10 +67,13 @@ def open_adapters(specs: Sequence[str | Path], base: BaseCheckpoint, allow_other
 
 
 def load_generation_model(base: BaseCheckpoint, adapters: AdapterSet, device: torch.device,
-                          dtype: torch.dtype) -> LLaMA:
-    """The base model in ``dtype`` on ``device``, holding every adapter of ``adapters`` (a plain base without any)."""
+                          precision: Optional[str] = None) -> LLaMA:
+    """The base model in ``precision`` (default: ``precision.default_precision``'s) on ``device``, holding every
+    adapter of ``adapters`` (a plain base without any)."""
+    precision = precision or default_precision(device.type == "cuda", purpose="generation")
+    check_device(precision, device)
     model = load_model(base.directory, adapter=bool(adapters.names), config=adapters.config, device=device,
-                       dtype=dtype)
+                       dtype=base_dtype(precision, device.type), quantize=PRECISIONS[precision].quantize)
     if isinstance(model, AdapterLLaMA):
         model.register_adapters([read_adapter(model, path) for path in adapters.paths])
     return model.eval()

@@ -20,7 +20,7 @@ from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, d
 from lit_adapter.generate.engine import Engine, Job
 from lit_adapter.generate.requests import Request, check_request, read_requests, write_results
 from lit_adapter.model import LLaMA
-from lit_adapter.precision import GenerationPrecision, base_dtype, default_precision
+from lit_adapter.precision import GenerationPrecision
 from lit_adapter.prompts import BASE_MODEL_STYLE, Message, StyleName, chat_style_for, get_style, user_message
 from lit_adapter.tokenizer import Tokenizer
 
@@ -55,7 +55,10 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
         top_p: Sample only among the most likely tokens whose probabilities reach top_p (1.0: all).
         seed: Random seed, for reproducible samples.
         num_samples: How many samples to generate for --prompt, one after another.
-        precision: Weights and compute precision (default: bf16-true on a GPU that supports it, else 32-true).
+        precision: Weights and compute precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU
+            that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
+            newer GPUs), nf4-base (these three need torchao) or fp8-base (Hopper GPUs). One adapter file works on
+            every precision of its base.
         compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
@@ -118,8 +121,7 @@ def load(checkpoint_dir: Path, adapter_path: Optional[Path | list[Path]], reques
     requests = read_requests(requests_path, defaults) if requests_path else [first_adapter(defaults, adapters)]
     warn_about_overridden_styles(adapters, {r.adapter for r in requests}, prompting.option)
     prompts = encode_requests(requests, adapters, prompting, base, numbered=requests_path is not None)
-    dtype = base_dtype(precision or default_precision(device.type == "cuda", purpose="generation"))
-    model = load_generation_model(base, adapters, device, dtype)
+    model = load_generation_model(base, adapters, device, precision)
     print(f"Loaded {checkpoint_dir} in {time.perf_counter() - start:.2f} s", file=sys.stderr)
     return base, adapters, requests, prompts, model
 

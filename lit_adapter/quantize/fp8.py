@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
+from lit_adapter.quantize import frozen_linears
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -83,18 +84,12 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 with row scales"
 
 
-def quantize_frozen_linears(model: nn.Module) -> int:
-    """Replace every bias-free ``nn.Linear`` of the model's blocks (all frozen base weights) by an ``Fp8Linear``;
-    return their count. The embedding, the final norm and the output head stay as they are, and so do the
-    adapter's prompts and gates and the norms."""
-    swapped = 0
-    for block in model.blocks:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear) and child.bias is None:
-                    setattr(parent, name, Fp8Linear(child.weight))
-                    swapped += 1
-    return swapped
+def quantize_fp8(block: nn.Module) -> int:
+    """Replace every frozen linear layer of ``block`` by an ``Fp8Linear``; return their count."""
+    linears = frozen_linears(block)
+    for parent, name, linear in linears:
+        setattr(parent, name, Fp8Linear(linear.weight))
+    return len(linears)
 
 
 def check_fp8_device(device: torch.device) -> None:

@@ -15,7 +15,7 @@ from lit_adapter.errors import UserError
 from lit_adapter.generate.adapters import load_generation_model, open_adapters
 from lit_adapter.generate.decode import GraphDecode, decode_one_token
 from lit_adapter.generate.engine import Engine
-from lit_adapter.precision import GenerationPrecision, base_dtype, default_precision
+from lit_adapter.precision import GenerationPrecision
 from lit_adapter.serve.app import build_app
 from lit_adapter.serve.server import ModelServer
 
@@ -43,7 +43,10 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
             4096). It sizes the KV cache: max_batch x max_seq_length positions.
         prefill_chunk: Most prompt tokens prefilled per engine step, so running requests wait at most about a step
             for a new long prompt.
-        precision: Weights and compute precision (default: bf16-true on a GPU that supports it, else 32-true).
+        precision: Weights and compute precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU
+            that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
+            newer GPUs), nf4-base (these three need torchao) or fp8-base (Hopper GPUs). One adapter file works on
+            every precision of its base.
         cuda_graph: On a GPU, replay the decoding step as CUDA graphs, one per batch and length bucket.
         name: The base model's name in requests and /v1/models (default: the checkpoint directory's name).
         seed: Seed of the random draws of requests that give no seed of their own.
@@ -59,8 +62,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
     base = open_checkpoint(checkpoint_dir)
     adapters = open_adapters(adapter_path or [], base, allow_other_base)
     context = min(max_seq_length or min(base.config.block_size, DEFAULT_CONTEXT), base.config.block_size)
-    dtype = base_dtype(precision or default_precision(device.type == "cuda", purpose="generation"))
-    model = load_generation_model(base, adapters, device, dtype)
+    model = load_generation_model(base, adapters, device, precision)
     decode_fn = GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
     engine = Engine(model, max_batch, context, decode_fn, prefill_chunk=prefill_chunk, max_waiting=max_waiting)
     server = ModelServer(engine, base.tokenizer, adapters, name or Path(checkpoint_dir).resolve().name)

@@ -26,8 +26,8 @@ from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path, check_can_create
 from lit_adapter.model import LLaMA
-from lit_adapter.precision import (TrainingPrecision, base_dtype, check_device, check_precision, default_precision,
-                                   quantize_base)
+from lit_adapter.precision import (PRECISIONS, TrainingPrecision, base_dtype, check_device, check_precision,
+                                   default_precision)
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.train.args import (EvalArgs, TrainArgs, accumulation_steps, check_eval_args, check_train_args,
                                     planned_steps, with_defaults)
@@ -235,7 +235,8 @@ def launch_fabric(accelerator: str, devices: int, strategy: StrategyName, precis
         fabric = Fabric(accelerator=accelerator, devices=devices, strategy=fabric_strategy(strategy, devices),
                         loggers=TensorBoardLogger(root_dir=out_dir, name="logs",
                                                   version=log_version(out_dir / "logs", state_path)),
-                        **fabric_precision(precision))
+                        **fabric_precision(precision, "cuda" if accelerator != "cpu" and torch.cuda.is_available()
+                                           else "cpu"))
     except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
         raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
                         f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
@@ -248,8 +249,8 @@ def load_for_training(fabric: Any, base: BaseCheckpoint, precision: str, strateg
     device = torch.device("cpu") if strategy == "fsdp" else fabric.device
     check_device(precision, fabric.device)
     # its fresh adapter comes from the seeded generator: the same prompts on every rank
-    model = load_model(base.directory, adapter=True, config=base.config, device=device, dtype=base_dtype(precision))
-    return quantize_base(model, precision)
+    return load_model(base.directory, adapter=True, config=base.config, device=device, dtype=base_dtype(precision, fabric.device.type),
+                      quantize=PRECISIONS[precision].quantize)
 
 
 def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("data/alpaca"),
@@ -275,9 +276,10 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("d
         devices: Devices (processes) to train on.
         strategy: "auto" (one device, or DDP for several), "ddp", or "fsdp" (FSDP2: blocks sharded, adapter gathered
             to save).
-        precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed", "32-true", or
-            "fp8-base" (bf16-true with the blocks' linear weights in float8 and FP8 matmuls; Hopper GPUs, not fsdp).
-            Default: bf16-true on GPUs that support it, else 32-true.
+        precision: "bf16-true" (base in bf16, adapter and optimizer in float32), "bf16-mixed", "32-true",
+            "nf4-base" (bf16-true with the blocks' linear weights in 4-bit NormalFloat, QLoRA's format: a 7B base
+            in about 4 GB; needs torchao; not fsdp) or "fp8-base" (the blocks' linear weights in float8 and FP8
+            matmuls, faster; Hopper GPUs, not fsdp). Default: bf16-true on GPUs that support it, else 32-true.
         resume: Continue from a training state: a step-NNNNNN directory or its training_state.pt, or "auto" for the
             latest one in out_dir (starts fresh if there is none). The adapter, optimizer moments, schedule position,
             data position and random state continue; train.learning_rate, weight_decay, the schedule's shape,

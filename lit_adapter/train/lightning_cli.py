@@ -31,7 +31,7 @@ from lit_adapter.train.state import is_trainer_checkpoint, log_version
 from lit_adapter.train.strategies import trainer_precision, trainer_strategy
 
 TRAINER_PRECISIONS = [name for name, p in PRECISIONS.items() if p.training and p.quantize is None]
-"""What the Trainer route runs: no quantized base (finetune/adapter.py has those)."""
+"""What --trainer.precision takes; a quantized base is --model.quantized_base, which runs under bf16-true."""
 
 
 class AdapterCLI(LightningCLI):
@@ -203,22 +203,30 @@ class AdapterCLI(LightningCLI):
                                                     version=log_version(Path(root_dir) / "logs", ckpt_path))
         if fsdp_size is not None:
             overrides["strategy"] = trainer_strategy("fsdp", fsdp_size)
-        overrides.update({"precision": None, **trainer_precision(self.checked_precision(config))})
+        precision = self.checked_precision(config, self.model.quantized_base)
+        if fsdp_size is not None and not PRECISIONS[precision].shardable:
+            raise UserError(f"--model.quantized_base {precision} does not shard: use --trainer.strategy auto or ddp")
+        overrides.update({"precision": None, **trainer_precision(precision, "cuda" if on_gpu(config) else "cpu")})
         given = config.get("plugins") or []
         overrides["plugins"] = (given if isinstance(given, list) else [given]) + overrides.get("plugins", []) + [
             AtomicCheckpointIO()]
         return overrides
 
     @staticmethod
-    def checked_precision(config: dict[str, Any]) -> str:
-        """--trainer.precision, or its default; a precision the Trainer route cannot run is refused."""
+    def checked_precision(config: dict[str, Any], quantized_base: Optional[str] = None) -> str:
+        """--model.quantized_base, else --trainer.precision or its default; a precision the Trainer route cannot run
+        is refused."""
         precision = config.get("precision")
+        if quantized_base is not None:
+            if precision not in (None, PRECISIONS[quantized_base].lightning):
+                raise UserError(f"--model.quantized_base {quantized_base} runs under --trainer.precision "
+                                f"{PRECISIONS[quantized_base].lightning}, not {precision}: leave --trainer.precision out")
+            return quantized_base
         if precision is None:
-            gpu = config.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-            precision = default_precision(gpu)
+            precision = default_precision(on_gpu(config))
         if precision not in TRAINER_PRECISIONS:
             raise UserError(f"--trainer.precision {precision} is not supported here: choose one of "
-                            f"{', '.join(TRAINER_PRECISIONS)} (a quantized base: finetune/adapter.py)")
+                            f"{', '.join(TRAINER_PRECISIONS)} (a quantized base: --model.quantized_base)")
         return precision
 
 
@@ -228,6 +236,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         with atomic_path(Path(path)) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def on_gpu(config: dict[str, Any]) -> bool:
+    """Whether the --trainer options (``config``) run on a GPU."""
+    return config.get("accelerator") in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def check_trains_something(config: dict[str, Any]) -> None:
@@ -293,7 +306,8 @@ def main(args: Optional[list[str]] = None) -> None:
     --ckpt_path last (with the same --model and --data options). --trainer.strategy fsdp is FSDP2 (every block
     sharded; the adapter is gathered to save). --trainer.precision is one of bf16-true (the base stored and run in
     bfloat16, the adapter and its optimizer state in float32; the default on GPUs with bfloat16), bf16-mixed and
-    32-true (the default elsewhere). Gradient accumulation (model.train.global_batch_size / (micro_batch_size x
+    32-true (the default elsewhere); --model.quantized_base nf4-base or fp8-base stores the frozen base in 4 or 8 bits
+    (under bf16-true). Gradient accumulation (model.train.global_batch_size / (micro_batch_size x
     devices)), the validation interval (model.eval.interval optimizer steps) and gradient clipping
     (model.train.max_grad_norm) follow from the model's options; left unset, so do --trainer.max_steps or
     --trainer.max_epochs (model.train.max_steps or epochs), --trainer.limit_val_batches (model.eval.max_batches)

@@ -24,7 +24,7 @@ from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.errors import UserError
 from lit_adapter.files import check_can_create, compare_shapes, shapes_of
-from lit_adapter.precision import base_dtype
+from lit_adapter.precision import PRECISIONS, QuantizedBase, base_dtype, check_device
 from lit_adapter.prompts import LEGACY_STYLE
 from lit_adapter.train.args import EvalArgs, TrainArgs
 from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, evaluation_report,
@@ -43,6 +43,7 @@ class AdapterModule(L.LightningModule):
 
     def __init__(self, checkpoint_dir: Path = QUICK_START_CHECKPOINT, out_dir: Optional[Path] = None,
                  name: Optional[str] = None, compile: Optional[bool] = None, activation_checkpointing: bool = False,
+                 quantized_base: Optional[QuantizedBase] = None,
                  adapter: AdapterArgs = AdapterArgs(), train: TrainArgs = TrainArgs(),
                  eval: EvalArgs = EvalArgs()) -> None:
         """
@@ -54,6 +55,9 @@ class AdapterModule(L.LightningModule):
                 the folder name of --trainer.default_root_dir).
             compile: Compile each transformer block with torch.compile (default: on GPU).
             activation_checkpointing: Recompute each block's activations in the backward pass (less memory, slower).
+            quantized_base: The frozen blocks' linear weights in 4-bit NormalFloat (nf4-base, QLoRA's format: a 7B
+                base in about 4 GB) or float8 (fp8-base, faster on Hopper GPUs), computed in bfloat16; the Trainer
+                then runs bf16-true (default: the base as --trainer.precision stores it).
             adapter: The adapter's shape: prompt vectors per layer and the first adapted layer.
             train: Optimisation hyperparameters. The trainer's gradient accumulation is
                 global_batch_size / (micro_batch_size x devices), its gradient clipping max_grad_norm.
@@ -65,6 +69,7 @@ class AdapterModule(L.LightningModule):
         self.name = check_adapter_name(name) if name else None
         self.compile_blocks = compile
         self.activation_checkpointing = activation_checkpointing
+        self.quantized_base = quantized_base
         self.adapter_args = adapter
         self.train_args = train
         self.eval_args = eval
@@ -87,12 +92,14 @@ class AdapterModule(L.LightningModule):
         if self.model is not None:
             return
         trainer = self._trainer
-        dtype = base_dtype(trainer.precision) if trainer is not None else torch.float32
+        precision = self.quantized_base or (trainer.precision if trainer is not None else "32-true")
         root_device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        check_device(precision, root_device)
         sharded = self.device_mesh is not None
         # FSDP: every rank loads the (memory-mapped) base on the CPU and keeps only its shard
         model = load_model(self.checkpoint_dir, adapter=True, config=self.base.config,
-                           device="cpu" if sharded else root_device, dtype=dtype)
+                           device="cpu" if sharded else root_device, dtype=base_dtype(precision, root_device.type),
+                           quantize=PRECISIONS[precision].quantize)
         compile = self.compile_blocks if self.compile_blocks is not None else root_device.type == "cuda"
         self.train_loss_fn = prepare_for_training(model, compile, self.activation_checkpointing)
         if sharded:
@@ -132,7 +139,8 @@ class AdapterModule(L.LightningModule):
         would apply over the command line's options."""
         model = {"checkpoint_dir": str(self.checkpoint_dir), "out_dir": None if self.out_dir is None else
                  str(self.out_dir), "name": self.adapter_name, "compile": self.compile_blocks,
-                 "activation_checkpointing": self.activation_checkpointing, "adapter": asdict(self.adapter_args),
+                 "activation_checkpointing": self.activation_checkpointing, "quantized_base": self.quantized_base,
+                 "adapter": asdict(self.adapter_args),
                  "train": asdict(self.train_args), "eval": asdict(self.eval_args)}
         data = self.trainer.datamodule
         if not isinstance(data, InstructionDataModule):

@@ -79,9 +79,9 @@ def fabric_strategy(name: StrategyName, devices: int = 1) -> Union[str, FabricMo
     return name
 
 
-def fabric_precision(name: str) -> dict:
-    """Keyword arguments for ``Fabric`` that run the precision called ``name``."""
-    lightning = PRECISIONS[name].lightning
+def fabric_precision(name: str, device_type: str) -> dict:
+    """Keyword arguments for ``Fabric`` that run the precision called ``name`` on a device of ``device_type``."""
+    lightning = PRECISIONS[name].on(device_type).lightning
     if lightning == "bf16-true":
         return {"plugins": FabricFrozenHalfPrecision(lightning)}
     return {"precision": lightning}
@@ -93,9 +93,9 @@ def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, Trainer
     return name
 
 
-def trainer_precision(name: str) -> dict:
-    """Keyword arguments for ``Trainer`` that run the precision called ``name``."""
-    lightning = PRECISIONS[name].lightning
+def trainer_precision(name: str, device_type: str) -> dict:
+    """Keyword arguments for ``Trainer`` that run the precision called ``name`` on a device of ``device_type``."""
+    lightning = PRECISIONS[name].on(device_type).lightning
     if lightning == "bf16-true":
         return {"plugins": [TrainerFrozenHalfPrecision(lightning)]}
     return {"precision": lightning}

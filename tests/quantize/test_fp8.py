@@ -9,7 +9,7 @@ from bench.common import random_model
 from lit_adapter.adapter import AdapterConfig, AdapterAttention
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.quantize.fp8 import FP8_MAX, Fp8Linear, check_fp8_device, quantize_frozen_linears, quantize_rows
+from lit_adapter.quantize.fp8 import FP8_MAX, Fp8Linear, check_fp8_device, quantize_fp8, quantize_rows
 from lit_adapter.train.recipe import loss_fn
 
 
@@ -58,7 +58,7 @@ def test_fp8_base_model_follows_the_bf16_one_and_keeps_training_the_adapter():
     model = random_model(config, adapter=True, device="cpu", dtype=torch.bfloat16)
     idx, targets = torch.randint(0, 512, (2, 2, 32))
     reference = loss_fn(model(idx), targets)
-    assert quantize_frozen_linears(model) == 4 * config.n_layer
+    assert sum(quantize_fp8(block) for block in model.blocks) == 4 * config.n_layer
     assert sum(isinstance(m, Fp8Linear) for m in model.modules()) == 12 and model.blocks[0].attn.qkv.weight_fp8.numel()
     loss = loss_fn(model(idx), targets)
     assert loss.item() == pytest.approx(reference.item(), rel=0.01)

@@ -39,7 +39,7 @@ def served(stories):
     """The app on a thread, its engine's prefill failing for requests of ``FAILING_LENGTH`` tokens."""
     base = open_checkpoint(stories)
     adapters = open_adapters([], base)
-    engine = Engine(load_generation_model(base, adapters, torch.device("cpu"), torch.float32), 4, 256)
+    engine = Engine(load_generation_model(base, adapters, torch.device("cpu"), "32-true"), 4, 256)
     prefill = engine.prefill
 
     def faulty_prefill(rows: list[int]) -> None:

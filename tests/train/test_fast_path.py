@@ -78,14 +78,14 @@ def micro_batches(lengths: tuple[int, ...]) -> list[list[tuple[torch.Tensor, tor
 def train(checkpoint, precision: str, compile: bool, activation_checkpointing: bool,
           lengths: tuple[int, ...]) -> Run:
     torch.manual_seed(1234)
-    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision))
+    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision, "cpu"))
     load_adapter(model, checkpoint / "adapter.safetensors")
-    fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision))
+    fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision, "cpu"))
     wrapped, optimizer, train_loss_fn = setup_training(fabric, model, TRAIN, compile, activation_checkpointing)
     wrapped.train()
     adapter = {name: p for name, p in model.named_parameters() if is_adapter_param(name)}
     assert adapter and all(p.requires_grad and p.dtype == torch.float32 for p in adapter.values())
-    assert {p.dtype for name, p in model.named_parameters() if name not in adapter} == {base_dtype(precision)}
+    assert {p.dtype for name, p in model.named_parameters() if name not in adapter} == {base_dtype(precision, "cpu")}
 
     losses, grads = [], []
     # fail, rather than silently run eagerly, should the compiled blocks run out of recompilations
@@ -176,8 +176,8 @@ def test_fast_path_loss_equals_the_plain_paths_in_bfloat16(checkpoint):
 
 def one_forward_backward(checkpoint, precision: str, activation_checkpointing: bool) -> dict:
     """Default dtype seen by the last block in forward (and recompute), and the dtype of the logits the loss gets."""
-    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision))
-    fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision))
+    model = load_model(checkpoint / "base", adapter=True, config=CONFIG, dtype=base_dtype(precision, "cpu"))
+    fabric = Fabric(accelerator="cpu", devices=1, **fabric_precision(precision, "cpu"))
     wrapped, _, train_loss_fn = setup_training(fabric, model, TRAIN, False, activation_checkpointing)
     block, seen = model.blocks[-1], []
 

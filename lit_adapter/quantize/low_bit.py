@@ -1,0 +1,118 @@
+"""Frozen bases in 4 and 8 bits through torchao's tensor subclasses: each frozen linear layer of a block keeps its
+``nn.Linear`` and gets a quantized weight, which computes in the activations' dtype (bf16).
+
+- ``nf4-base`` (training and generation): 4-bit NormalFloat with double-quantised scales (QLoRA: blocks of 64
+  values, their scales in 8 bits per 256 blocks); the forward and the input gradient dequantize the weight.
+- ``int8-base`` (generation): int8 with a scale per output row; ``torch.compile`` fuses the dequantization into the
+  matrix-vector products.
+- ``int4-base`` (generation, CUDA): int4 in groups of 128 with a scale and zero point per group, run by the
+  tinygemm kernel.
+"""
+
+import logging
+from types import ModuleType
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.errors import UserError
+from lit_adapter.quantize import frozen_linears
+
+TORCHAO = "torchao>=0.18"
+INT4_GROUP_SIZE = 32
+NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
+
+
+def import_torchao(precision: str) -> ModuleType:
+    """``torchao.quantization``, imported without its start-up chatter (optional C++ kernels that this project does
+    not use); a one-line refusal where torchao is not installed."""
+    chatty = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.quantization
+    except ImportError:
+        raise UserError(f"--precision {precision} needs torchao: pip install '{TORCHAO}'") from None
+    finally:
+        for logger, level in zip(chatty, levels):
+            logger.setLevel(level)
+    return torchao.quantization
+
+
+def quantize_nf4(block: nn.Module) -> int:
+    """The frozen linear weights of ``block`` in NF4; return their count."""
+    to_nf4 = import_torchao("nf4-base").to_nf4
+    linears = frozen_linears(block)
+    for _, _, linear in linears:
+        linear.weight = nn.Parameter(to_nf4(linear.weight.detach(), *nf4_block_sizes(linear.weight.numel())),
+                                     requires_grad=False)
+    return len(linears)
+
+
+def nf4_block_sizes(numel: int) -> tuple[int, int]:
+    """QLoRA's blocks (64 values a scale, 256 scales a second-level scale) where they divide the weight; else the
+    largest that do (SmolLM2's 960 x 576 attention weight has 8,640 blocks of 64, in 36 groups of 240)."""
+    block = largest_divisor(numel, NF4_BLOCK)
+    return block, largest_divisor(numel // block, NF4_SCALER_BLOCK)
+
+
+def largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+def quantize_int8(block: nn.Module) -> int:
+    """The frozen linear weights of ``block`` in int8, a scale per output row; return their count."""
+    ao = import_torchao("int8-base")
+    return apply_config(block, ao, ao.Int8WeightOnlyConfig(set_inductor_config=False))
+
+
+def quantize_int4(block: nn.Module) -> int:
+    """The frozen linear weights of ``block`` in int4 for the tinygemm kernel (bf16, CUDA); return their count."""
+    ao = import_torchao("int4-base")
+    return apply_config(block, ao, ao.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False,
+                                                           int4_packing_format="tile_packed_to_4d"))
+
+
+def apply_config(block: nn.Module, ao: ModuleType, config: object) -> int:
+    """torchao's ``quantize_`` with ``config`` on the frozen linear layers of ``block`` only."""
+    linears = {id(linear) for _, _, linear in frozen_linears(block)}
+    ao.quantize_(block, config, filter_fn=lambda module, _: id(module) in linears)
+    return len(linears)
+
+
+def dequantized_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A weight stored in NF4 or int8, as the float32 values it stands for."""
+    return getattr(weight, "get_original_weight", weight.dequantize)().float()
+
+
+def int4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as ``int4-base`` stores it, dequantized to bf16, on any device: torchao's tinygemm quantization
+    (the input width padded to a multiple of 1024, as its int4 tensor pads it). The CPU measures int4-base's quality
+    with it; the GPU bench checks the int4 kernel against it."""
+    ao = import_torchao("int4-base")
+    qp = ao.quant_primitives
+    rows, columns = weight.shape
+    padded = F.pad(weight.to(torch.bfloat16), (0, -columns % 1024))
+    block, bits = [1, INT4_GROUP_SIZE], (torch.int32, 0, 15)
+    scale, zero = qp._choose_qparams_affine_tinygemm(padded, qp.MappingType.ASYMMETRIC, block, *bits,
+                                                     scale_dtype=torch.bfloat16, zero_point_dtype=torch.bfloat16)
+    values = qp._quantize_affine_tinygemm(padded, block, scale, zero, *bits)
+    dequantized = qp._dequantize_affine_tinygemm(values, block, scale, zero, *bits, output_dtype=torch.bfloat16)
+    return dequantized[:, :columns]
+
+
+def check_torchao(precision: str) -> Callable[[torch.device], None]:
+    """A device check for ``precision`` that refuses in one line where torchao is missing (any device runs it)."""
+    return lambda device: import_torchao(precision) and None
+
+
+def check_int4_device(device: torch.device) -> None:
+    """Refuse in one line what the tinygemm int4 kernel cannot run on: anything but an Ampere (sm80) or newer GPU."""
+    import_torchao("int4-base")
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        raise UserError(f"--precision int4-base needs an Ampere (sm80) or newer GPU for its int4 kernel; this is "
+                        f"{name}: use int8-base or nf4-base")

@@ -1,0 +1,76 @@
+"""The 4- and 8-bit frozen bases through torchao on the CPU: each computes exactly with the weights it stores
+(forward and input gradient), loading stores each block before the next is allocated, and what cannot run is
+refused in one line. Their quality on a real model is in tests/test_smollm2.py."""
+
+import sys
+
+import pytest
+import torch
+
+from bench.common import random_model
+from lit_adapter.checkpoint import load_model, save_checkpoint_dir
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import Block
+from lit_adapter.precision import PRECISIONS, check_device, check_precision
+from lit_adapter.quantize import frozen_linears
+from lit_adapter.quantize.low_bit import dequantized_weight, import_torchao, nf4_block_sizes
+
+CONFIG = Config.from_name("tiny", n_embd=64, intermediate_size=160)
+
+
+@pytest.mark.parametrize("precision", ["nf4-base", "int8-base"])
+def test_a_quantized_block_computes_with_its_dequantized_weights(precision):
+    torch.manual_seed(0)
+    model = random_model(CONFIG, adapter=True, device="cpu", dtype=torch.float32,
+                         quantize=PRECISIONS[precision].quantize)
+    block = model.blocks[-1]
+    stored = {name: type(linear.weight).__name__ for _, name, linear in frozen_linears(block)}
+    assert stored == dict.fromkeys(["qkv", "proj", "gate_up", "down"], {"nf4-base": "NF4Tensor",
+                                                                        "int8-base": "Int8Tensor"}[precision])
+    reference = random_model(CONFIG, adapter=True, device="cpu", dtype=torch.float32).blocks[-1]
+    reference.load_state_dict(block.state_dict(), strict=False, assign=True)
+    for (_, _, ref), (_, _, linear) in zip(frozen_linears(reference), frozen_linears(block)):
+        ref.weight = torch.nn.Parameter(dequantized_weight(linear.weight), requires_grad=False)
+    rope = model.rope_cache[:16]
+    outputs = []
+    for b in (block, reference):
+        x = torch.randn(2, 16, CONFIG.n_embd, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        y = b(x, rope)
+        y.square().sum().backward()
+        outputs.append((y.detach(), x.grad))
+    for got, expected in zip(*outputs):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_loading_stores_each_block_before_the_next_is_allocated(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    source = random_model(CONFIG, adapter=False, device="cpu", dtype=torch.float32)
+    save_checkpoint_dir(source.state_dict(), CONFIG, None, tmp_path)
+    events = []
+    allocate = Block.to_empty
+    monkeypatch.setattr(Block, "to_empty", lambda block, **kw: events.append(("allocate", id(block))) or
+                        allocate(block, **kw))
+    quantize = PRECISIONS["nf4-base"].quantize
+    model = load_model(tmp_path, quantize=lambda block: events.append(("store", id(block))) or quantize(block))
+    assert events == [(event, id(block)) for block in model.blocks for event in ("allocate", "store")]
+    assert all(type(b.mlp.down.weight).__name__ == "NF4Tensor" for b in model.blocks)
+
+
+def test_nf4_blocks_divide_the_weight():
+    assert nf4_block_sizes(4096 * 4096) == (64, 256)  # QLoRA's
+    assert nf4_block_sizes(960 * 576) == (64, 240)  # SmolLM2's attention: 8,640 blocks of 64
+    assert nf4_block_sizes(100 * 3) == (60, 5)
+
+
+def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
+    with pytest.raises(UserError, match="int4-base needs an Ampere"):
+        check_device("int4-base", torch.device("cpu"))
+    with pytest.raises(UserError, match="does not shard"):
+        check_precision("nf4-base", "fsdp")
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(UserError, match=r"--precision nf4-base needs torchao: pip install 'torchao>=0\.18'"):
+        check_device("nf4-base", torch.device("cpu"))
+    with pytest.raises(UserError, match="int8-base needs torchao"):
+        import_torchao("int8-base")
