@@ -27,5 +27,10 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
     ],
-    extras_require={"test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "accelerate", "openai>=1.30", "httpx2"]},
+    extras_require={
+        # the 4- and 8-bit frozen bases (--precision nf4-base, int8-base, int4-base)
+        "quant": ["torchao>=0.18"],
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "accelerate", "openai>=1.30", "httpx2",
+                 "torchao>=0.18"],
+    },
 )

@@ -195,7 +195,7 @@ def load_model(checkpoint_dir: Path, adapter: bool = False, config: Optional[Con
     with open_safetensors(weights_path) as f:
         # the config's sizes are checked against the stored tensors before anything is allocated
         stored = set(f.keys())
-        check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in stored},
+        check_state_dict(model_class, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()},
                          source=str(weights_path))
         check_float_dtypes(f, weights_path)
         with progress(None, len(stored), f"loading {checkpoint_dir.name}", "tensor") as bar:

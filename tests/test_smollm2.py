@@ -6,17 +6,16 @@ greedy answer; chat-style samples learn exactly the assistant's tokens; generati
 import json
 import math
 import re
-from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 import torch
 from tests.train.test_fabric_loop import cli_args, logged
 
+from bench.quantized_quality import int4_reference
 from conftest import shared_file
 from lit_adapter.train import fabric_loop as training
-from lit_adapter.checkpoint import (adapter_config, adapter_prompt_style, load_adapter, load_config, load_model,
-                                   save_adapter)
+from lit_adapter.checkpoint import adapter_prompt_style, load_model, save_adapter
 from lit_adapter.cli import run_cli
 from lit_adapter.data.batching import IGNORE_INDEX
 from lit_adapter.data.prepare import prepare_dataset, tokenize_sample
@@ -31,8 +30,6 @@ from lit_adapter.generate.cli import Prompting, load
 from lit_adapter.generate.cli import main as generate
 from lit_adapter.generate.requests import Request
 from lit_adapter.precision import PRECISIONS, base_dtype
-from lit_adapter.quantize import frozen_linears
-from lit_adapter.quantize.low_bit import dequantized_weight, int4_round_trip, quantize_nf4
 from lit_adapter.tokenizer import Tokenizer
 
 INSTRUCTION = "Give three tips for staying healthy."
@@ -65,25 +62,12 @@ def fine_tuned(smollm2_checkpoint, alpaca, tmp_path_factory) -> dict:
     return {"out_dir": out_dir, "val_loss": logged(out_dir, "val_loss")}
 
 
-@pytest.fixture(scope="module")
-def nf4_tuned(smollm2_checkpoint, alpaca, tmp_path_factory) -> dict:
-    """The same run with the base in NF4."""
-    out_dir = tmp_path_factory.mktemp("smollm2_nf4_run")
-    run_cli(training.main, cli_args({"checkpoint_dir": smollm2_checkpoint, "data_dir": alpaca["alpaca"],
-                                     "out_dir": out_dir, "precision": "nf4-base", **RUN}))
-    return {"out_dir": out_dir, "val_loss": logged(out_dir, "val_loss")}
-
-
 def base_val_loss(checkpoint_dir, data_dir, max_batches: Optional[int], precision: str = "32-true",
-                  adapter_path: Optional[Path] = None, quantize: Optional[Callable] = None) -> float:
+                  quantize: Optional[Callable] = None) -> float:
     """The validation loss per answer token of the base model in ``precision`` (its blocks stored by ``quantize``
-    if given, else as the precision stores them; with the adapter of ``adapter_path``), computed here without the
-    training code."""
-    config = adapter_config(adapter_path, load_config(checkpoint_dir)) if adapter_path else None
-    model = load_model(checkpoint_dir, adapter=bool(adapter_path), config=config, dtype=base_dtype(precision, "cpu"),
+    if given, else as the precision stores them), computed here without the training code."""
+    model = load_model(checkpoint_dir, dtype=base_dtype(precision, "cpu"),
                        quantize=quantize or PRECISIONS[precision].quantize).eval()
-    if adapter_path:
-        load_adapter(model, adapter_path)
     data = InstructionDataModule(data_dir, global_batch_size=8, micro_batch_size=8)
     total = count = 0.0
     with torch.no_grad():
@@ -106,44 +90,13 @@ def test_sixteen_steps_lower_the_validation_loss_by_more_than_3_percent(fine_tun
     assert curve[16] < 0.97 * curve[0], curve  # measured: 2.4730 -> 2.2468 (-9.1%)
 
 
-def dequantized(quantize: Callable) -> Callable:
-    """A quantizer whose blocks keep plain float weights: those that ``quantize`` stores, dequantized."""
-    def round_trip(block: torch.nn.Module) -> None:
-        quantize(block)
-        for _, _, linear in frozen_linears(block):
-            linear.weight = torch.nn.Parameter(dequantized_weight(linear.weight), requires_grad=False)
-    return round_trip
-
-
-def test_training_on_the_nf4_base_computes_the_nf4_models_loss_and_learns(smollm2_checkpoint, alpaca, fine_tuned,
-                                                                          nf4_tuned):
-    full, nf4 = fine_tuned["val_loss"], nf4_tuned["val_loss"]
-    reference = base_val_loss(smollm2_checkpoint, alpaca["alpaca"], RUN["eval.max_batches"],
-                              quantize=dequantized(quantize_nf4))
-    assert nf4[0] == pytest.approx(reference, rel=1e-5)
-    # measured: 2.6334 -> 2.4511 (full: 2.4730 -> 2.2469); NF4's step-0 cost on this model: bench/RESULTS.md
-    assert nf4[16] < nf4[8] < nf4[0], (full, nf4)
-
-
-def test_an_adapter_trained_on_the_nf4_base_works_on_the_unquantised_base(smollm2_checkpoint, alpaca, fine_tuned,
-                                                                            nf4_tuned):
-    on_full_base = base_val_loss(smollm2_checkpoint, alpaca["alpaca"], RUN["eval.max_batches"],
-                                 adapter_path=nf4_tuned["out_dir"] / "adapter.safetensors")
-    assert on_full_base < fine_tuned["val_loss"][0], on_full_base
-
-
-def int4_reference(block: torch.nn.Module) -> None:
-    """The block's frozen weights as int4-base stores them, dequantized."""
-    for _, _, linear in frozen_linears(block):
-        linear.weight = torch.nn.Parameter(int4_round_trip(linear.weight).float(), requires_grad=False)
-
-
 @pytest.mark.parametrize("precision, quantize, tolerance", [
-    ("int8-base", None, 0.01), ("int4-base", lambda block: int4_reference(block), 0.05)])
+    ("int8-base", None, 0.01), ("int4-base", int4_reference, 0.05)])
 def test_weight_only_bases_keep_the_perplexity_on_the_alpaca_validation_records(smollm2_checkpoint, alpaca, precision,
                                                                                quantize, tolerance):
-    """int4-base's kernel needs a GPU: its weights are checked here dequantized (the bench compares the kernel)."""
-    perplexity = {name: math.exp(base_val_loss(smollm2_checkpoint, alpaca["alpaca"], None, name, quantize=q))
+    """On the first 16 validation records; int4-base's kernel needs a GPU: its weights are checked here dequantized
+    (the GPU bench compares the kernel with them)."""
+    perplexity = {name: math.exp(base_val_loss(smollm2_checkpoint, alpaca["alpaca"], 2, name, quantize=q))
                   for name, q in (("32-true", None), (precision, quantize))}
     assert perplexity[precision] == pytest.approx(perplexity["32-true"], rel=tolerance), perplexity
 

@@ -24,6 +24,7 @@ from lit_adapter.checkpoint import (ADAPTER_FILE, adapter_name, adapter_prompt_s
                                     open_checkpoint, save_adapter)
 from lit_adapter.cli import run_cli
 from lit_adapter.files import read_safetensors_metadata
+from lit_adapter.precision import PRECISIONS
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.data.module import InstructionDataModule
 from lit_adapter.train.lightning_module import AdapterModule
@@ -304,6 +305,23 @@ def test_fit_and_validate_subcommands(assets, tmp_path, capsys):
     assert printed_val_loss(base) == pytest.approx(base_loss, abs=1e-4)
     print(f"val loss: base {base_loss:.4f}, fit's last evaluation {printed_val_loss(fitted):.4f}")
     assert base_loss - printed_val_loss(validated) > 0.05, "the trained adapter was not validated"
+
+
+def test_a_quantized_base_is_validated_and_trained_on_the_trainer_route(assets, tmp_path, capsys):
+    checkpoint_dir, data_dir = assets
+    common = ("--model.train.global_batch_size", "4", "--model.train.micro_batch_size", "4",
+              "--model.eval.max_batches", "100", "--model.quantized_base", "nf4-base")
+    validated = run_main(["validate", *cli_args(assets, tmp_path / "base", *common)], capsys)
+    nf4 = load_model(checkpoint_dir, adapter=True, quantize=PRECISIONS["nf4-base"].quantize)
+    assert printed_val_loss(validated) == pytest.approx(val_loss(nf4, data_dir), abs=1e-4)
+    assert printed_val_loss(validated) != pytest.approx(val_loss(load_model(checkpoint_dir), data_dir), abs=1e-4)
+    fitted = run_main(["fit", *cli_args(assets, tmp_path / "fit", *common, "--trainer.max_steps", "2",
+                                        "--model.train.learning_rate", "5e-2", "--model.train.warmup_steps", "1")],
+                      capsys)
+    load_adapter(nf4, tmp_path / "fit" / ADAPTER_FILE)
+    assert printed_val_loss(fitted) == pytest.approx(val_loss(nf4, data_dir), abs=1e-4)
+    assert "leave --trainer.precision out" in user_error(
+        cli_args(assets, tmp_path / "refused", *common, "--trainer.precision", "32-true"), capsys)
 
 
 def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path, capfd):

@@ -1,0 +1,108 @@
+"""What a quantized frozen base costs in quality on a real model, on the CPU: SmolLM2-135M-Instruct (converted
+from its GGUF) and the real Alpaca records prepared for it (35 validation records, answers cut at 96 tokens).
+
+    python bench/quantized_quality.py                 # the files of ../shared/data; about 4 minutes on 2 cores
+
+For 32-true and nf4-base: the validation loss at step 0 and after ``steps`` steps of finetune/adapter.py's recipe
+(the tests' SmolLM2 run: global batch 8, learning rate 0.03, warm-up 4, the top 16 layers); the nf4-trained adapter
+on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized: its kernel needs
+a GPU, and bench/generate_throughput.py checks it against them there) and nf4-base. The table comes last.
+"""
+
+import math
+import runpy
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_adapter.checkpoint import adapter_config, load_adapter, load_config, load_model  # noqa: E402
+from lit_adapter.cli import run_cli  # noqa: E402
+from lit_adapter.data.module import InstructionDataModule  # noqa: E402
+from lit_adapter.data.prepare import prepare_dataset  # noqa: E402
+from lit_adapter.data.records import load_records  # noqa: E402
+from lit_adapter.precision import PRECISIONS, base_dtype  # noqa: E402
+from lit_adapter.quantize import frozen_linears  # noqa: E402
+from lit_adapter.quantize.low_bit import int4_round_trip  # noqa: E402
+from lit_adapter.tokenizer import Tokenizer  # noqa: E402
+from lit_adapter.train import fabric_loop  # noqa: E402
+from lit_adapter.train.recipe import validation_loss, validation_sums  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+         data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json", steps: int = 16) -> None:
+    """Measure the validation loss and perplexity of SmolLM2 with quantized bases.
+
+    Args:
+        gguf: The SmolLM2-135M-Instruct GGUF file.
+        data_file: Alpaca records (JSON).
+        steps: Fine-tuning steps of each run.
+    """
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint, data = Path(tmp) / "checkpoint", Path(tmp) / "data"
+        convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
+        run_cli(convert, ["--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(checkpoint)])
+        records, _ = load_records(data_file, skip_bad_records=True)
+        prepare_dataset(records, Tokenizer(checkpoint), data, val_size=35, max_seq_length=96, style="alpaca")
+        runs = {precision: fine_tune(checkpoint, data, Path(tmp) / precision, precision, steps)
+                for precision in ("32-true", "nf4-base")}
+        losses = {precision: (loss(checkpoint, data, precision), loss(checkpoint, data, precision, adapter))
+                  for precision, adapter in runs.items()}
+        nf4_on_full = loss(checkpoint, data, "32-true", runs["nf4-base"])
+        perplexity = {name: math.exp(loss(checkpoint, data, precision, quantize=quantize)) for name, precision, quantize
+                      in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
+                          ("int4-base (dequantized)", "32-true", int4_reference), ("nf4-base", "nf4-base", None))}
+    print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, torch {torch.__version__}")
+    print("| base | val loss, step 0 | after the steps | drop | of 32-true's drop |\n|---|---|---|---|---|")
+    full_drop = losses["32-true"][0] - losses["32-true"][1]
+    for precision, (start, end) in losses.items():
+        print(f"| {precision} | {start:.4f} | {end:.4f} | {start - end:.4f} | {(start - end) / full_drop:.1%} |")
+    print(f"| nf4-base's adapter on the 32-true base | | {nf4_on_full:.4f} | | "
+          f"{nf4_on_full / losses['nf4-base'][1] - 1:+.2%} against its own base |")
+    print("\n| base | perplexity | against 32-true |\n|---|---|---|")
+    for name, value in perplexity.items():
+        print(f"| {name} | {value:.3f} | {value / perplexity['32-true'] - 1:+.2%} |")
+
+
+def fine_tune(checkpoint: Path, data: Path, out_dir: Path, precision: str, steps: int) -> Path:
+    """finetune/adapter.py's command line in this process; the adapter file it wrote."""
+    options = {"checkpoint_dir": checkpoint, "data_dir": data, "out_dir": out_dir, "precision": precision,
+               "accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": steps,
+               "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.learning_rate": 0.03,
+               "train.warmup_steps": 4, "eval.interval": steps, "eval.max_batches": 1, "eval.max_new_tokens": 0}
+    run_cli(fabric_loop.main, [item for key, value in options.items() for item in (f"--{key}", str(value))])
+    return out_dir / "adapter.safetensors"
+
+
+def loss(checkpoint: Path, data: Path, precision: str, adapter: Optional[Path] = None,
+         quantize: Optional[Callable] = None) -> float:
+    """The validation loss per answer token of the base in ``precision`` (blocks stored by ``quantize`` if given),
+    with ``adapter`` if given, over every validation sample, through the training code's validation sums."""
+    config = adapter_config(adapter, load_config(checkpoint)) if adapter else None
+    model = load_model(checkpoint, adapter=adapter is not None, config=config, dtype=base_dtype(precision, "cpu"),
+                       quantize=quantize or PRECISIONS[precision].quantize).eval()
+    if adapter:
+        load_adapter(model, adapter)
+    batches = InstructionDataModule(data, global_batch_size=8, micro_batch_size=8).val_dataloader()
+    with torch.no_grad():
+        return validation_loss(sum(validation_sums(model, x, y) for x, y in batches))
+
+
+def int4_reference(block: torch.nn.Module) -> int:
+    """The block's frozen weights as int4-base stores them, dequantized."""
+    linears = frozen_linears(block)
+    for _, _, linear in linears:
+        linear.weight = torch.nn.Parameter(int4_round_trip(linear.weight).float(), requires_grad=False)
+    return len(linears)
+
+
+if __name__ == "__main__":
+    run_cli(main)
