@@ -6,10 +6,12 @@ from its GGUF) and the real Alpaca records prepared for it (35 validation record
 For 32-true and nf4-base: the validation loss at step 0 and after ``steps`` steps of finetune/adapter.py's recipe
 (the tests' SmolLM2 run: global batch 8, learning rate 0.03, warm-up 4, the top 16 layers); the nf4-trained adapter
 on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized: its kernel needs
-a GPU, and bench/generate_throughput.py checks it against them there) and nf4-base. The table comes last.
+a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 128, gpt-fast's size) and
+nf4-base. The tables come last.
 """
 
 import math
+from functools import partial
 import runpy
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from lit_adapter.data.prepare import prepare_dataset  # noqa: E402
 from lit_adapter.data.records import load_records  # noqa: E402
 from lit_adapter.precision import PRECISIONS, base_dtype  # noqa: E402
 from lit_adapter.quantize import frozen_linears  # noqa: E402
-from lit_adapter.quantize.low_bit import int4_round_trip  # noqa: E402
+from lit_adapter.quantize.low_bit import INT4_GROUP_SIZE, int4_round_trip  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
 from lit_adapter.train import fabric_loop  # noqa: E402
 from lit_adapter.train.recipe import validation_loss, validation_sums  # noqa: E402
@@ -59,7 +61,9 @@ def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.
         nf4_on_full = loss(checkpoint, data, "32-true", runs["nf4-base"])
         perplexity = {name: math.exp(loss(checkpoint, data, precision, quantize=quantize)) for name, precision, quantize
                       in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
-                          ("int4-base (dequantized)", "32-true", int4_reference), ("nf4-base", "nf4-base", None))}
+                          ("int4-base (dequantized)", "32-true", int4_reference),
+                          ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
+                          ("nf4-base", "nf4-base", None))}
     print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, torch {torch.__version__}")
     print("| base | val loss, step 0 | after the steps | drop | of 32-true's drop |\n|---|---|---|---|---|")
     full_drop = losses["32-true"][0] - losses["32-true"][1]
@@ -96,11 +100,11 @@ def loss(checkpoint: Path, data: Path, precision: str, adapter: Optional[Path] =
         return validation_loss(sum(validation_sums(model, x, y) for x, y in batches))
 
 
-def int4_reference(block: torch.nn.Module) -> int:
-    """The block's frozen weights as int4-base stores them, dequantized."""
+def int4_reference(block: torch.nn.Module, group_size: int = INT4_GROUP_SIZE) -> int:
+    """The block's frozen weights as int4-base stores them (in groups of ``group_size``), dequantized."""
     linears = frozen_linears(block)
     for _, _, linear in linears:
-        linear.weight = torch.nn.Parameter(int4_round_trip(linear.weight).float(), requires_grad=False)
+        linear.weight = torch.nn.Parameter(int4_round_trip(linear.weight, group_size).float(), requires_grad=False)
     return len(linears)
 
 

@@ -170,6 +170,9 @@ ROWS = [
                                                                      "{stories_bin}", "--output_dir", "{out}")), 1,
         r"error: --format: Expected one of meta, hf, llama2c, gguf. Got value: ggml; see --help$", own_process=True),
     # reliability round 3: checkpoints and tokenizers
+    row("generate-int4-on-the-cpu", generate("--precision", "int4-base", "--accelerator", "cpu"), 1,
+        r"error: --precision int4-base needs an Ampere \(sm80\) or newer GPU for its int4 kernel; this is cpu: use "
+        r"int8-base or nf4-base$"),
     row("generate-config-with-a-huge-context", generate("--checkpoint_dir", "{ckpt_huge_context}"), 1,
         r"error: {ckpt_huge_context}/model_config\.yaml is not a valid model config: block_size must be a whole "
         r"number from 1 to 4194304, got 1000000000000$"),
@@ -251,7 +254,13 @@ ROWS = [
     row("finetune-no-gpu", finetune("--accelerator", "cuda"), 1,
         r"error: cannot run with --accelerator cuda --devices 1 --strategy auto --precision 32-true: `CUDAAccelerator` "
         r"can not run on your system since the accelerator is not available", without_gpu=True),
+    row("finetune-nf4-sharded", finetune("--precision", "nf4-base", "--strategy", "fsdp"), 1,
+        r"error: --precision nf4-base does not shard: use --strategy auto or ddp$"),
     # finetune/adapter_trainer.py
+    row("trainer-nf4-under-another-precision", trainer("--model.quantized_base", "nf4-base", "--trainer.precision",
+                                                        "bf16-mixed"), 1,
+        r"error: --model\.quantized_base nf4-base runs under --trainer\.precision bf16-true, not bf16-mixed: leave "
+        r"--trainer\.precision out$"),
     row("trainer-wrong-ckpt-path", trainer("--ckpt_path", "{tmp}/no.ckpt"), 1,
         r"error: --ckpt_path {tmp}/no\.ckpt: no such checkpoint file \(pass a \.ckpt from the checkpoints/"),
     # generate/base.py

@@ -21,13 +21,17 @@ from lit_adapter.errors import UserError
 from lit_adapter.quantize import frozen_linears
 
 TORCHAO = "torchao>=0.18"
+TORCHAO_NEEDS_TORCH = "2.11"
 INT4_GROUP_SIZE = 32
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
 
 def import_torchao(precision: str) -> ModuleType:
     """``torchao.quantization``, imported without its start-up chatter (optional C++ kernels that this project does
-    not use); a one-line refusal where torchao is not installed."""
+    not use); a one-line refusal where torchao is not installed or PyTorch is older than it needs."""
+    if torch.__version__ < TORCHAO_NEEDS_TORCH:
+        raise UserError(f"--precision {precision} needs PyTorch {TORCHAO_NEEDS_TORCH} or newer (for torchao); this "
+                        f"is {torch.__version__}")
     chatty = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in chatty]
     for logger in chatty:
@@ -88,7 +92,7 @@ def dequantized_weight(weight: torch.Tensor) -> torch.Tensor:
     return getattr(weight, "get_original_weight", weight.dequantize)().float()
 
 
-def int4_round_trip(weight: torch.Tensor) -> torch.Tensor:
+def int4_round_trip(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> torch.Tensor:
     """``weight`` as ``int4-base`` stores it, dequantized to bf16, on any device: torchao's tinygemm quantization
     (the input width padded to a multiple of 1024, as its int4 tensor pads it). The CPU measures int4-base's quality
     with it; the GPU bench checks the int4 kernel against it."""
@@ -96,7 +100,7 @@ def int4_round_trip(weight: torch.Tensor) -> torch.Tensor:
     qp = ao.quant_primitives
     rows, columns = weight.shape
     padded = F.pad(weight.to(torch.bfloat16), (0, -columns % 1024))
-    block, bits = [1, INT4_GROUP_SIZE], (torch.int32, 0, 15)
+    block, bits = [1, group_size], (torch.int32, 0, 15)
     scale, zero = qp._choose_qparams_affine_tinygemm(padded, qp.MappingType.ASYMMETRIC, block, *bits,
                                                      scale_dtype=torch.bfloat16, zero_point_dtype=torch.bfloat16)
     values = qp._quantize_affine_tinygemm(padded, block, scale, zero, *bits)

@@ -68,6 +68,10 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
         check_device("int4-base", torch.device("cpu"))
     with pytest.raises(UserError, match="does not shard"):
         check_precision("nf4-base", "fsdp")
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.10.0"))
+    with pytest.raises(UserError, match=r"nf4-base needs PyTorch 2\.11 or newer \(for torchao\); this is 2\.10\.0"):
+        check_device("nf4-base", torch.device("cpu"))
+    monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "torchao", None)
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)
     with pytest.raises(UserError, match=r"--precision nf4-base needs torchao: pip install 'torchao>=0\.18'"):
