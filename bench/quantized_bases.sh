@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Quantized frozen bases on one GPU (issue 25), random LLaMA weights, in groups that fit one device call:
-#   train:  7B fine-tuning at 4 x 512 in bf16-true, fp8-base and nf4-base; nf4-base at 1 x 512 with activation
-#           checkpointing (peak memory)
-#   decode: 7B batch-1 decoding with an adapter in bf16-true, int8-base, int4-base (compiled and CUDA graph),
-#           fp8-base and nf4-base (CUDA graph); int4-base with 16 adapters in one batch
+#   decode: 7B batch-1 decoding with an adapter, compiled: bf16-true, int4-base (also through the CUDA graph), int8-base
+#   nf4:    7B fine-tuning with nf4-base at 1 x 512 with activation checkpointing (peak memory) and at 4 x 512
+#   train:  7B fine-tuning at 4 x 512 in bf16-true and fp8-base
+#   graphs: 7B decoding through the CUDA graph with fp8-base and nf4-base; int4-base with 16 adapters in one batch
 #   65b:    LLaMA-65B fine-tuning with nf4-base at 1 x 512 with activation checkpointing
-# Usage: bash bench/quantized_bases.sh LOG_DIR train|decode|65b ...  (each run's last lines go to LOG_DIR/NAME.txt)
+# Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
 log=$1; shift
 run() {  # NAME SECONDS COMMAND...: one measurement; a failure is logged and the next one runs
@@ -14,19 +14,23 @@ run() {  # NAME SECONDS COMMAND...: one measurement; a failure is logged and the
     timeout "$seconds" "$@" > "$log/$name.log" 2>&1; echo "exit $?" >> "$log/$name.log"
     grep -v "^W[0-9]\|Failed to load\|warn" "$log/$name.log" | tail -12 | tee "$log/$name.txt"
 }
-T="python3 bench/train_throughput.py --warmup_steps 5 --steps 5 --runs 3"
+T="python3 bench/train_throughput.py --warmup_steps 4 --steps 4 --runs 3"
 G="python3 bench/generate_throughput.py --repeats 5"
 for group in "$@"; do
     case $group in
-    train)
-        for precision in bf16-true fp8-base nf4-base; do run "train_4x512_$precision" 150 $T --precision $precision; done
-        run train_1x512_nf4_checkpointed 150 $T --precision nf4-base --micro_batch_size 1 --activation_checkpointing true ;;
     decode)
-        run decode_bf16 150 $G --precision bf16-true --modes graph,compiled
-        run decode_int8 150 $G --precision int8-base --modes graph,compiled
-        run decode_int4 180 $G --precision int4-base --modes graph,compiled,batch
+        run decode_bf16 110 $G --precision bf16-true --modes compiled
+        run decode_int4 140 $G --precision int4-base --modes graph,compiled
+        run decode_int8 110 $G --precision int8-base --modes compiled ;;
+    nf4)
+        run train_1x512_nf4_checkpointed 100 $T --precision nf4-base --micro_batch_size 1 --activation_checkpointing true
+        run train_4x512_nf4 100 $T --precision nf4-base ;;
+    train)
+        for precision in bf16-true fp8-base; do run "train_4x512_$precision" 120 $T --precision $precision; done ;;
+    graphs)
         run decode_fp8 60 $G --precision fp8-base --modes graph
-        run decode_nf4 60 $G --precision nf4-base --modes graph ;;
+        run decode_nf4 60 $G --precision nf4-base --modes graph
+        run decode_int4_batch 90 $G --precision int4-base --modes batch ;;
     65b)
         run train_65b_1x512_nf4_checkpointed 420 $T --preset llama-65b --precision nf4-base --micro_batch_size 1 \
             --activation_checkpointing true --warmup_steps 3 --steps 3 --runs 2 ;;

@@ -630,3 +630,18 @@ def test_chat_drops_the_oldest_exchange_beyond_chat_context(stories, monkeypatch
                            temperature=0, max_new_tokens=25, chat_context=context)
     alone = reference_text(stories, alpaca_prompt(second), 25)[0]
     assert replies == [expected_first, alone] and alone != reference_text(stories, conversation, 25)[0]
+
+
+@pytest.mark.parametrize("precision", ["int8-base", "nf4-base"])
+def test_a_quantized_base_answers_a_batch_of_adapters_as_each_alone(stories, story_adapter, tmp_path, precision):
+    requests = [{"prompt": "Tell me a story about a dog.", "adapter": "story"}, {"prompt": "Once upon a time"},
+                {"prompt": "Lily had a red ball.", "adapter": "story"}]
+    requests_path, output = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests_path.write_text("".join(json.dumps(r) + "\n" for r in requests))
+    options = {"checkpoint_dir": stories["checkpoint"], "temperature": 0, "max_new_tokens": 20, "precision": precision}
+    serving.main(adapter_path=[story_adapter], requests_path=requests_path, output_path=output, batch_size=3,
+                 **options)
+    answers = [json.loads(line)["response"] for line in output.read_text().splitlines()]
+    alone = [serving.main(adapter_path=story_adapter if r.get("adapter") else None, prompt=r["prompt"], **options)[0]
+             for r in requests]
+    assert answers == alone and answers[0] != answers[1]
