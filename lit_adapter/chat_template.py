@@ -2,10 +2,11 @@
 sandbox with limits: a template from a downloaded checkpoint cannot reach Python objects, loop for ever or fill the
 memory. What it cannot render is a one-line ``UserError``."""
 
+import re
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -18,6 +19,11 @@ MAX_STEPS = 10**6
 """Loop iterations over ``range`` a rendering may take."""
 MAX_SECONDS = 10.0
 """Seconds a rendering may take."""
+WIDENING_METHODS = {"center", "ljust", "rjust", "zfill", "expandtabs"}
+WIDENING_FILTERS = ("center", "indent", "wordwrap", "format")
+"""String methods and filters whose numbers (or format strings) can make a text of any size."""
+FORMAT_SPECS = re.compile(r"%(?:\([^)]*\))?[-#0 +]*([\d*]*(?:\.[\d*]*)?)|\{[^{}]*?:([^{}]*)\}")
+"""The width and precision part of each field of a %-format or a {}-format string."""
 
 
 class ChatTemplate:
@@ -96,16 +102,56 @@ class _CountedRange(Sequence):
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """Jinja2's sandbox with transformers' template options, where ``range`` counts steps and ``*`` and ``**``
-    refuse to make what no chat prompt needs."""
+    """Jinja2's sandbox with transformers' template options, where ``range`` counts steps, and ``*``, ``**``,
+    formatting, padding and replacing refuse to make what no chat prompt needs (before they allocate it)."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, what: str) -> None:
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         self.what, self.rendering = what, threading.local()  # renderings in several threads keep own budgets
         self.globals["raise_exception"] = _raise_exception
         self.globals["range"] = lambda *args: _CountedRange(self.rendering.budget, *args)
+        for name in WIDENING_FILTERS:
+            self.filters[name] = self.bounded(self.filters[name])
+
+    def bounded(self, function: Callable) -> Callable:
+        """``function`` refusing widths and format fields larger than any chat prompt."""
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.check_sizes(*args, *kwargs.values())
+            return function(*args, **kwargs)
+        return call
+
+    def check_sizes(self, *values: Any) -> None:
+        """Refuse an int, or a width in a format string, above ``MAX_OUTPUT``."""
+        sizes = [v for v in values if isinstance(v, int)]
+        sizes += [int(n) for v in values if isinstance(v, str) for spec in FORMAT_SPECS.findall(v)
+                  for n in re.findall(r"\d+", "".join(spec))]
+        if any(size > MAX_OUTPUT for size in sizes):
+            raise UserError(f"the chat template of {self.what} pads or formats to {max(sizes)} characters: refused")
+
+    def wrap_str_format(self, value: Any) -> Optional[Callable[..., str]]:
+        """Jinja's ``str.format`` and ``format_map`` for templates, with widths checked first."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        def call(*args: Any, **kwargs: Any) -> str:
+            self.check_sizes(value.__self__, *args, *kwargs.values())
+            return wrapped(*args, **kwargs)
+        return call
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's names)
+        method = getattr(__obj, "__name__", None)
+        if isinstance(getattr(__obj, "__self__", None), str):
+            if method in WIDENING_METHODS:
+                __self.check_sizes(__obj.__self__, *args, *kwargs.values())
+            elif method == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+                text, old, new = __obj.__self__, args[0], args[1]
+                grown = len(text) + (text.count(old) if old else len(text) + 1) * max(len(new) - len(old), 0)
+                if grown > MAX_OUTPUT:
+                    raise UserError(f"the chat template of {__self.what} makes a text of {grown} characters: refused")
+        return super().call(__context, __obj, *args, **kwargs)
 
     def start(self) -> _Budget:
         """A new rendering's budget (in this thread)."""
@@ -113,6 +159,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return self.rendering.budget
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "%" and isinstance(left, str):
+            self.check_sizes(left, *(right if isinstance(right, tuple) else (right,)))
         if operator == "**" and isinstance(right, int) and abs(right) > 64:
             raise UserError(f"the chat template of {self.what} raises a number to the power {right}: refused")
         if operator == "*" and isinstance(left, int) and not isinstance(right, int):

@@ -428,6 +428,18 @@ ROWS = [
                                                                "--prompt_style", "chat"), 1,
         r"error: the chat template of {template_multiplies}/chat_template\.jinja makes a sequence of 60000000 items: "
         r"refused$"),
+    row("generate-chat-template-pads-a-string", generate("--checkpoint_dir", "{template_pads}", "--prompt_style",
+                                                          "chat"), 1,
+        r"error: the chat template of {template_pads}/chat_template\.jinja pads or formats to 1000000000 characters: "
+        r"refused$"),
+    row("generate-chat-template-formats-a-huge-field", generate("--checkpoint_dir", "{template_formats}",
+                                                                "--prompt_style", "chat"), 1,
+        r"error: the chat template of {template_formats}/chat_template\.jinja pads or formats to 1000000000 "
+        r"characters: refused$"),
+    row("generate-chat-template-replaces-into-a-huge-text", generate("--checkpoint_dir", "{template_replaces}",
+                                                                     "--prompt_style", "chat"), 1,
+        r"error: the chat template of {template_replaces}/chat_template\.jinja makes a text of 100000000 "
+        r"characters: refused$"),
     row("generate-chat-template-recurses", generate("--checkpoint_dir", "{template_recurses}", "--prompt_style",
                                                     "chat"), 1,
         r"error: the chat template of {template_recurses}/chat_template\.jinja recurses or grows without bound$"),
@@ -730,6 +742,9 @@ CHAT_TEMPLATES = {  # checkpoints whose chat template is bad, and the file it is
                                               "{% endfor %}"),
     "template_floods": ("chat_template.jinja", "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"),
     "template_multiplies": ("chat_template.jinja", "{{ 'x' * 60000000 }}"),
+    "template_pads": ("chat_template.jinja", "{{ 'x'|center(1000000000) }}"),
+    "template_formats": ("chat_template.jinja", "{{ '{:>20}'.format('x') }}{{ '%.1000000000f' % 1.5 }}"),
+    "template_replaces": ("chat_template.jinja", "{% set s = 'x' * 10000 %}{{ s.replace('x', s) }}"),
     "template_recurses": ("chat_template.jinja", "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}"),
     "template_number": ("tokenizer_config.json", json.dumps({"chat_template": 5})),
     "template_list": ("tokenizer_config.json", json.dumps({"chat_template": ["{{ 'x' }}"]})),
