@@ -90,15 +90,14 @@ def test_sixteen_steps_lower_the_validation_loss_by_more_than_3_percent(fine_tun
     assert curve[16] < 0.97 * curve[0], curve  # measured: 2.4730 -> 2.2468 (-9.1%)
 
 
-@pytest.mark.parametrize("precision, quantize, tolerance", [
-    ("int8-base", None, 0.01), ("int4-base", int4_reference, 0.05)])
-def test_weight_only_bases_keep_the_perplexity_on_the_alpaca_validation_records(smollm2_checkpoint, alpaca, precision,
-                                                                               quantize, tolerance):
-    """On the first 16 validation records; int4-base's kernel needs a GPU: its weights are checked here dequantized
-    (the GPU bench compares the kernel with them)."""
-    perplexity = {name: math.exp(base_val_loss(smollm2_checkpoint, alpaca["alpaca"], 2, name, quantize=q))
-                  for name, q in (("32-true", None), (precision, quantize))}
-    assert perplexity[precision] == pytest.approx(perplexity["32-true"], rel=tolerance), perplexity
+def test_weight_only_bases_keep_the_perplexity_on_the_alpaca_validation_records(smollm2_checkpoint, alpaca):
+    """On the first 16 validation records: int8-base within 1%, int4-base within 5%. int4-base's kernel needs a GPU:
+    its weights are checked here dequantized (the GPU bench compares the kernel with them)."""
+    perplexity = {name: math.exp(base_val_loss(smollm2_checkpoint, alpaca["alpaca"], 2, precision, quantize=q))
+                  for name, precision, q in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
+                                             ("int4-base", "32-true", int4_reference))}
+    assert perplexity["int8-base"] == pytest.approx(perplexity["32-true"], rel=0.01), perplexity
+    assert perplexity["int4-base"] == pytest.approx(perplexity["32-true"], rel=0.05), perplexity
 
 
 def test_the_adapter_changes_the_greedy_answer(smollm2_checkpoint, fine_tuned, capsys):

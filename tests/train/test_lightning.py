@@ -307,21 +307,18 @@ def test_fit_and_validate_subcommands(assets, tmp_path, capsys):
     assert base_loss - printed_val_loss(validated) > 0.05, "the trained adapter was not validated"
 
 
-def test_a_quantized_base_is_validated_and_trained_on_the_trainer_route(assets, tmp_path, capsys):
+def test_a_quantized_base_trains_on_the_trainer_route(assets, tmp_path, capsys):
     checkpoint_dir, data_dir = assets
-    common = ("--model.train.global_batch_size", "4", "--model.train.micro_batch_size", "4",
-              "--model.eval.max_batches", "100", "--model.quantized_base", "nf4-base")
-    validated = run_main(["validate", *cli_args(assets, tmp_path / "base", *common)], capsys)
-    nf4 = load_model(checkpoint_dir, adapter=True, quantize=PRECISIONS["nf4-base"].quantize)
-    assert printed_val_loss(validated) == pytest.approx(val_loss(nf4, data_dir), abs=1e-4)
-    assert printed_val_loss(validated) != pytest.approx(val_loss(load_model(checkpoint_dir), data_dir), abs=1e-4)
-    fitted = run_main(["fit", *cli_args(assets, tmp_path / "fit", *common, "--trainer.max_steps", "2",
-                                        "--model.train.learning_rate", "5e-2", "--model.train.warmup_steps", "1")],
-                      capsys)
-    load_adapter(nf4, tmp_path / "fit" / ADAPTER_FILE)
-    assert printed_val_loss(fitted) == pytest.approx(val_loss(nf4, data_dir), abs=1e-4)
-    assert "leave --trainer.precision out" in user_error(
-        cli_args(assets, tmp_path / "refused", *common, "--trainer.precision", "32-true"), capsys)
+    fitted = run_main(["fit", *cli_args(assets, tmp_path, "--model.quantized_base", "nf4-base", "--trainer.max_steps",
+                                        "2", "--model.train.global_batch_size", "4", "--model.train.micro_batch_size",
+                                        "4", "--model.eval.max_batches", "100", "--model.train.learning_rate", "5e-2",
+                                        "--model.train.warmup_steps", "1")], capsys)
+    models = {name: load_model(checkpoint_dir, adapter=True, quantize=PRECISIONS[name].quantize)
+              for name in ("nf4-base", "32-true")}
+    for model in models.values():
+        load_adapter(model, tmp_path / ADAPTER_FILE)
+    assert printed_val_loss(fitted) == pytest.approx(val_loss(models["nf4-base"], data_dir), abs=1e-4)
+    assert printed_val_loss(fitted) != pytest.approx(val_loss(models["32-true"], data_dir), abs=1e-4)
 
 
 def test_trainer_script_learns_an_adapter_that_generation_loads(assets, tmp_path, capfd):
