@@ -64,7 +64,8 @@ def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.
                           ("int4-base (dequantized)", "32-true", int4_reference),
                           ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
                           ("nf4-base", "nf4-base", None))}
-    print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, torch {torch.__version__}")
+    print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, "
+          f"torch {torch.__version__}")
     print("| base | val loss, step 0 | after the steps | drop | of 32-true's drop |\n|---|---|---|---|---|")
     full_drop = losses["32-true"][0] - losses["32-true"][1]
     for precision, (start, end) in losses.items():

@@ -55,7 +55,8 @@ PRECISIONS = {p.name: p for p in (
               check_device=low_bit.check_int4_device, training=False),
 )}
 TrainingPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.training)]  # type: ignore[valid-type]
-QuantizedBase = Literal[tuple(name for name, p in PRECISIONS.items() if p.training and p.quantize)]  # type: ignore[valid-type]
+QuantizedBase = Literal[  # type: ignore[valid-type]
+    tuple(name for name, p in PRECISIONS.items() if p.training and p.quantize)]
 GenerationPrecision = Literal[tuple(name for name, p in PRECISIONS.items() if p.generation)]  # type: ignore[valid-type]
 
 

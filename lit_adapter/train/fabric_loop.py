@@ -249,8 +249,8 @@ def load_for_training(fabric: Any, base: BaseCheckpoint, precision: str, strateg
     device = torch.device("cpu") if strategy == "fsdp" else fabric.device
     check_device(precision, fabric.device)
     # its fresh adapter comes from the seeded generator: the same prompts on every rank
-    return load_model(base.directory, adapter=True, config=base.config, device=device, dtype=base_dtype(precision, fabric.device.type),
-                      quantize=PRECISIONS[precision].quantize)
+    return load_model(base.directory, adapter=True, config=base.config, device=device,
+                      dtype=base_dtype(precision, fabric.device.type), quantize=PRECISIONS[precision].quantize)
 
 
 def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, data_dir: Path = Path("data/alpaca"),
