@@ -11,6 +11,8 @@ from lit_adapter.adapter import mark_only_adapter_trainable
 from lit_adapter.checkpoint import build_model
 from lit_adapter.config import Config
 from lit_adapter.model import LLaMA, init_weights
+from lit_adapter.quantize import frozen_linears
+from lit_adapter.quantize.low_bit import INT4_GROUP_SIZE, int4_round_trip
 
 
 def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -25,6 +27,17 @@ def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: tor
                     param.normal_(std=0.1)  # non-zero, so the adapter path is really exercised
         mark_only_adapter_trainable(model)
     return model
+
+
+def int4_reference(block: torch.nn.Module, group_size: int = INT4_GROUP_SIZE) -> int:
+    """A quantizer that keeps plain weights: the block's frozen weights as int4-base stores them (in groups of
+    ``group_size``), dequantized to the weights' own dtype. It measures int4-base's quality where its kernel cannot
+    run, and the kernel's own error where it can."""
+    linears = frozen_linears(block)
+    for _, _, linear in linears:
+        weight = linear.weight
+        linear.weight = torch.nn.Parameter(int4_round_trip(weight, group_size).to(weight.dtype), requires_grad=False)
+    return len(linears)
 
 
 def stored_bytes(model: torch.nn.Module) -> int:

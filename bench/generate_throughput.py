@@ -23,13 +23,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth, median, random_model, stored_bytes  # noqa: E402
+from bench.common import copy_bandwidth, int4_reference, median, random_model, stored_bytes  # noqa: E402
 from lit_adapter.adapter import AdapterLLaMA, adapter_state_dict  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.precision import PRECISIONS, GenerationPrecision, base_dtype, check_device  # noqa: E402
-from lit_adapter.quantize import frozen_linears  # noqa: E402
-from lit_adapter.quantize.low_bit import int4_round_trip  # noqa: E402
 from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
 
 MODES = ("eager", "graph", "compiled", "batch")
@@ -168,9 +166,7 @@ def logit_errors(model: AdapterLLaMA, config: Config, n_adapters: int, device: t
     unquantized (and, for int4-base, against it with int4-base's dequantized weights)."""
     references = {"unquantized": None}
     if precision == "int4-base":
-        references["dequantized int4"] = lambda block: [
-            setattr(linear, "weight", torch.nn.Parameter(int4_round_trip(linear.weight), requires_grad=False))
-            for _, _, linear in frozen_linears(block)]
+        references["dequantized int4"] = int4_reference
     idx = prompt[None].to(device)
     with torch.no_grad():
         logits = model(idx).float()

@@ -22,14 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import int4_reference  # noqa: E402
 from lit_adapter.checkpoint import adapter_config, load_adapter, load_config, load_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.data.module import InstructionDataModule  # noqa: E402
 from lit_adapter.data.prepare import prepare_dataset  # noqa: E402
 from lit_adapter.data.records import load_records  # noqa: E402
 from lit_adapter.precision import PRECISIONS, base_dtype  # noqa: E402
-from lit_adapter.quantize import frozen_linears  # noqa: E402
-from lit_adapter.quantize.low_bit import INT4_GROUP_SIZE, int4_round_trip  # noqa: E402
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
 from lit_adapter.train import fabric_loop  # noqa: E402
 from lit_adapter.train.recipe import validation_loss, validation_sums  # noqa: E402
@@ -99,14 +98,6 @@ def loss(checkpoint: Path, data: Path, precision: str, adapter: Optional[Path] =
     batches = InstructionDataModule(data, global_batch_size=8, micro_batch_size=8).val_dataloader()
     with torch.no_grad():
         return validation_loss(sum(validation_sums(model, x, y) for x, y in batches))
-
-
-def int4_reference(block: torch.nn.Module, group_size: int = INT4_GROUP_SIZE) -> int:
-    """The block's frozen weights as int4-base stores them (in groups of ``group_size``), dequantized."""
-    linears = frozen_linears(block)
-    for _, _, linear in linears:
-        linear.weight = torch.nn.Parameter(int4_round_trip(linear.weight, group_size).float(), requires_grad=False)
-    return len(linears)
 
 
 if __name__ == "__main__":

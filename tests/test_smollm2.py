@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.train.test_fabric_loop import cli_args, logged
 
-from bench.quantized_quality import int4_reference
+from bench.common import int4_reference
 from conftest import shared_file
 from lit_adapter.train import fabric_loop as training
 from lit_adapter.checkpoint import adapter_prompt_style, load_model, save_adapter
