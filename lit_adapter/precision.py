@@ -34,7 +34,7 @@ class Precision:
 
     def on(self, device_type: str) -> "Precision":
         """This precision as it runs on a device of ``device_type``: a quantized base computes in float32 on the
-        CPU, where bf16 matrix products are several times slower than float32 ones (6x on 2 cores, 2026-12-07)."""
+        CPU, where bf16 matrix products are several times slower than float32 ones."""
         if self.quantize is not None and device_type == "cpu":
             return replace(self, base_dtype=torch.float32, lightning="32-true")
         return self

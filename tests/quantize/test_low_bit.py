@@ -12,9 +12,10 @@ from lit_adapter.checkpoint import load_model, save_checkpoint_dir
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import Block
-from lit_adapter.precision import PRECISIONS, check_device, check_precision
+from lit_adapter.precision import PRECISIONS, base_dtype, check_device, check_precision
 from lit_adapter.quantize import frozen_linears
 from lit_adapter.quantize.low_bit import dequantized_weight, import_torchao, nf4_block_sizes
+from lit_adapter.train.strategies import FabricFrozenHalfPrecision, fabric_precision
 
 CONFIG = Config.from_name("tiny", n_embd=64, intermediate_size=160)
 
@@ -55,6 +56,14 @@ def test_loading_stores_each_block_before_the_next_is_allocated(tmp_path, monkey
     model = load_model(tmp_path, quantize=lambda block: events.append(("store", id(block))) or quantize(block))
     assert events == [(event, id(block)) for block in model.blocks for event in ("allocate", "store")]
     assert all(type(b.mlp.down.weight).__name__ == "NF4Tensor" for b in model.blocks)
+
+
+def test_a_quantized_base_computes_in_float32_on_the_cpu_and_in_bf16_on_a_gpu():
+    for name in ("nf4-base", "int8-base", "fp8-base"):
+        assert base_dtype(name, "cpu") == torch.float32 and base_dtype(name, "cuda") == torch.bfloat16
+    assert fabric_precision("nf4-base", "cpu") == {"precision": "32-true"}
+    assert isinstance(fabric_precision("nf4-base", "cuda")["plugins"], FabricFrozenHalfPrecision)
+    assert base_dtype("bf16-true", "cpu") == torch.bfloat16  # an unquantized precision is as asked
 
 
 def test_nf4_blocks_divide_the_weight():
