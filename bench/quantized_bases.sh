@@ -5,6 +5,7 @@
 #   train:  7B fine-tuning at 4 x 512 in bf16-true and fp8-base
 #   graphs: 7B decoding through the CUDA graph with fp8-base and nf4-base; int4-base with 16 adapters in one batch
 #   65b:    LLaMA-65B fine-tuning with nf4-base at 1 x 512 with activation checkpointing
+#   smoke:  TinyLlama-1.1B, one short run of every precision's training and generation paths (no timing)
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
 log=$1; shift
@@ -31,6 +32,14 @@ for group in "$@"; do
         run decode_fp8 60 $G --precision fp8-base --modes graph
         run decode_nf4 60 $G --precision nf4-base --modes graph
         run decode_int4_batch 90 $G --precision int4-base --modes batch ;;
+    smoke)
+        for precision in nf4-base fp8-base; do
+            run "smoke_train_$precision" 60 $T --preset tinyllama-1.1b --precision $precision --warmup_steps 1 --steps 1 --runs 1
+        done
+        for precision in int4-base int8-base fp8-base nf4-base; do
+            run "smoke_decode_$precision" 60 python3 bench/generate_throughput.py --preset tinyllama-1.1b --precision $precision \
+                --repeats 1 --max_new_tokens 16 --batch_size 4 --modes eager,graph,batch
+        done ;;
     65b)
         run train_65b_1x512_nf4_checkpointed 420 $T --preset llama-65b --precision nf4-base --micro_batch_size 1 \
             --activation_checkpointing true --warmup_steps 3 --steps 3 --runs 2 ;;

@@ -10,7 +10,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from lit_adapter.adapter import mark_only_adapter_trainable
 from lit_adapter.cli import progress
@@ -100,20 +102,30 @@ def micro_batch_loss(train_loss_fn: TrainLoss, model: nn.Module, input_ids: torc
 
 
 def compile_for_training(model: LLaMA) -> TrainLoss:
-    """Compile every block and the loss; return the loss to train with: every position's logits, fixed shapes and
-    no wait for the device.
+    """Compile every block and the loss; return the loss to train with: every position's logits and no wait for the
+    device.
 
-    The compiled loss reads the bf16 logits and upcasts inside its kernel, so no float32 copy of the logits
-    is ever stored.
+    Micro-batches vary in rows and length, so shapes are dynamic from the first call: a block compiles once for each
+    of its three forms (without adapter, the first adapter layer, whose input needs no gradient, and the layers
+    above), the loss once, whatever the lengths; a batch of one row (a size of 1 is always specialised) adds at most
+    as many again. Without this, each new shape recompiled, and after 8 graphs of one function Dynamo ran the rest
+    uncompiled. Sizes that happen to be equal (4 rows, a head dimension of 4) are not assumed equal, which would fix
+    them. The compiled loss reads the bf16 logits and upcasts inside its kernel: no float32 copy of the logits.
     """
+    fx_config.use_duck_shape = False
     for block in model.blocks:
-        block.compile()
-    compiled_loss = torch.compile(loss_fn)
+        block.compile(dynamic=True)
+    compiled_loss = torch.compile(loss_fn, dynamic=True)
 
     def every_position_loss(wrapped: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return compiled_loss(wrapped(input_ids), targets, "sum")
 
     return every_position_loss
+
+
+def compiled_graphs() -> int:
+    """The graphs ``torch.compile`` has made in this process so far (Dynamo's count), which both routes log."""
+    return counters["stats"]["unique_graphs"]
 
 
 def prepare_for_training(model: LLaMA, compile: bool, activation_checkpointing: bool) -> TrainLoss:
@@ -127,8 +139,7 @@ def sample_response(model: LLaMA, tokenizer: Tokenizer, instruction: str, max_ne
                     style: Optional[str] = None) -> str:
     """The model's greedy answer to ``instruction`` in the prompt style named ``style`` (the KV cache is freed after).
 
-    It runs eagerly even when the blocks are compiled for training: a short sample is not worth new graphs, and
-    they would use up the compiler's recompilation budget that varying training lengths need.
+    It runs eagerly even when the blocks are compiled for training: a short sample is not worth new graphs.
     """
     prompt = get_style(style).encode(tokenizer, [user_message(instruction)])
     max_new_tokens = min(max_new_tokens, model.config.block_size - prompt.numel())
@@ -145,8 +156,14 @@ def sample_response(model: LLaMA, tokenizer: Tokenizer, instruction: str, max_ne
 
 
 def validation_sums(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The summed loss of a validation micro-batch and its count of response tokens, as a 2-vector."""
-    return torch.stack([loss_fn(model(input_ids), targets, "sum"), (targets != IGNORE_INDEX).sum().float()])
+    """The summed loss of a validation micro-batch and its count of response tokens, as a 2-vector.
+
+    It runs eagerly, as the sample answer does: graphs without gradients would double the blocks' compilations for
+    a small share of the run's work. Eagerly, the output head runs on the learned positions only.
+    """
+    with torch.compiler.set_stance("force_eager"):
+        loss = learned_positions_loss(model, input_ids, targets)
+    return torch.stack([loss, (targets != IGNORE_INDEX).sum().float()])
 
 
 def validation_loss(totals: torch.Tensor) -> Optional[float]:

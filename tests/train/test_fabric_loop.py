@@ -452,25 +452,32 @@ def test_last_adapter_and_hyperparameters_are_also_in_out_dir(small_run):
     assert sorted(p.name for p in small_run.glob("step-*")) == ["step-000002", "step-000004"]
 
 
-def test_sample_response_compiles_nothing_when_the_blocks_are_compiled(tok512):
-    """The evaluation sample runs eagerly: it must not spend the recompilation budget of the training graphs."""
+def test_the_compiled_step_compiles_once_for_all_shapes_and_evaluation_compiles_nothing(tok512):
+    """compile_for_training: each block form and the loss compile once, whatever the micro-batches' rows and
+    lengths; validation and the sample answer run eagerly, so nothing they do spends the recompilation budget."""
     from torch._dynamo.utils import counters
 
-    from lit_adapter.adapter import AdapterGPT
+    from lit_adapter.adapter import AdapterConfig, AdapterGPT
     from lit_adapter.config import Config
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.train.recipe import compile_for_training, sample_response
+    from lit_adapter.train.recipe import prepare_for_training, sample_response, validation_sums
 
     torch._dynamo.reset()
-    model = AdapterGPT(Config.from_name("tiny"))
-    train_loss_fn = compile_for_training(model)
-    ids = torch.randint(0, 512, (2, 16))
-    train_loss_fn(model, ids, ids).backward()
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0  # the training step did compile
-    response = sample_response(model.eval(), Tokenizer(tok512), "Tell me a story.", max_new_tokens=8)
+    model = AdapterGPT(AdapterConfig.of(Config.from_name("tiny"), adapter_start_layer=1))  # all three block forms
+    train_loss_fn = prepare_for_training(model, compile=True, activation_checkpointing=False)
+    graphs = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for rows, length in [(4, 16), (2, 24), (3, 8), (4, 40), (6, 16), (1, 32), (1, 8), (5, 24)]:
+            ids = torch.randint(0, 512, (rows, length))
+            train_loss_fn(model, ids, ids).backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+    # without adapter, the first adapter layer (input needs no gradient), the layers above, the loss; once more at 1 row
+    assert graphs == [4] * 5 + [8] * 3, graphs
+    ids = torch.randint(0, 512, (3, 16))
+    validation_sums(model.eval(), ids, ids)
+    response = sample_response(model, Tokenizer(tok512), "Tell me a story.", max_new_tokens=8)
     assert isinstance(response, str) and response
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert counters["stats"]["unique_graphs"] == 8
 
 
 def test_adapters_of_two_runs_are_served_together_by_the_names_they_were_saved_under(assets, tmp_path, capsys):
