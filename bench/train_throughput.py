@@ -34,6 +34,7 @@ from lit_adapter.precision import PRECISIONS, TrainingPrecision, base_dtype  # n
 from lit_adapter.tokenizer import Tokenizer  # noqa: E402
 from lit_adapter.train.args import TrainArgs  # noqa: E402
 from lit_adapter.train.fabric_loop import setup_training, training_step, validate  # noqa: E402
+from lit_adapter.train.recipe import compiled_graphs  # noqa: E402
 from lit_adapter.train.strategies import fabric_precision  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -168,7 +169,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         f"fixed {micro_batch_size} x {seq_length}"
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{device_name}, torch {torch.__version__}, {preset}, {precision}, compile={compile}, "
-          f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s)")
+          f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s), {compiled_graphs()} compiled graphs")
     print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")

@@ -463,6 +463,7 @@ def test_the_compiled_step_compiles_once_for_all_shapes_and_evaluation_compiles_
     from lit_adapter.train.recipe import prepare_for_training, sample_response, validation_sums
 
     torch._dynamo.reset()
+    counters.clear()
     model = AdapterGPT(AdapterConfig.of(Config.from_name("tiny"), adapter_start_layer=1))  # all three block forms
     train_loss_fn = prepare_for_training(model, compile=True, activation_checkpointing=False)
     graphs = []
