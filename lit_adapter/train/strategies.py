@@ -22,9 +22,10 @@ StrategyName = Literal["auto", "ddp", "fsdp"]
 
 
 def convert_frozen_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast the frozen parameters to ``dtype``; trainable ones stay as they are (float32)."""
+    """Cast the frozen parameters to ``dtype``; trainable ones stay as they are (float32), and so do quantized
+    weights (tensor subclasses such as NF4, whose cast would dequantize them)."""
     for param in module.parameters():
-        if not param.requires_grad:
+        if not param.requires_grad and type(param.data) is torch.Tensor:
             param.data = param.data.to(dtype)
     return module
 

@@ -58,6 +58,19 @@ def test_loading_stores_each_block_before_the_next_is_allocated(tmp_path, monkey
     assert all(type(b.mlp.down.weight).__name__ == "NF4Tensor" for b in model.blocks)
 
 
+def test_the_bf16_precision_plugin_leaves_quantized_weights_quantized(monkeypatch):
+    """Fabric's and the Trainer's bf16 conversion casts the frozen plain weights only: casting an NF4 weight would
+    dequantize it (LLaMA-65B's NF4 base then ran out of an H100's memory)."""
+    model = random_model(CONFIG, adapter=True, device="cpu", dtype=torch.float32,
+                         quantize=PRECISIONS["nf4-base"].quantize)
+    nf4 = type(model.blocks[0].mlp.down.weight)
+    monkeypatch.setattr(nf4, "get_original_weight", lambda self: pytest.fail("an NF4 weight was dequantized"))
+    FabricFrozenHalfPrecision("bf16-true").convert_module(model)
+    assert model.blocks[0].attn_norm.weight.dtype == torch.bfloat16
+    assert all(type(linear.weight) is nf4 for _, _, linear in frozen_linears(model.blocks[0]))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
 def test_a_quantized_base_computes_in_float32_on_the_cpu_and_in_bf16_on_a_gpu():
     for name in ("nf4-base", "int8-base", "fp8-base"):
         assert base_dtype(name, "cpu") == torch.float32 and base_dtype(name, "cuda") == torch.bfloat16
