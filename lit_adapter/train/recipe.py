@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
+from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import counters
 
 from lit_adapter.adapter import mark_only_adapter_trainable
@@ -109,10 +110,12 @@ def compile_for_training(model: LLaMA) -> TrainLoss:
     of its three forms (without adapter, the first adapter layer, whose input needs no gradient, and the layers
     above), the loss once, whatever the lengths; a batch of one row (a size of 1 is always specialised) adds at most
     as many again. Without this, each new shape recompiled, and after 8 graphs of one function Dynamo ran the rest
-    uncompiled. Sizes that happen to be equal (4 rows, a head dimension of 4) are not assumed equal, which would fix
-    them. The compiled loss reads the bf16 logits and upcasts inside its kernel: no float32 copy of the logits.
+    uncompiled. Only sizes are dynamic, and sizes that happen to be equal (4 rows, a head dimension of 4) are not
+    assumed equal, which would fix them. The compiled loss reads the bf16 logits and upcasts inside its kernel: no
+    float32 copy of the logits.
     """
     fx_config.use_duck_shape = False
+    dynamo_config.specialize_float = True  # floats (norm epsilons, the FP8 range) stay constants, as in static graphs
     for block in model.blocks:
         block.compile(dynamic=True)
     compiled_loss = torch.compile(loss_fn, dynamic=True)
