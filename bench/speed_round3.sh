@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Speed round 3 (issue 29) on one GPU, random LLaMA-7B, in groups that fit one device call:
+#   fp8:    fine-tuning with fp8-base at 4 x 512 and on the recipe's real path (dynamic shapes)
+#   recipe: the recipe's real path in bf16, then profiled: where its time goes against the fixed shape
+#   warm:   compiled batch-1 decoding twice with one inductor cache: a cold start, then a warm one (first token)
+#   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
+# Usage: bash bench/speed_round3.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
+# The recipe's data follow the Alpaca records and tokenizer of DATA (default ../shared/data); where that folder
+# does not travel, copy alpaca/alpaca_data_first335.json and llama_tokenizer/tokenizer.model into one that does.
+set -uo pipefail
+log=$1; shift
+data=${DATA:-../shared/data}
+run() {  # NAME SECONDS COMMAND...: one measurement; a failure is logged and the next one runs
+    local name=$1 seconds=$2; shift 2
+    echo "== $name: $*"
+    timeout "$seconds" "$@" > "$log/$name.log" 2>&1; echo "exit $?" >> "$log/$name.log"
+    grep -v "^W[0-9]\|Failed to load\|warn" "$log/$name.log" | tail -14 | tee "$log/$name.txt"
+}
+T="python3 bench/train_throughput.py"
+R="--alpaca true --global_batch_size 64 --micro_batch_size null --micro_batch_tokens 8192 --warmup_steps 20 --steps 10
+   --runs 3 --data_file $(ls "$data"/alpaca*.json "$data"/alpaca/*.json 2>/dev/null | head -1)
+   --tokenizer_path $(ls "$data"/tokenizer.model "$data"/llama_tokenizer/tokenizer.model 2>/dev/null | head -1)"
+for group in "$@"; do
+    case $group in
+    fp8)
+        run train_4x512_fp8 100 $T --warmup_steps 4 --steps 4 --runs 3 --precision fp8-base
+        run recipe_fp8 170 $T $R --precision fp8-base ;;
+    recipe)
+        run recipe_bf16 170 $T $R
+        run recipe_bf16_profile 200 $T $R --runs 1 --profile true ;;
+    warm)
+        cache=$(mktemp -d)
+        for start in cold warm; do
+            TORCHINDUCTOR_CACHE_DIR=$cache run "decode_compiled_$start" 150 python3 bench/generate_throughput.py \
+                --modes compiled --repeats 3
+        done ;;
+    fused)
+        run fused_kernels 90 python3 bench/fused_kernels.py ;;
+    *) echo "unknown group $group"; exit 2 ;;
+    esac
+done
