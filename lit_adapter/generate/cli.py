@@ -57,8 +57,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
         num_samples: How many samples to generate for --prompt, one after another.
         precision: Weights and compute precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU
             that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
-            newer GPUs), nf4-base (these three need torchao) or fp8-base (Hopper GPUs). One adapter file works on
-            every precision of its base.
+            newer GPUs; the fastest to decode), nf4-base (these three need torchao; a training format, slow to
+            decode) or fp8-base (Hopper GPUs). One adapter file works on every precision of its base.
         compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain

@@ -45,8 +45,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, adapter_path: Optional[l
             for a new long prompt.
         precision: Weights and compute precision: bf16-true, 16-true or 32-true (default: bf16-true on a GPU
             that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
-            newer GPUs), nf4-base (these three need torchao) or fp8-base (Hopper GPUs). One adapter file works on
-            every precision of its base.
+            newer GPUs; the fastest to decode), nf4-base (these three need torchao; a training format, slow to
+            decode) or fp8-base (Hopper GPUs). One adapter file works on every precision of its base.
         cuda_graph: On a GPU, replay the decoding step as CUDA graphs, one per batch and length bucket.
         name: The base model's name in requests and /v1/models (default: the checkpoint directory's name).
         seed: Seed of the random draws of requests that give no seed of their own.
