@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn as nn
 import torch.fx.experimental._config as fx_config
+import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo import config as dynamo_config
 from torch._dynamo.utils import counters
