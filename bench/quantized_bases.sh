@@ -5,6 +5,8 @@
 #   train:  7B fine-tuning at 4 x 512 in bf16-true and fp8-base
 #   graphs: 7B decoding through the CUDA graph with fp8-base and nf4-base; int4-base with 16 adapters in one batch
 #   65b:    LLaMA-65B fine-tuning with nf4-base at 1 x 512 with activation checkpointing
+#   int8:   7B batch-1 decoding, compiled, int8-base and bf16-true with coordinate descent searching all directions
+#           (torchao's recommended Inductor setting; int8-base read its weights at 37% of the bandwidth limit without)
 #   smoke:  TinyLlama-1.1B, one short run of every precision's training and generation paths (no timing)
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
@@ -32,6 +34,11 @@ for group in "$@"; do
         run decode_fp8 60 $G --precision fp8-base --modes graph
         run decode_nf4 60 $G --precision nf4-base --modes graph
         run decode_int4_batch 90 $G --precision int4-base --modes batch ;;
+    int8)
+        export TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS=1
+        run decode_int8_all_directions 140 $G --precision int8-base --modes compiled
+        run decode_bf16_all_directions 140 $G --precision bf16-true --modes compiled
+        unset TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS ;;
     smoke)
         for precision in nf4-base fp8-base; do
             run "smoke_train_$precision" 60 $T --preset tinyllama-1.1b --precision $precision --warmup_steps 1 --steps 1 --runs 1
