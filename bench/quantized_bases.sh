@@ -11,12 +11,7 @@
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
 log=$1; shift
-run() {  # NAME SECONDS COMMAND...: one measurement; a failure is logged and the next one runs
-    local name=$1 seconds=$2; shift 2
-    echo "== $name: $*"
-    timeout "$seconds" "$@" > "$log/$name.log" 2>&1; echo "exit $?" >> "$log/$name.log"
-    grep -v "^W[0-9]\|Failed to load\|warn" "$log/$name.log" | tail -12 | tee "$log/$name.txt"
-}
+source "$(dirname "$0")/logged_run.sh"
 T="python3 bench/train_throughput.py --warmup_steps 4 --steps 4 --runs 3"
 G="python3 bench/generate_throughput.py --repeats 5"
 for group in "$@"; do

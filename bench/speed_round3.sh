@@ -10,12 +10,7 @@
 set -uo pipefail
 log=$1; shift
 data=${DATA:-../shared/data}
-run() {  # NAME SECONDS COMMAND...: one measurement; a failure is logged and the next one runs
-    local name=$1 seconds=$2; shift 2
-    echo "== $name: $*"
-    timeout "$seconds" "$@" > "$log/$name.log" 2>&1; echo "exit $?" >> "$log/$name.log"
-    grep -v "^W[0-9]\|Failed to load\|warn" "$log/$name.log" | tail -14 | tee "$log/$name.txt"
-}
+source "$(dirname "$0")/logged_run.sh"
 T="python3 bench/train_throughput.py"
 R="--alpaca true --global_batch_size 64 --micro_batch_size null --micro_batch_tokens 8192 --warmup_steps 20 --steps 10
    --runs 3 --data_file $(ls "$data"/alpaca*.json "$data"/alpaca/*.json 2>/dev/null | head -1)
