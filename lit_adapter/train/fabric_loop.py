@@ -32,8 +32,8 @@ from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.train.args import (EvalArgs, TrainArgs, accumulation_steps, check_eval_args, check_train_args,
                                     planned_steps, with_defaults)
 from lit_adapter.train.recipe import (TrainLoss, adopt_hyperparameters, build_optimizer, build_scheduler,
-                                      compiled_graphs, evaluation_report, learned_positions_loss, micro_batch_loss,
-                                      prepare_for_training, resumed_message, sample_response, validation_loss,
+                                      evaluation_report, learned_positions_loss, micro_batch_loss, prepare_for_training,
+                                      resumed_message, sample_response, step_metrics, validation_loss,
                                       validation_sums)
 from lit_adapter.train.state import (HPARAMS_FILE, claim_out_dir, find_resume_state, load_training_state,
                                      log_version, save_hparams, save_training_state)
@@ -186,9 +186,8 @@ class Run:
         return values
 
     def log(self, step: int, train_loss: float, tokens_per_s: float, padding: float, epoch: int, bar: tqdm) -> None:
-        metrics = {"train_loss": train_loss, "learning_rate": self.scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_per_s * self.fabric.world_size, "padding_fraction": padding,
-                   "epoch": epoch, "compiled_graphs": compiled_graphs()}
+        metrics = step_metrics(train_loss, self.scheduler.get_last_lr()[0], tokens_per_s * self.fabric.world_size,
+                               padding, epoch)
         self.fabric.log_dict(metrics, step=step)
         bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", epoch=epoch,
                         graphs=metrics["compiled_graphs"])

@@ -27,10 +27,9 @@ from lit_adapter.files import check_can_create, compare_shapes, shapes_of
 from lit_adapter.precision import PRECISIONS, QuantizedBase, base_dtype, check_device
 from lit_adapter.prompts import LEGACY_STYLE
 from lit_adapter.train.args import EvalArgs, TrainArgs
-from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, compiled_graphs,
-                                      evaluation_report, learned_positions_loss, micro_batch_loss,
-                                      prepare_for_training, resumed_message, sample_response, validation_loss,
-                                      validation_sums)
+from lit_adapter.train.recipe import (adopt_hyperparameters, build_optimizer, build_scheduler, evaluation_report,
+                                      learned_positions_loss, micro_batch_loss, prepare_for_training,
+                                      resumed_message, sample_response, step_metrics, validation_loss, validation_sums)
 from lit_adapter.train.state import adapter_and_optimizer_state
 
 
@@ -234,10 +233,9 @@ class AdapterModule(L.LightningModule):
         self._last_step = step
         elapsed = time.perf_counter() - self._started
         self.log("train_loss", self._step_loss, prog_bar=True, logger=False)
-        self.log_at_step({"train_loss": self._step_loss.item(), "learning_rate": self.lr_schedulers().get_last_lr()[0],
-                          "tokens_per_s": self._tokens * self.trainer.world_size / elapsed,
-                          "padding_fraction": padding_fraction(batch[0]), "epoch": self.current_epoch,
-                          "compiled_graphs": compiled_graphs()})
+        self.log_at_step(step_metrics(self._step_loss.item(), self.lr_schedulers().get_last_lr()[0],
+                                      self._tokens * self.trainer.world_size / elapsed, padding_fraction(batch[0]),
+                                      self.current_epoch))
         self._reset_step_metrics()
         if self.total_steps is not None and step >= self.total_steps:
             # the last step: stopping here makes the trainer validate once more before it ends

@@ -127,8 +127,15 @@ def compile_for_training(model: LLaMA) -> TrainLoss:
 
 
 def compiled_graphs() -> int:
-    """The graphs ``torch.compile`` has made in this process so far (Dynamo's count), which both routes log."""
+    """The graphs ``torch.compile`` has made in this process so far (Dynamo's count)."""
     return counters["stats"]["unique_graphs"]
+
+
+def step_metrics(train_loss: float, learning_rate: float, tokens_per_s: float, padding: float,
+                 epoch: int) -> dict[str, float]:
+    """What both routes log after an optimizer step (``tokens_per_s`` of all ranks), with the graphs compiled so far."""
+    return {"train_loss": train_loss, "learning_rate": learning_rate, "tokens_per_s": tokens_per_s,
+            "padding_fraction": padding, "epoch": epoch, "compiled_graphs": compiled_graphs()}
 
 
 def prepare_for_training(model: LLaMA, compile: bool, activation_checkpointing: bool) -> TrainLoss:

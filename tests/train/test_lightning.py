@@ -441,5 +441,6 @@ def test_both_routes_log_at_the_steps_the_console_names_and_a_resumed_run_contin
     assert sorted(p.name for p in (fabric_out / "logs").iterdir()) == ["version_0"]  # the resumed run's log too
     for out in (fabric_out, trainer_root):
         assert list(logged(out, "val_loss")) == [0, 2, 4], out
-        assert list(logged(out, "train_loss")) == [1, 2, 3, 4], out
+        for metric in ("train_loss", "learning_rate", "tokens_per_s", "padding_fraction", "epoch", "compiled_graphs"):
+            assert list(logged(out, metric)) == [1, 2, 3, 4], (out, metric)
         assert not logged(out, "hp_metric")
