@@ -135,11 +135,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         wrapped = super().wrap_str_format(value)
         if wrapped is None:
             return None
-
-        def call(*args: Any, **kwargs: Any) -> str:
-            self.check_sizes(value.__self__, *args, *kwargs.values())
-            return wrapped(*args, **kwargs)
-        return call
+        self.check_sizes(value.__self__)  # the format string's own widths
+        return self.bounded(wrapped)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's names)
         method = getattr(__obj, "__name__", None)
