@@ -425,10 +425,11 @@ def test_download_is_atomic_and_says_what_to_do_offline(tmp_path, alpaca_json):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpaca_data.json"]
 
 
-def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_json, tok512):
+def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_json, tok512, monkeypatch):
     spec = importlib.util.spec_from_file_location("prepare_alpaca", ROOT / "scripts" / "prepare_alpaca.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    monkeypatch.chdir(tmp_path)  # where the default checkpoint (the quick start's) is not, even after a quick start
     with pytest.raises(UserError, match="pass --checkpoint_dir .* or --tokenizer_path"):
         script.main(data_file=alpaca_json)
     checkpoint_dir = tmp_path / "checkpoint"
@@ -443,7 +444,8 @@ def test_script_takes_tokenizer_and_length_from_the_checkpoint(tmp_path, alpaca_
 
 
 def test_command_line_end_to_end(tmp_path, alpaca_json, llama_tokenizer, capfd):
-    common = ["--data_file", str(alpaca_json), "--tokenizer_path", str(llama_tokenizer),
+    # no checkpoint (not even the quick start's default, which a quick start in this folder would have made)
+    common = ["--data_file", str(alpaca_json), "--tokenizer_path", str(llama_tokenizer), "--checkpoint_dir", "null",
               "--destination_dir", str(tmp_path), "--val_size", "35"]
     # in this process; the error below comes from the script's own process
     result = run_script_in_this_process("scripts/prepare_alpaca.py", *common, "--skip_bad_records", "true",
