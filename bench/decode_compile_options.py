@@ -2,6 +2,7 @@
 
     python bench/decode_compile_options.py --variants plain,tuned          # 7B, random weights, bf16, one GPU
     python bench/decode_compile_options.py --variants tuned,gpt-fast --gpt_fast_dir ../gpt-fast --profile true
+    python bench/decode_compile_options.py --variants tuned --precision int8-base --profile true   # a quantized base
 
 ``tuned`` is what ``generation.compile_decode`` ships; ``plain`` leaves Inductor's defaults; ``gpt-fast`` runs
 gpt-fast's own ``generate()`` (its ``model.py`` and ``generate.py``, taken from ``gpt_fast_dir``), compiled as its
@@ -27,12 +28,13 @@ import torch.nn as nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import copy_bandwidth, median, print_profile  # noqa: E402
+from bench.common import copy_bandwidth, median, print_profile, stored_bytes  # noqa: E402
 from bench.generate_throughput import adapter_model, measure, timed_generation  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.errors import UserError  # noqa: E402
 from lit_adapter.generate.decode import compile_decode, decode_one_token  # noqa: E402
+from lit_adapter.precision import GenerationPrecision, check_device  # noqa: E402
 
 VARIANTS = ("plain", "tuned", "gpt-fast")
 GPT_FAST_NAMES = {"llama-7b": "7B", "llama-13b": "13B", "llama-30b": "30B", "llama-2-70b": "70B"}
@@ -40,7 +42,8 @@ PROMPT_LENGTH, NEW_TOKENS = 32, 200
 
 
 def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int = 5,
-         gpt_fast_dir: Optional[Path] = None, profile: bool = False) -> None:
+         gpt_fast_dir: Optional[Path] = None, profile: bool = False,
+         precision: GenerationPrecision = "bf16-true") -> None:
     """Print tokens/s, share of the bandwidth limit and time to the first token of each variant.
 
     Args:
@@ -50,6 +53,7 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
         repeats: Timed generations per variant; the median is reported.
         gpt_fast_dir: A checkout of gpt-fast (its model.py and generate.py are imported from there).
         profile: After the timed runs, profile one more generation: the GPU's busy share and its top kernels.
+        precision: The base's precision (plain and tuned) as generate/adapter.py --precision takes it.
     """
     names = variants.split(",")
     unknown = set(names) - set(VARIANTS)
@@ -59,12 +63,14 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
         if gpt_fast_dir is None or not (Path(gpt_fast_dir) / "generate.py").is_file():
             raise UserError(f"the gpt-fast variant needs --gpt_fast_dir, a folder with gpt-fast's generate.py and "
                             f"model.py (got {gpt_fast_dir})")
+        if precision != "bf16-true":
+            raise UserError(f"the gpt-fast variant runs bf16 only (got --precision {precision})")
         if preset not in GPT_FAST_NAMES:
             raise UserError(f"gpt-fast has no model for preset {preset!r}: choose among {', '.join(GPT_FAST_NAMES)}")
     if len(names) > 1:
         for variant in names:
             command = [sys.executable, __file__, "--preset", preset, "--variants", variant, "--repeats",
-                       str(repeats), "--profile", str(profile).lower()]
+                       str(repeats), "--profile", str(profile).lower(), "--precision", precision]
             subprocess.run(command + (["--gpt_fast_dir", str(gpt_fast_dir)] if gpt_fast_dir else []), check=True)
         return
     if profile:  # so that the profiler sees the kernels inside CUDA graphs; before any capture
@@ -78,8 +84,9 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
         first_label = f"first run (compilation included) {first:.1f} s"
     else:
         config = Config.from_name(preset)
-        model = adapter_model(config, 1, torch.device("cuda"), torch.bfloat16)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        check_device(precision, torch.device("cuda"))
+        model = adapter_model(config, 1, torch.device("cuda"), precision)
+        weight_bytes = stored_bytes(model)
         step = compile_decode() if variants == "tuned" else \
             torch.compile(decode_one_token, fullgraph=True, options={"triton.cudagraphs": True})
         prompt = torch.randint(0, config.vocab_size, (PROMPT_LENGTH,))
@@ -89,8 +96,8 @@ def main(preset: str = "llama-7b", variants: str = "plain,tuned", repeats: int =
 
         def generation() -> float:
             return timed_generation(model, [prompt], NEW_TOKENS, step)[1]
-    print(f"{variants}: {tokens_per_s:.1f} tokens/s, {weight_bytes * tokens_per_s / bandwidth:.1%} of the "
-          f"bandwidth limit, {first_label}, runs {low:.3f}..{high:.3f} s")
+    print(f"{variants} {precision}: {tokens_per_s:.1f} tokens/s, {weight_bytes * tokens_per_s / bandwidth:.1%} of "
+          f"the bandwidth limit, {first_label}, runs {low:.3f}..{high:.3f} s")
     if profile:
         print_profile(generation, torch.cuda.synchronize, steps=1, top=20)
 

@@ -1,4 +1,5 @@
-"""Generation speed through the project's own decoding loop: eager, CUDA graph, compiled, and a batch of adapters.
+"""Generation speed through the project's own decoding loop: eager, CUDA graph, compiled (in this process, or
+stored on disk by an earlier one), and a batch of adapters.
 
     python bench/generate_throughput.py --preset llama-7b --prompt_length 32 --max_new_tokens 200
     python bench/generate_throughput.py --preset tiny --device cpu --modes eager,graph,batch   # a CPU smoke check
@@ -8,7 +9,9 @@ the batch mode gives row i adapter i and a prompt of its own length, and checks 
 that adapter alone at batch 1 (on a GPU also in float32, where kernels for 1 and 16 rows differ far less).
 The compiler starts from an empty cache (a fresh TORCHINDUCTOR_CACHE_DIR), unless TORCHINDUCTOR_CACHE_DIR names one:
 run twice with the same folder, and the second run's first token is that of a start with warm caches, as a user's
-second run on the same machine. The table comes last.
+second run on the same machine. The stored mode keeps its compiled steps (``StoredDecode``) in that folder's
+``stored/``: its second run's first token is a start that loads the step instead of compiling it. The table comes
+last.
 """
 
 import os
@@ -30,9 +33,10 @@ from lit_adapter.adapter import AdapterLLaMA, adapter_state_dict  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
 from lit_adapter.precision import PRECISIONS, GenerationPrecision, base_dtype, check_device  # noqa: E402
-from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate_steps  # noqa: E402
+from lit_adapter.generate.decode import (DecodeFn, GraphDecode, StoredDecode, compile_decode,  # noqa: E402
+                                         decode_one_token, generate_steps)
 
-MODES = ("eager", "graph", "compiled", "batch")
+MODES = ("eager", "graph", "compiled", "stored", "batch")
 
 
 def sync(device: torch.device) -> None:
@@ -102,8 +106,8 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
         max_new_tokens: Tokens generated per row and run.
         repeats: Timed runs per mode (the median is reported), after one warm-up run.
         batch_size: Rows of the batch mode, each with its own adapter.
-        modes: Comma-separated subset of eager, graph, compiled (batch 1, adapter 0) and batch (graph, batch_size
-            adapters).
+        modes: Comma-separated subset of eager, graph, compiled, stored (batch 1, adapter 0; stored: compiled once
+            and kept on disk, loaded by later runs) and batch (graph, batch_size adapters).
         device: cuda or cpu (default: cuda where there is one).
         precision: The base's precision as generate/adapter.py --precision takes it (default: bf16-true on a GPU,
             32-true on the CPU); with a quantized base, the batch mode's float32 check uses the bf16 base's float32
@@ -129,10 +133,11 @@ def main(preset: str = "llama-7b", prompt_length: int = 32, max_new_tokens: int 
     if PRECISIONS[precision].quantize is not None:
         checks += logit_errors(model, config, batch_size, device, precision, prompt)
     results = {}
-    decoders = {"eager": decode_one_token, "graph": GraphDecode(), "compiled": compile_decode()}
+    decoders = {"eager": decode_one_token, "graph": GraphDecode(), "compiled": compile_decode(),
+                "stored": StoredDecode(Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "stored")}
     for mode in [m for m in MODES if m in chosen and m != "batch"]:
         results[mode] = measure(model, [prompt], [0], max_new_tokens, decoders[mode], repeats)
-        if mode == "compiled":
+        if mode in ("compiled", "stored"):
             print("compile phases (s):", torch._dynamo.utils.compile_times(repr="str", aggregate=True))
             torch._dynamo.reset()
     if "batch" in chosen:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Quantized frozen bases on one GPU (issue 25), random LLaMA weights, in groups that fit one device call:
 #   decode: 7B batch-1 decoding with an adapter, compiled: bf16-true, int4-base (also through the CUDA graph), int8-base
-#   nf4:    7B fine-tuning with nf4-base at 1 x 512 with activation checkpointing (peak memory) and at 4 x 512
-#   train:  7B fine-tuning at 4 x 512 in bf16-true and fp8-base
+#   nf4:    7B fine-tuning with nf4-base at 1 x 512 with activation checkpointing (peak memory)
+#   train:  7B fine-tuning at 4 x 512 in bf16-true, fp8-base and nf4-base (the three side by side in one lease)
 #   graphs: 7B decoding through the CUDA graph with fp8-base and nf4-base; int4-base with 16 adapters in one batch
 #   65b:    LLaMA-65B fine-tuning with nf4-base at 1 x 512 with activation checkpointing
-#   int8:   7B batch-1 decoding, compiled, int8-base and bf16-true with coordinate descent searching all directions
-#           (torchao's recommended Inductor setting; int8-base read its weights at 37% of the bandwidth limit without)
+#   int8:   7B batch-1 decoding, compiled, int8-base profiled (its top kernels), then int8-base and bf16-true with
+#           coordinate descent searching all directions (torchao's recommended Inductor setting; int8-base read its
+#           weights at 37% of the bandwidth limit without)
 #   smoke:  TinyLlama-1.1B, one short run of every precision's training and generation paths (no timing)
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
@@ -21,15 +22,16 @@ for group in "$@"; do
         run decode_int4 140 $G --precision int4-base --modes graph,compiled
         run decode_int8 110 $G --precision int8-base --modes compiled ;;
     nf4)
-        run train_1x512_nf4_checkpointed 100 $T --precision nf4-base --micro_batch_size 1 --activation_checkpointing true
-        run train_4x512_nf4 100 $T --precision nf4-base ;;
+        run train_1x512_nf4_checkpointed 100 $T --precision nf4-base --micro_batch_size 1 --activation_checkpointing true ;;
     train)
-        for precision in bf16-true fp8-base; do run "train_4x512_$precision" 120 $T --precision $precision; done ;;
+        for precision in bf16-true fp8-base nf4-base; do run "train_4x512_$precision" 120 $T --precision $precision; done ;;
     graphs)
         run decode_fp8 60 $G --precision fp8-base --modes graph
         run decode_nf4 60 $G --precision nf4-base --modes graph
         run decode_int4_batch 90 $G --precision int4-base --modes batch ;;
     int8)
+        run decode_int8_profile 170 python3 bench/decode_compile_options.py --variants tuned --precision int8-base \
+            --repeats 3 --profile true
         export TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS=1
         run decode_int8_all_directions 140 $G --precision int8-base --modes compiled
         run decode_bf16_all_directions 140 $G --precision bf16-true --modes compiled

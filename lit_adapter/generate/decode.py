@@ -2,17 +2,24 @@
 
 The one-token step has fixed shapes and fixed addresses, so on a GPU it is captured as is in a CUDA graph
 (``GraphDecode``, ready within seconds) or compiled into one (``compile_decode``: a long warm-up, then faster;
-bench/RESULTS.md has the figures); sampling stays on the device (no host synchronisation inside the step). A batch
+``StoredDecode`` keeps the compiled step on disk, so later starts skip the warm-up; bench/RESULTS.md has the
+figures); sampling stays on the device (no host synchronisation inside the step). A batch
 holds prompts of different lengths, each row at its own positions and, with an adapter model, with its own adapter.
 The command line around it is ``lit_adapter.generate.cli``.
 """
 
+import functools
+import hashlib
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Optional, Sequence, TextIO
 
 import torch
 
+import lit_adapter
 from lit_adapter.errors import UserError
+from lit_adapter.files import atomic_path
 from lit_adapter.generate.sampling import Option, check_token, sample, seeded_noise
 from lit_adapter.model import CacheView, LLaMA
 from lit_adapter.tokenizer import Tokenizer
@@ -31,13 +38,92 @@ def decode_one_token(model: LLaMA, token: torch.Tensor, input_pos: torch.Tensor,
     return sample(logits, temperature, top_k, top_p, noise)
 
 
-def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
-    """The decoding step compiled into a CUDA graph (on CPU: compiled without graphs).
+COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+"""Inductor's options for the decoding step: CUDA graphs (on CPU: none), and coordinate-descent tuning, which picks
+the launch shapes of batch-1 decoding's matrix-vector kernels so that they read the weights near the bandwidth."""
 
-    Coordinate-descent tuning picks the launch shapes of the matrix-vector kernels of batch-1 decoding,
-    which then read the weights near the memory bandwidth.
+STORED_STEPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_adapter" / "decode"
+"""Where ``StoredDecode`` keeps compiled decoding steps by default."""
+
+
+def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
+    """The decoding step compiled into a CUDA graph (on CPU: compiled without graphs)."""
+    return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
+
+
+class StoredDecode:
+    """The decoding step compiled as ``compile_decode`` compiles it, ahead of time, and stored in ``folder``: one file
+    per model shape and kind of call, which later starts load within seconds instead of compiling for a minute.
+
+    A stored step holds Dynamo's graph and guards and Inductor's code (``torch.compile``'s ``aot_compile``); the
+    weights are its inputs, so one file serves every checkpoint of that shape and precision. Its name hashes what
+    the compiled code depends on: PyTorch, the GPU, this package's source, the model's tensors (names, shapes,
+    dtypes, kinds) and the call's arguments. ``compile_missing=False`` never compiles: calls without a stored
+    step go to ``fallback`` (the CUDA-graph step where a quick start matters more than the compiled speed).
     """
-    return torch.compile(fn, fullgraph=True, options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+
+    def __init__(self, folder: Path = STORED_STEPS, fn: DecodeFn = decode_one_token, compile_missing: bool = True,
+                 fallback: Optional[DecodeFn] = None) -> None:
+        self.folder, self.fn, self.compile_missing = Path(folder), fn, compile_missing
+        self.fallback = fallback or GraphDecode(fn)
+        self.steps: dict[tuple, DecodeFn] = {}
+
+    def __call__(self, model: LLaMA, *args: Any) -> torch.Tensor:
+        key = (id(model), id(model.cache_positions), *call_signature(args))
+        if key not in self.steps:
+            self.steps[key] = self.load_or_compile(model, args)
+        return self.steps[key](model, *args)
+
+    def path(self, model: LLaMA, args: Sequence[Any]) -> Path:
+        """The file of the stored step for calls like ``args``."""
+        parts = [torch.__version__, str(torch.version.cuda), device_name(model.embed.weight.device),
+                 source_fingerprint(), f"{self.fn.__module__}.{self.fn.__qualname__}", repr(COMPILE_OPTIONS),
+                 type(model).__name__, repr(model.config), *tensor_signature(model), *map(repr, call_signature(args))]
+        return self.folder / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt2"
+
+    def load_or_compile(self, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
+        path = self.path(model, args)
+        if path.is_file():
+            try:
+                with open(path, "rb") as f:
+                    step = torch.compiler.load_compiled_function(f)
+                if step.guard_check(model, *args):
+                    return step
+                reason = "its guards do not hold"
+            except Exception as err:  # a damaged file, or one another PyTorch wrote
+                reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            print(f"note: the stored decoding step {path} does not fit ({reason}); compiling it again", file=sys.stderr)
+        if not self.compile_missing:
+            return self.fallback
+        print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
+        step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))
+        with atomic_path(path) as tmp:
+            step.save_compiled_function(str(tmp))
+        return step
+
+
+def call_signature(args: Sequence[Any]) -> tuple:
+    """What a compiled step specialises on in its arguments: tensors' shapes, dtypes and devices, other values."""
+    return tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def tensor_signature(model: torch.nn.Module) -> list[str]:
+    """Each parameter's and buffer's name, shape, dtype and kind (a quantized weight is a tensor subclass)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [f"{name}:{tuple(t.shape)}:{t.dtype}:{type(t).__name__}:{t.requires_grad}" for name, t in tensors]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def source_fingerprint() -> str:
+    """A hash of this package's Python source: a stored step compiled from other code is never loaded."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(lit_adapter.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 class GraphDecode:

@@ -25,8 +25,8 @@ from lit_adapter.adapter import AdapterConfig, AdapterGPT, adapter_state_dict, i
 from lit_adapter.checkpoint import load_model, save_adapter
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generate.decode import (GraphDecode, compile_decode, decode_one_token, generate, generate_batch,
-                                         stream_text)
+from lit_adapter.generate.decode import (GraphDecode, StoredDecode, compile_decode, decode_one_token, generate,
+                                         generate_batch, stream_text)
 from lit_adapter.generate.sampling import sample
 from lit_adapter.model import GPT
 from lit_adapter.prompts import STYLES
@@ -87,6 +87,41 @@ def test_compiled_greedy_decoding_equals_eager_and_ignores_stale_cache(model_cla
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + new_tokens)
     assert list(generate(model, prompt, new_tokens, temperature=0, decode_fn=graph)) == eager
     assert graph.captures == 2
+
+
+def test_stored_decoding_step_is_compiled_once_and_loaded_by_a_later_start(tmp_path, capsys):
+    """A stored step greedy-decodes as eagerly; a new StoredDecode (a later start) loads it instead of compiling; the
+    same file serves another checkpoint of the same shape; a damaged file is compiled again; without compiling,
+    a missing step falls back."""
+    model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
+    prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    model.set_kv_cache(batch_size=1, max_seq_length=48)
+    eager = list(generate(model, prompt, 30, temperature=0))
+
+    def stored_run(decode, decoded_model=model):
+        decoded_model.set_kv_cache(batch_size=1, max_seq_length=48)
+        return list(generate(decoded_model, prompt, 30, temperature=0, decode_fn=decode))
+
+    assert stored_run(StoredDecode(tmp_path)) == eager
+    assert "Compiling the decoding step" in capsys.readouterr().err
+    [path] = tmp_path.iterdir()
+    assert stored_run(StoredDecode(tmp_path)) == eager
+    other = random_model(AdapterGPT, TINY, seed=4, gate_scale=1.0)  # other weights: the stored step takes them in
+    other.set_kv_cache(batch_size=1, max_seq_length=48)
+    other_eager = list(generate(other, prompt, 30, temperature=0))
+    assert other_eager != eager
+    assert stored_run(StoredDecode(tmp_path), other) == other_eager
+    assert capsys.readouterr().err == "" and list(tmp_path.iterdir()) == [path]
+
+    path.write_bytes(path.read_bytes()[:1000])
+    assert stored_run(StoredDecode(tmp_path)) == eager
+    assert "does not fit" in capsys.readouterr().err and path.stat().st_size > 1000
+
+    fallback = CountingGraphDecode()
+    model.set_kv_cache(batch_size=1, max_seq_length=64)  # another cache length: another step, not stored
+    assert list(generate(model, prompt, 30, temperature=0,
+                         decode_fn=StoredDecode(tmp_path, compile_missing=False, fallback=fallback))) == eager
+    assert fallback.captures == 1 and list(tmp_path.iterdir()) == [path]
 
 
 class CountingGraphDecode(GraphDecode):
