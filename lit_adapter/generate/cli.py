@@ -16,7 +16,8 @@ from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, BaseCheckpoint, open_
 from lit_adapter.errors import UserError
 from lit_adapter.files import check_can_write_file
 from lit_adapter.generate.adapters import AdapterSet, load_generation_model, open_adapters
-from lit_adapter.generate.decode import DecodeFn, GraphDecode, compile_decode, decode_one_token, generate, stream_text
+from lit_adapter.generate.decode import (STORED_STEPS, DecodeFn, GraphDecode, StoredDecode, compile_decode,
+                                         decode_one_token, generate, rounded_cache_length, stream_text)
 from lit_adapter.generate.engine import Engine, Job
 from lit_adapter.generate.requests import Request, check_request, read_requests, write_results
 from lit_adapter.model import LLaMA
@@ -30,7 +31,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
-         precision: Optional[GenerationPrecision] = None, compile: bool = False, cuda_graph: bool = True,
+         precision: Optional[GenerationPrecision] = None, compile: Optional[bool] = None,
+         compiled_steps: Optional[Path] = STORED_STEPS, cuda_graph: bool = True,
          prompt_style: Optional[StyleName] = None, system: Optional[str] = None,
          accelerator: Literal["auto", "cpu", "cuda"] = "auto", allow_other_base: bool = False) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
@@ -59,7 +61,13 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
             that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
             newer GPUs; the fastest to decode), nf4-base (these three need torchao; a training format, slow to
             decode) or fp8-base (Hopper GPUs). One adapter file works on every precision of its base.
-        compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
+        compile: Compile the decoding step with torch.compile: the fastest, after a warm-up of a minute or more
+            the first time, then stored in --compiled_steps, from where later runs load it within seconds. Default
+            (null): on a GPU, the step an earlier --compile true run stored for this model and kind of call where
+            there is one, else the CUDA graph; false: never compiled.
+        compiled_steps: Folder of stored compiled decoding steps, one file per model shape, precision and kind of
+            call (~/.cache/lit_adapter/decode unless XDG_CACHE_HOME says otherwise); null: compile in every run
+            and store nothing.
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
             text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
@@ -75,8 +83,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
     base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults, prompting,
                                                     precision, accelerator, allow_other_base)
     device = model.embed.weight.device
-    decode_fn = compile_decode() if compile else GraphDecode() if cuda_graph and device.type == "cuda" else \
-        decode_one_token
+    decode_fn = decode_step(compile, compiled_steps, cuda_graph, device)
     first = requests[0]
     if interactive:
         texts = chat(model, base.tokenizer, first, adapters.index(first.adapter), prompting.style(adapters, first),
@@ -90,6 +97,17 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
     if device.type == "cuda":
         print(f"Peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", file=sys.stderr)
     return texts
+
+
+def decode_step(compile: Optional[bool], compiled_steps: Optional[Path], cuda_graph: bool,
+                device: torch.device) -> DecodeFn:
+    """The decoding step the options ask for (see main's --compile)."""
+    uncompiled = GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
+    if compile is False or (compile is None and (device.type != "cuda" or compiled_steps is None)):
+        return uncompiled
+    if compiled_steps is None:
+        return compile_decode()
+    return StoredDecode(compiled_steps, compile_missing=bool(compile), fallback=uncompiled)
 
 
 @dataclass(frozen=True)
@@ -188,7 +206,8 @@ def select_row(model: LLaMA, adapter: Optional[int]) -> None:
 def stream_samples(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter: Optional[int],
                    prompt_ids: torch.Tensor, num_samples: int, decode_fn: DecodeFn, style: str) -> list[str]:
     """Answer one prompt ``num_samples`` times, streaming each answer to stdout."""
-    model.set_kv_cache(batch_size=1, max_seq_length=prompt_ids.numel() + request.max_new_tokens)
+    needed = prompt_ids.numel() + request.max_new_tokens
+    model.set_kv_cache(batch_size=1, max_seq_length=rounded_cache_length(needed, model.config.block_size))
     select_row(model, adapter)
     texts = []
     for _ in range(num_samples):

@@ -46,6 +46,15 @@ STORED_STEPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") 
 """Where ``StoredDecode`` keeps compiled decoding steps by default."""
 
 
+CACHE_MULTIPLE = 256
+
+
+def rounded_cache_length(needed: int, block_size: int) -> int:
+    """KV cache positions for ``needed`` (prompt and new tokens): rounded up to a multiple of 256, at most the
+    model's ``block_size``, so that prompts of similar lengths share one compiled (or stored) decoding step."""
+    return min(-(-needed // CACHE_MULTIPLE) * CACHE_MULTIPLE, block_size)
+
+
 def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
     """The decoding step compiled into a CUDA graph (on CPU: compiled without graphs)."""
     return torch.compile(fn, fullgraph=True, options=COMPILE_OPTIONS)
@@ -94,6 +103,9 @@ class StoredDecode:
                 reason = f"{type(err).__name__}: {err}".splitlines()[0]
             print(f"note: the stored decoding step {path} does not fit ({reason}); compiling it again", file=sys.stderr)
         if not self.compile_missing:
+            print(f"note: no compiled decoding step is stored in {self.folder} for this model and kind of call; "
+                  "--compile true compiles one (a minute or more, once) and stores it for faster decoding in later "
+                  "runs", file=sys.stderr)
             return self.fallback
         print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
         step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))

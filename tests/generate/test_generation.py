@@ -504,6 +504,18 @@ def test_main_with_num_samples_reuses_the_cache(stories, capsys):
     assert capsys.readouterr().out == (expected + "\n") * 3
 
 
+def test_compile_true_stores_the_step_and_later_runs_of_other_prompts_load_it(stories, tmp_path, capsys):
+    def run(prompt):
+        texts = serving.main(checkpoint_dir=stories["checkpoint"], prompt=prompt, temperature=0, max_new_tokens=30,
+                             compile=True, compiled_steps=tmp_path)
+        assert texts == [reference_text(stories, prompt, 30)[0]]
+        return capsys.readouterr().err
+
+    assert "Compiling the decoding step" in run("Once upon a time")
+    assert "Compiling" not in run("The little dog ran")  # another prompt length, the same rounded cache
+    assert len(list(tmp_path.iterdir())) == 1
+
+
 def test_generate_adapter_with_zero_gates_answers_as_the_base_model(stories, capfd):
     instruction = "Tell me a story about a dog."
     expected, _ = reference_text(stories, alpaca_prompt(instruction), 40)
