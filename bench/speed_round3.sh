@@ -2,7 +2,8 @@
 # Speed round 3 (issue 29) on one GPU, random LLaMA-7B, in groups that fit one device call:
 #   fp8:    fine-tuning with fp8-base on the recipe's real path (dynamic shapes); its fixed shape 4 x 512 is in
 #           quantized_bases.sh's train group
-#   recipe: the recipe's real path in bf16, then profiled: where its time goes against the fixed shape
+#   recipe: the recipe's real path in bf16, then with the allocator's expandable segments (varying shapes may make
+#           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape
 #   warm:   compiled batch-1 decoding twice with one inductor cache, in this process and stored on disk
 #           (StoredDecode): a cold start, then a warm one that loads the stored step (first token)
 #   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
@@ -23,6 +24,7 @@ for group in "$@"; do
         run recipe_fp8 170 $T $R --precision fp8-base ;;
     recipe)
         run recipe_bf16 170 $T $R
+        PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run recipe_bf16_expandable 170 $T $R
         run recipe_bf16_profile 200 $T $R --runs 1 --profile true ;;
     warm)
         cache=$(mktemp -d)

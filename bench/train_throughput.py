@@ -164,12 +164,15 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         if profile:
             print_profile(step, sync, top=24, trace_path=trace_path)
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    # each retry freed the allocator's cached blocks (cudaFree: the host waits for the GPU)
+    retries = f", {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries" if cuda else ""
     shape = (f"Alpaca-shaped, {dataset_size:,} samples, steps of {global_batch_size}, micro-batches of "
              f"<= {micro_batch_tokens} tokens / {micro_batch_size} samples") if alpaca else \
         f"fixed {micro_batch_size} x {seq_length}"
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{device_name}, torch {torch.__version__}, {preset}, {precision}, compile={compile}, "
-          f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s), {compiled_graphs()} compiled graphs")
+          f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s), {compiled_graphs()} compiled graphs"
+          f"{retries}")
     print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")
