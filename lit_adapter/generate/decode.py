@@ -108,7 +108,12 @@ class StoredDecode:
                   "runs", file=sys.stderr)
             return self.fallback
         print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
-        step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))
+        try:
+            step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))
+        except NotImplementedError as err:  # a tensor subclass that cannot be stored (torchao's int8 weights)
+            print(f"note: this model's decoding step cannot be stored (its quantized weights lack an operation that "
+                  f"storing needs: {type(err).__name__}); it is compiled for this run only", file=sys.stderr)
+            return compile_decode(self.fn)
         with atomic_path(path) as tmp:
             step.save_compiled_function(str(tmp))
         return step

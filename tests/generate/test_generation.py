@@ -124,6 +124,19 @@ def test_stored_decoding_step_is_compiled_once_and_loaded_by_a_later_start(tmp_p
     assert fallback.captures == 1 and list(tmp_path.iterdir()) == [path]
 
 
+def test_a_quantized_step_that_cannot_be_stored_is_compiled_for_the_run(tmp_path, capsys):
+    pytest.importorskip("torchao", reason="int8-base needs torchao")
+    from lit_adapter.quantize.low_bit import quantize_int8
+    model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0).requires_grad_(False)
+    for block in model.blocks:
+        quantize_int8(block)
+    prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    model.set_kv_cache(batch_size=1, max_seq_length=48)
+    eager = list(generate(model, prompt, 20, temperature=0))
+    assert list(generate(model, prompt, 20, temperature=0, decode_fn=StoredDecode(tmp_path))) == eager
+    assert "cannot be stored" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 class CountingGraphDecode(GraphDecode):
     def __init__(self) -> None:
         super().__init__()
