@@ -4,8 +4,9 @@
 #           quantized_bases.sh's train group
 #   recipe: the recipe's real path in bf16, then with the allocator's expandable segments (varying shapes may make
 #           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape
-#   warm:   compiled batch-1 decoding twice with one inductor cache, in this process and stored on disk
-#           (StoredDecode): a cold start, then a warm one that loads the stored step (first token)
+#   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
+#           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
+#           again with warm caches (first token)
 #   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
 # Usage: bash bench/speed_round3.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 # The recipe's data follow the Alpaca records and tokenizer of DATA (default ../shared/data); where that folder
@@ -28,9 +29,10 @@ for group in "$@"; do
         run recipe_bf16_profile 200 $T $R --runs 1 --profile true ;;
     warm)
         cache=$(mktemp -d)
-        for start in cold warm; do
-            TORCHINDUCTOR_CACHE_DIR=$cache run "decode_compiled_$start" 280 python3 bench/generate_throughput.py \
-                --modes compiled,stored --repeats 3
+        for run_modes in cold:compiled,stored warm:stored warm:compiled; do  # each start in a new process
+            name=${run_modes/:/_}
+            TORCHINDUCTOR_CACHE_DIR=$cache run "decode_${name//,/_}" 280 python3 bench/generate_throughput.py \
+                --modes "${run_modes#*:}" --repeats 3
         done ;;
     fused)
         run fused_kernels 90 python3 bench/fused_kernels.py ;;
