@@ -91,22 +91,22 @@ class StoredDecode:
         return self.folder / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt2"
 
     def load_or_compile(self, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
+        if not hasattr(torch.compiler, "load_compiled_function"):
+            print(f"note: PyTorch {torch.__version__} cannot store a compiled decoding step (newer versions can)",
+                  file=sys.stderr)
+            return compile_decode(self.fn) if self.compile_missing else self.fallback
         path = self.path(model, args)
-        if path.is_file():
-            try:
-                with open(path, "rb") as f:
-                    step = torch.compiler.load_compiled_function(f)
-                if step.guard_check(model, *args):
-                    return step
-                reason = "its guards do not hold"
-            except Exception as err:  # a damaged file, or one another PyTorch wrote
-                reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            print(f"note: the stored decoding step {path} does not fit ({reason}); compiling it again", file=sys.stderr)
+        step = load_stored_step(path, model, args) if path.is_file() else None
+        if step is not None:
+            return step
         if not self.compile_missing:
             print(f"note: no compiled decoding step is stored in {self.folder} for this model and kind of call; "
                   "--compile true compiles one (a minute or more, once) and stores it for faster decoding in later "
                   "runs", file=sys.stderr)
             return self.fallback
+        return self.compile_and_store(path, model, args)
+
+    def compile_and_store(self, path: Path, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
         print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
         try:
             step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))
@@ -117,6 +117,20 @@ class StoredDecode:
         with atomic_path(path) as tmp:
             step.save_compiled_function(str(tmp))
         return step
+
+
+def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[DecodeFn]:
+    """The step stored at ``path`` if it loads and its guards hold for ``args``; else None, with a note."""
+    try:
+        with open(path, "rb") as f:
+            step = torch.compiler.load_compiled_function(f)
+        if step.guard_check(model, *args):
+            return step
+        reason = "its guards do not hold"
+    except Exception as err:  # a damaged file, or one another PyTorch wrote
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+    print(f"note: the stored decoding step {path} does not fit ({reason})", file=sys.stderr)
+    return None
 
 
 def call_signature(args: Sequence[Any]) -> tuple:
