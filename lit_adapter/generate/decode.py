@@ -17,7 +17,6 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Text
 
 import torch
 
-import lit_adapter
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path
 from lit_adapter.generate.sampling import Option, check_token, sample, seeded_noise
@@ -152,7 +151,7 @@ def device_name(device: torch.device) -> str:
 def source_fingerprint() -> str:
     """A hash of this package's Python source: a stored step compiled from other code is never loaded."""
     digest = hashlib.sha256()
-    for path in sorted(Path(lit_adapter.__file__).parent.rglob("*.py")):
+    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
