@@ -65,8 +65,8 @@ class StoredDecode:
 
     A stored step holds Dynamo's graph and guards and Inductor's code (``torch.compile``'s ``aot_compile``); the
     weights are its inputs, so one file serves every checkpoint of that shape and precision. Its name hashes what
-    the compiled code depends on: PyTorch, the GPU, this package's source, the model's tensors (names, shapes,
-    dtypes, kinds) and the call's arguments. ``compile_missing=False`` never compiles: calls without a stored
+    the compiled code depends on: PyTorch (and torchao), the GPU, this package's source, the model's tensors (names,
+    shapes, dtypes, kinds) and the call's arguments. ``compile_missing=False`` never compiles: calls without a stored
     step go to ``fallback`` (the CUDA-graph step where a quick start matters more than the compiled speed).
     """
 
@@ -84,7 +84,9 @@ class StoredDecode:
 
     def path(self, model: LLaMA, args: Sequence[Any]) -> Path:
         """The file of the stored step for calls like ``args``."""
-        parts = [torch.__version__, str(torch.version.cuda), device_name(model.embed.weight.device),
+        torchao = sys.modules.get("torchao")  # its tensor subclasses' code is traced into a quantized base's step
+        parts = [torch.__version__, str(torch.version.cuda), getattr(torchao, "__version__", ""),
+                 device_name(model.embed.weight.device),
                  source_fingerprint(), f"{self.fn.__module__}.{self.fn.__qualname__}", repr(COMPILE_OPTIONS),
                  type(model).__name__, repr(model.config), *tensor_signature(model), *map(repr, call_signature(args))]
         return self.folder / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt2"
