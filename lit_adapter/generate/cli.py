@@ -16,7 +16,7 @@ from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, BaseCheckpoint, open_
 from lit_adapter.errors import UserError
 from lit_adapter.files import check_can_write_file
 from lit_adapter.generate.adapters import AdapterSet, load_generation_model, open_adapters
-from lit_adapter.generate.decode import (STORED_STEPS, DecodeFn, GraphDecode, StoredDecode, compile_decode,
+from lit_adapter.generate.decode import (DecodeFn, GraphDecode, StoredDecode, compile_decode,
                                          decode_one_token, generate, rounded_cache_length, stream_text)
 from lit_adapter.generate.engine import Engine, Job
 from lit_adapter.generate.requests import Request, check_request, read_requests, write_results
@@ -31,8 +31,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
-         precision: Optional[GenerationPrecision] = None, compile: Optional[bool] = None,
-         compiled_steps: Optional[Path] = STORED_STEPS, cuda_graph: bool = True,
+         precision: Optional[GenerationPrecision] = None, compile: bool = False,
+         compiled_steps: Optional[Path] = None, cuda_graph: bool = True,
          prompt_style: Optional[StyleName] = None, system: Optional[str] = None,
          accelerator: Literal["auto", "cpu", "cuda"] = "auto", allow_other_base: bool = False) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
@@ -61,13 +61,11 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
             that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
             newer GPUs; the fastest to decode), nf4-base (these three need torchao; a training format, slow to
             decode) or fp8-base (Hopper GPUs). One adapter file works on every precision of its base.
-        compile: Compile the decoding step with torch.compile: the fastest, after a warm-up of a minute or more
-            the first time, then stored in --compiled_steps, from where later runs load it within seconds. Default
-            (null): on a GPU, the step an earlier --compile true run stored for this model and kind of call where
-            there is one, else the CUDA graph; false: never compiled.
-        compiled_steps: Folder of stored compiled decoding steps, one file per model shape, precision and kind of
-            call (~/.cache/lit_adapter/decode unless XDG_CACHE_HOME says otherwise); null: compile in every run
-            and store nothing.
+        compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
+        compiled_steps: A folder of stored compiled decoding steps (e.g. ~/.cache/lit_adapter/decode), one file per
+            model shape, precision and kind of call: --compile true compiles the step once and stores it there, and
+            later runs load it within seconds, with or without --compile true (on a GPU; where none is stored
+            yet, the CUDA graph).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
             text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
@@ -99,15 +97,12 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
     return texts
 
 
-def decode_step(compile: Optional[bool], compiled_steps: Optional[Path], cuda_graph: bool,
-                device: torch.device) -> DecodeFn:
-    """The decoding step the options ask for (see main's --compile)."""
+def decode_step(compile: bool, compiled_steps: Optional[Path], cuda_graph: bool, device: torch.device) -> DecodeFn:
+    """The decoding step the options ask for (see main's --compile and --compiled_steps)."""
     uncompiled = GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
-    if compile is False or (compile is None and (device.type != "cuda" or compiled_steps is None)):
-        return uncompiled
-    if compiled_steps is None:
-        return compile_decode()
-    return StoredDecode(compiled_steps, compile_missing=bool(compile), fallback=uncompiled)
+    if compiled_steps is not None and (compile or device.type == "cuda"):
+        return StoredDecode(compiled_steps, compile_missing=compile, fallback=uncompiled)
+    return compile_decode() if compile else uncompiled
 
 
 @dataclass(frozen=True)

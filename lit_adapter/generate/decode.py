@@ -10,7 +10,6 @@ The command line around it is ``lit_adapter.generate.cli``.
 
 import functools
 import hashlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Optional, Sequence, TextIO
@@ -41,9 +40,8 @@ COMPILE_OPTIONS = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
 """Inductor's options for the decoding step: CUDA graphs (on CPU: none), and coordinate-descent tuning, which picks
 the launch shapes of batch-1 decoding's matrix-vector kernels so that they read the weights near the bandwidth."""
 
-STORED_STEPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_adapter" / "decode"
-"""Where ``StoredDecode`` keeps compiled decoding steps by default."""
-
+STORED_OPTIONS: dict[str, Any] = {}
+"""Inductor's options for a stored step: its defaults (see ``StoredDecode`` for why)."""
 
 CACHE_MULTIPLE = 256
 
@@ -60,17 +58,21 @@ def compile_decode(fn: DecodeFn = decode_one_token) -> DecodeFn:
 
 
 class StoredDecode:
-    """The decoding step compiled as ``compile_decode`` compiles it, ahead of time, and stored in ``folder``: one file
-    per model shape and kind of call, which later starts load within seconds instead of compiling for a minute.
+    """The decoding step compiled ahead of time and stored in ``folder``: one file per model shape and kind of call,
+    which later starts load within seconds instead of compiling for a minute; on a GPU it replays in a CUDA graph.
 
     A stored step holds Dynamo's graph and guards and Inductor's code (``torch.compile``'s ``aot_compile``); the
     weights are its inputs, so one file serves every checkpoint of that shape and precision. Its name hashes what
     the compiled code depends on: PyTorch (and torchao), the GPU, this package's source, the model's tensors (names,
     shapes, dtypes, kinds) and the call's arguments. ``compile_missing=False`` never compiles: calls without a stored
     step go to ``fallback`` (the CUDA-graph step where a quick start matters more than the compiled speed).
+
+    It is compiled with Inductor's defaults (``STORED_OPTIONS``) and captured by ``GraphDecode``: on PyTorch 2.11 a
+    loaded step kept neither Inductor's CUDA graphs (155 tokens/s where the step that stored it ran 999) nor the
+    coordinate-descent tuning's choices (21 s of tuning again at the first token; bench/RESULTS.md).
     """
 
-    def __init__(self, folder: Path = STORED_STEPS, fn: DecodeFn = decode_one_token, compile_missing: bool = True,
+    def __init__(self, folder: Path, fn: DecodeFn = decode_one_token, compile_missing: bool = True,
                  fallback: Optional[DecodeFn] = None) -> None:
         self.folder, self.fn, self.compile_missing = Path(folder), fn, compile_missing
         self.fallback = fallback or GraphDecode(fn)
@@ -87,7 +89,7 @@ class StoredDecode:
         torchao = sys.modules.get("torchao")  # its tensor subclasses' code is traced into a quantized base's step
         parts = [torch.__version__, str(torch.version.cuda), getattr(torchao, "__version__", ""),
                  device_name(model.embed.weight.device),
-                 source_fingerprint(), f"{self.fn.__module__}.{self.fn.__qualname__}", repr(COMPILE_OPTIONS),
+                 source_fingerprint(), f"{self.fn.__module__}.{self.fn.__qualname__}", repr(STORED_OPTIONS),
                  type(model).__name__, repr(model.config), *tensor_signature(model), *map(repr, call_signature(args))]
         return self.folder / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt2"
 
@@ -99,25 +101,29 @@ class StoredDecode:
         path = self.path(model, args)
         step = load_stored_step(path, model, args) if path.is_file() else None
         if step is not None:
-            return step
+            return GraphDecode(step)
         if not self.compile_missing:
             print(f"note: no compiled decoding step is stored in {self.folder} for this model and kind of call; "
-                  "--compile true compiles one (a minute or more, once) and stores it for faster decoding in later "
-                  "runs", file=sys.stderr)
+                  "with --compile true one is compiled (a minute or more, once) and stored for later runs",
+                  file=sys.stderr)
             return self.fallback
         return self.compile_and_store(path, model, args)
 
     def compile_and_store(self, path: Path, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
         print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
+        # PyTorch 2.11 offers aot_compile only with this setting on; later versions always do
+        enabled = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
         try:
-            step = torch.compile(self.fn, fullgraph=True, options=COMPILE_OPTIONS).aot_compile(((model, *args), {}))
+            with torch._dynamo.config.patch(enabled):
+                compiled = torch.compile(self.fn, fullgraph=True, options=STORED_OPTIONS)
+                step = compiled.aot_compile(((model, *args), {}))
         except NotImplementedError as err:  # a tensor subclass that cannot be stored (torchao's int8 weights)
             print(f"note: this model's decoding step cannot be stored (its quantized weights lack an operation that "
                   f"storing needs: {type(err).__name__}); it is compiled for this run only", file=sys.stderr)
             return compile_decode(self.fn)
         with atomic_path(path) as tmp:
             step.save_compiled_function(str(tmp))
-        return step
+        return GraphDecode(step)
 
 
 def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[DecodeFn]:
