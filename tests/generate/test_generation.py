@@ -137,6 +137,20 @@ def test_a_quantized_step_that_cannot_be_stored_is_compiled_for_the_run(tmp_path
     assert "cannot be stored" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_a_pytorch_that_cannot_store_steps_compiles_in_the_run_or_falls_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(torch.compiler, "load_compiled_function")
+    model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
+    prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    model.set_kv_cache(batch_size=1, max_seq_length=48)
+    eager = list(generate(model, prompt, 20, temperature=0))
+    assert list(generate(model, prompt, 20, temperature=0, decode_fn=StoredDecode(tmp_path))) == eager
+    fallback = CountingGraphDecode()
+    assert list(generate(model, prompt, 20, temperature=0,
+                         decode_fn=StoredDecode(tmp_path, compile_missing=False, fallback=fallback))) == eager
+    assert capsys.readouterr().err.count("cannot store a compiled decoding step") == 2
+    assert fallback.captures == 1 and not list(tmp_path.iterdir())
+
+
 class CountingGraphDecode(GraphDecode):
     def __init__(self) -> None:
         super().__init__()
