@@ -33,8 +33,8 @@ for group in "$@"; do
         run decode_int8_profile 170 python3 bench/decode_compile_options.py --variants tuned --precision int8-base \
             --repeats 3 --profile true
         export TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS=1
-        run decode_int8_all_directions 140 $G --precision int8-base --modes compiled
-        run decode_bf16_all_directions 140 $G --precision bf16-true --modes compiled
+        run decode_int8_all_directions 240 $G --precision int8-base --modes compiled
+        run decode_bf16_all_directions 240 $G --precision bf16-true --modes compiled
         unset TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS ;;
     smoke)
         for precision in nf4-base fp8-base; do
