@@ -7,6 +7,8 @@
 #   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
 #           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
 #           again with warm caches (first token)
+#   cli:    the default decoding step through generate/base.py on a GPU (random TinyLlama-1.1B): new processes that
+#           compile and store the step (greedy, then sampling), then load it
 #   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
 # Usage: bash bench/speed_round3.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 # The recipe's data follow the Alpaca records and tokenizer of DATA (default ../shared/data); where that folder
@@ -33,6 +35,15 @@ for group in "$@"; do
             name=${run_modes/:/_}
             TORCHINDUCTOR_CACHE_DIR=$cache run "decode_${name//,/_}" 280 python3 bench/generate_throughput.py \
                 --modes "${run_modes#*:}" --repeats 3
+        done ;;
+    cli)
+        checkpoint=$(mktemp -d)/tinyllama steps=$(mktemp -d)
+        python3 bench/random_checkpoint.py --preset tinyllama-1.1b --output_dir "$checkpoint" \
+            --tokenizer_path "$(ls "$data"/tokenizer.model "$data"/llama_tokenizer/tokenizer.model 2>/dev/null | head -1)"
+        for start in greedy_stored greedy_loaded sampling_stored sampling_loaded; do
+            sampling="--temperature 0"; [[ $start == sampling* ]] && sampling="--temperature 0.8 --top_k 200"
+            run "cli_$start" 200 python3 generate/base.py --checkpoint_dir "$checkpoint" --compiled_steps "$steps" \
+                --prompt "Once upon a time" --max_new_tokens 200 $sampling
         done ;;
     fused)
         run fused_kernels 90 python3 bench/fused_kernels.py ;;

@@ -16,7 +16,7 @@ from lit_adapter.checkpoint import QUICK_START_CHECKPOINT, BaseCheckpoint, open_
 from lit_adapter.errors import UserError
 from lit_adapter.files import check_can_write_file
 from lit_adapter.generate.adapters import AdapterSet, load_generation_model, open_adapters
-from lit_adapter.generate.decode import (DecodeFn, GraphDecode, StoredDecode, compile_decode,
+from lit_adapter.generate.decode import (COMPILED_STEPS, DecodeFn, GraphDecode, StoredDecode, compile_decode,
                                          decode_one_token, generate, rounded_cache_length, stream_text)
 from lit_adapter.generate.engine import Engine, Job
 from lit_adapter.generate.requests import Request, check_request, read_requests, write_results
@@ -31,8 +31,8 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
          requests_path: Optional[Path] = None, output_path: Optional[Path] = None, batch_size: int = 16,
          interactive: bool = False, chat_context: int = 4096, max_new_tokens: int = 100, temperature: float = 0.8,
          top_k: Optional[int] = 200, top_p: float = 1.0, seed: int = 1234, num_samples: int = 1,
-         precision: Optional[GenerationPrecision] = None, compile: bool = False,
-         compiled_steps: Optional[Path] = None, cuda_graph: bool = True,
+         precision: Optional[GenerationPrecision] = None, compile: Optional[bool] = None,
+         compiled_steps: Optional[Path] = COMPILED_STEPS, cuda_graph: bool = True,
          prompt_style: Optional[StyleName] = None, system: Optional[str] = None,
          accelerator: Literal["auto", "cpu", "cuda"] = "auto", allow_other_base: bool = False) -> list[str]:
     """Generate text from a converted checkpoint, streaming it to stdout; timings go to stderr.
@@ -61,11 +61,15 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
             that supports it, else 32-true), or a quantized base computed in bf16: int8-base, int4-base (Ampere or
             newer GPUs; the fastest to decode), nf4-base (these three need torchao; a training format, slow to
             decode) or fp8-base (Hopper GPUs). One adapter file works on every precision of its base.
-        compile: Compile the decoding step with torch.compile (fastest, after a warm-up of a minute or more).
-        compiled_steps: A folder of stored compiled decoding steps (e.g. ~/.cache/lit_adapter/decode), one file per
-            model shape, precision and kind of call: --compile true compiles the step once and stores it there, and
-            later runs load it within seconds, with or without --compile true (on a GPU; where none is stored
-            yet, the CUDA graph).
+        compile: Compile the decoding step with torch.compile, stored in --compiled_steps: the first run with a new
+            model shape or kind of call compiles for a minute or more, later runs load it within seconds. null (the
+            default): on a GPU for --prompt and --interactive (--requests_path replays the CUDA graph: its buckets
+            of rows and positions would each compile a step), not on the CPU. false: the eager step, on a GPU in a
+            CUDA graph.
+            A step that cannot be stored (int8-base's) is compiled in the run with true, not by default.
+        compiled_steps: The folder of stored compiled decoding steps, one file per model shape, precision and kind
+            of call (greedy, sampling, sampling with top_k/top_p). null: compile in every run, storing nothing (a
+            minute or more each time; Inductor's tuning then makes the step about 6% faster).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
             text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
@@ -81,7 +85,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
     base, adapters, requests, prompts, model = load(checkpoint_dir, adapter_path, requests_path, defaults, prompting,
                                                     precision, accelerator, allow_other_base)
     device = model.embed.weight.device
-    decode_fn = decode_step(compile, compiled_steps, cuda_graph, device)
+    decode_fn = decode_step(compile, compiled_steps, cuda_graph, device, batches=requests_path is not None)
     first = requests[0]
     if interactive:
         texts = chat(model, base.tokenizer, first, adapters.index(first.adapter), prompting.style(adapters, first),
@@ -97,12 +101,15 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
     return texts
 
 
-def decode_step(compile: bool, compiled_steps: Optional[Path], cuda_graph: bool, device: torch.device) -> DecodeFn:
+def decode_step(compile: Optional[bool], compiled_steps: Optional[Path], cuda_graph: bool, device: torch.device,
+                batches: bool) -> DecodeFn:
     """The decoding step the options ask for (see main's --compile and --compiled_steps)."""
-    uncompiled = GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
-    if compiled_steps is not None and (compile or device.type == "cuda"):
-        return StoredDecode(compiled_steps, compile_missing=compile, fallback=uncompiled)
-    return compile_decode() if compile else uncompiled
+    by_default = compile is None and device.type == "cuda" and cuda_graph and not batches
+    if not (compile or by_default):
+        return GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
+    if compiled_steps is None:
+        return compile_decode()
+    return StoredDecode(compiled_steps, compile_unstorable=bool(compile))
 
 
 @dataclass(frozen=True)

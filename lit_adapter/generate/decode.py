@@ -10,6 +10,7 @@ The command line around it is ``lit_adapter.generate.cli``.
 
 import functools
 import hashlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Optional, Sequence, TextIO
@@ -18,7 +19,7 @@ import torch
 
 from lit_adapter.errors import UserError
 from lit_adapter.files import atomic_path
-from lit_adapter.generate.sampling import Option, check_token, sample, seeded_noise
+from lit_adapter.generate.sampling import TINY, Option, check_token, sample, seeded_noise
 from lit_adapter.model import CacheView, LLaMA
 from lit_adapter.tokenizer import Tokenizer
 
@@ -43,6 +44,9 @@ the launch shapes of batch-1 decoding's matrix-vector kernels so that they read 
 STORED_OPTIONS: dict[str, Any] = {}
 """Inductor's options for a stored step: its defaults (see ``StoredDecode`` for why)."""
 
+COMPILED_STEPS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lit_adapter" / "decode"
+"""Where the command line stores compiled decoding steps (``StoredDecode``) unless told otherwise."""
+
 CACHE_MULTIPLE = 256
 
 
@@ -64,21 +68,21 @@ class StoredDecode:
     A stored step holds Dynamo's graph and guards and Inductor's code (``torch.compile``'s ``aot_compile``); the
     weights are its inputs, so one file serves every checkpoint of that shape and precision. Its name hashes what
     the compiled code depends on: PyTorch (and torchao), the GPU, this package's source, the model's tensors (names,
-    shapes, dtypes, kinds) and the call's arguments. ``compile_missing=False`` never compiles: calls without a stored
-    step go to ``fallback`` (the CUDA-graph step where a quick start matters more than the compiled speed).
+    shapes, dtypes, kinds) and the call's arguments. Sampling options go in as (B, 1) tensors, so one step serves
+    every temperature, top_k and top_p; the kinds of call are greedy, sampling, and sampling with filters. Where a
+    step cannot be stored, ``compile_unstorable`` says whether it is compiled for the run or runs uncompiled.
 
     It is compiled with Inductor's defaults (``STORED_OPTIONS``) and captured by ``GraphDecode``: on PyTorch 2.11 a
     loaded step kept neither Inductor's CUDA graphs (155 tokens/s where the step that stored it ran 999) nor the
     coordinate-descent tuning's choices (21 s of tuning again at the first token; bench/RESULTS.md).
     """
 
-    def __init__(self, folder: Path, fn: DecodeFn = decode_one_token, compile_missing: bool = True,
-                 fallback: Optional[DecodeFn] = None) -> None:
-        self.folder, self.fn, self.compile_missing = Path(folder), fn, compile_missing
-        self.fallback = fallback or GraphDecode(fn)
+    def __init__(self, folder: Path, compile_unstorable: bool = True) -> None:
+        self.folder, self.compile_unstorable = Path(folder), compile_unstorable
         self.steps: dict[tuple, DecodeFn] = {}
 
     def __call__(self, model: LLaMA, *args: Any) -> torch.Tensor:
+        args = sampling_as_rows(*args)
         key = (id(model), id(model.cache_positions), *call_signature(args))
         if key not in self.steps:
             self.steps[key] = self.load_or_compile(model, args)
@@ -89,41 +93,42 @@ class StoredDecode:
         torchao = sys.modules.get("torchao")  # its tensor subclasses' code is traced into a quantized base's step
         parts = [torch.__version__, str(torch.version.cuda), getattr(torchao, "__version__", ""),
                  device_name(model.embed.weight.device),
-                 source_fingerprint(), f"{self.fn.__module__}.{self.fn.__qualname__}", repr(STORED_OPTIONS),
+                 source_fingerprint(), repr(STORED_OPTIONS),
                  type(model).__name__, repr(model.config), *tensor_signature(model), *map(repr, call_signature(args))]
         return self.folder / f"{hashlib.sha256(chr(0).join(parts).encode()).hexdigest()[:32]}.pt2"
 
     def load_or_compile(self, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
         if not hasattr(torch.compiler, "load_compiled_function"):
-            print(f"note: PyTorch {torch.__version__} cannot store a compiled decoding step (newer versions can)",
-                  file=sys.stderr)
-            return compile_decode(self.fn) if self.compile_missing else self.fallback
+            return self.unstorable(f"PyTorch {torch.__version__} cannot store it (newer versions can)")
         path = self.path(model, args)
         step = load_stored_step(path, model, args) if path.is_file() else None
-        if step is not None:
-            return GraphDecode(step)
-        if not self.compile_missing:
-            print(f"note: no compiled decoding step is stored in {self.folder} for this model and kind of call; "
-                  "with --compile true one is compiled (a minute or more, once) and stored for later runs",
-                  file=sys.stderr)
-            return self.fallback
-        return self.compile_and_store(path, model, args)
+        return GraphDecode(step) if step is not None else self.compile_and_store(path, model, args)
 
     def compile_and_store(self, path: Path, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
-        print(f"Compiling the decoding step (a minute or more, once); it will be stored as {path}", file=sys.stderr)
-        # PyTorch 2.11 offers aot_compile only with this setting on; later versions always do
-        enabled = {"enable_aot_compile": True} if hasattr(torch._dynamo.config, "enable_aot_compile") else {}
+        print(f"Compiling the decoding step for this model and kind of call (a minute or more, once; --compile false "
+              f"skips it); it will be stored as {path}", file=sys.stderr)
+        # PyTorch 2.11 offers aot_compile only with this setting on, later versions always; a symbolic float (top_p
+        # 1.0) would make Dynamo restart its analysis, which aot_compile cannot
+        settings = {"specialize_float": True}
+        if hasattr(torch._dynamo.config, "enable_aot_compile"):
+            settings["enable_aot_compile"] = True
         try:
-            with torch._dynamo.config.patch(enabled):
-                compiled = torch.compile(self.fn, fullgraph=True, options=STORED_OPTIONS)
+            with torch._dynamo.config.patch(settings):
+                compiled = torch.compile(decode_one_token, fullgraph=True, options=STORED_OPTIONS)
                 step = compiled.aot_compile(((model, *args), {}))
         except NotImplementedError as err:  # a tensor subclass that cannot be stored (torchao's int8 weights)
-            print(f"note: this model's decoding step cannot be stored (its quantized weights lack an operation that "
-                  f"storing needs: {type(err).__name__}); it is compiled for this run only", file=sys.stderr)
-            return compile_decode(self.fn)
+            return self.unstorable(f"its quantized weights lack an operation that storing needs: "
+                                   f"{type(err).__name__}")
         with atomic_path(path) as tmp:
             step.save_compiled_function(str(tmp))
         return GraphDecode(step)
+
+    def unstorable(self, reason: str) -> DecodeFn:
+        """The step for a model whose compiled step cannot be stored: compiled for this run, or (where compiling was
+        not asked for) the eager step in a CUDA graph."""
+        then = "it is compiled for this run only" if self.compile_unstorable else "it runs uncompiled"
+        print(f"note: this model's decoding step cannot be stored ({reason}); {then}", file=sys.stderr)
+        return compile_decode() if self.compile_unstorable else GraphDecode()
 
 
 def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[DecodeFn]:
@@ -138,6 +143,25 @@ def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
     print(f"note: the stored decoding step {path} does not fit ({reason})", file=sys.stderr)
     return None
+
+
+def sampling_as_rows(token: torch.Tensor, input_pos: torch.Tensor, temperature: Option, top_k: Optional[Option],
+                     top_p: Option, *rest: Any) -> tuple:
+    """``decode_one_token``'s arguments with the sampling options as (B, 1) tensors, so that their values are inputs of
+    a compiled step, not constants. Greedy decoding (temperature 0) keeps no options; sampling without filters keeps
+    top_k None and top_p 1.0; with filters, a top_k of None becomes one that keeps every token."""
+    if not isinstance(temperature, torch.Tensor) and temperature < TINY:
+        return token, input_pos, 0.0, None, 1.0, *rest
+
+    def rows(value: Option, dtype: torch.dtype) -> torch.Tensor:
+        return value if isinstance(value, torch.Tensor) else torch.full(token.shape, value, dtype=dtype,
+                                                                        device=token.device)
+
+    filtering = top_k is not None or isinstance(top_p, torch.Tensor) or top_p < 1.0
+    if filtering:
+        top_k = rows(torch.iinfo(torch.long).max if top_k is None else top_k, torch.long)
+        top_p = rows(top_p, torch.float32)
+    return token, input_pos, rows(temperature, torch.float32), top_k, top_p, *rest
 
 
 def call_signature(args: Sequence[Any]) -> tuple:

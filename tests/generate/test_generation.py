@@ -91,8 +91,8 @@ def test_compiled_greedy_decoding_equals_eager_and_ignores_stale_cache(model_cla
 
 def test_stored_decoding_step_is_compiled_once_and_loaded_by_a_later_start(tmp_path, capsys):
     """A stored step greedy-decodes as eagerly; a new StoredDecode (a later start) loads it instead of compiling; the
-    same file serves another checkpoint of the same shape; a damaged file is compiled again; without compiling,
-    a missing step falls back."""
+    same file serves another checkpoint of the same shape; a damaged file is compiled again; another cache length
+    is another step."""
     model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
     prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
     model.set_kv_cache(batch_size=1, max_seq_length=48)
@@ -117,11 +117,25 @@ def test_stored_decoding_step_is_compiled_once_and_loaded_by_a_later_start(tmp_p
     assert stored_run(StoredDecode(tmp_path)) == eager
     assert "does not fit" in capsys.readouterr().err and path.stat().st_size > 1000
 
-    fallback = CountingGraphDecode()
-    model.set_kv_cache(batch_size=1, max_seq_length=64)  # another cache length: another step, not stored
-    assert list(generate(model, prompt, 30, temperature=0,
-                         decode_fn=StoredDecode(tmp_path, compile_missing=False, fallback=fallback))) == eager
-    assert fallback.captures == 1 and list(tmp_path.iterdir()) == [path]
+    model.set_kv_cache(batch_size=1, max_seq_length=64)
+    assert list(generate(model, prompt, 30, temperature=0, decode_fn=StoredDecode(tmp_path))) == eager
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_one_stored_step_serves_every_temperature_top_k_and_top_p(tmp_path):
+    """The sampling options are inputs of the stored step, not constants: sampling with top_k 1 at two temperatures
+    (and two top_p) answers as greedy decoding from one stored file; sampling without filters is a second kind."""
+    model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
+    prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    model.set_kv_cache(batch_size=1, max_seq_length=48)
+    greedy = list(generate(model, prompt, 20, temperature=0))
+    stored = StoredDecode(tmp_path)
+    for temperature, top_p in ((0.7, 1.0), (1.6, 0.9)):
+        assert list(generate(model, prompt, 20, temperature, top_k=1, top_p=top_p, decode_fn=stored)) == greedy
+    assert len(list(tmp_path.iterdir())) == 1
+    torch.manual_seed(0)
+    sampled = list(generate(model, prompt, 20, temperature=5.0, decode_fn=StoredDecode(tmp_path)))
+    assert sampled != greedy and len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_quantized_step_that_cannot_be_stored_is_compiled_for_the_run(tmp_path, capsys):
@@ -134,21 +148,23 @@ def test_a_quantized_step_that_cannot_be_stored_is_compiled_for_the_run(tmp_path
     model.set_kv_cache(batch_size=1, max_seq_length=48)
     eager = list(generate(model, prompt, 20, temperature=0))
     assert list(generate(model, prompt, 20, temperature=0, decode_fn=StoredDecode(tmp_path))) == eager
-    assert "cannot be stored" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert "cannot be stored (its quantized weights lack" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
-def test_a_pytorch_that_cannot_store_steps_compiles_in_the_run_or_falls_back(tmp_path, capsys, monkeypatch):
+def test_a_pytorch_that_cannot_store_steps_compiles_in_the_run_where_asked_else_runs_uncompiled(tmp_path, capsys,
+                                                                                               monkeypatch):
     monkeypatch.delattr(torch.compiler, "load_compiled_function")
     model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
     prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
     model.set_kv_cache(batch_size=1, max_seq_length=48)
     eager = list(generate(model, prompt, 20, temperature=0))
-    assert list(generate(model, prompt, 20, temperature=0, decode_fn=StoredDecode(tmp_path))) == eager
-    fallback = CountingGraphDecode()
-    assert list(generate(model, prompt, 20, temperature=0,
-                         decode_fn=StoredDecode(tmp_path, compile_missing=False, fallback=fallback))) == eager
-    assert capsys.readouterr().err.count("cannot store a compiled decoding step") == 2
-    assert fallback.captures == 1 and not list(tmp_path.iterdir())
+    for compile_unstorable, then in ((True, "it is compiled for this run only"), (False, "it runs uncompiled")):
+        stored = StoredDecode(tmp_path, compile_unstorable)
+        assert list(generate(model, prompt, 20, temperature=0, decode_fn=stored)) == eager
+        assert f"cannot store it (newer versions can)); {then}" in capsys.readouterr().err
+        assert isinstance(next(iter(stored.steps.values())), GraphDecode) != compile_unstorable
+    assert not list(tmp_path.iterdir())
 
 
 class CountingGraphDecode(GraphDecode):
@@ -529,6 +545,20 @@ def test_main_with_num_samples_reuses_the_cache(stories, capsys):
                             max_new_tokens=30, num_samples=3)
     assert texts == [expected] * 3
     assert capsys.readouterr().out == (expected + "\n") * 3
+
+
+def test_the_default_decoding_step_is_the_stored_one_on_a_gpu_for_a_prompt_or_a_chat(tmp_path):
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    default = serving.decode_step(None, tmp_path, True, gpu, batches=False)
+    assert isinstance(default, StoredDecode) and default.folder == tmp_path and not default.compile_unstorable
+    assert type(serving.decode_step(None, tmp_path, True, gpu, batches=True)) is GraphDecode  # buckets of calls
+    assert type(serving.decode_step(False, tmp_path, True, gpu, batches=False)) is GraphDecode
+    assert serving.decode_step(None, tmp_path, False, gpu, batches=False) is decode_one_token  # no CUDA graph
+    assert serving.decode_step(None, tmp_path, True, cpu, batches=False) is decode_one_token
+    asked = serving.decode_step(True, tmp_path, True, cpu, batches=True)
+    assert isinstance(asked, StoredDecode) and asked.compile_unstorable
+    in_the_run = serving.decode_step(True, None, True, gpu, batches=False)  # nothing stored: compiled in the run
+    assert not isinstance(in_the_run, (StoredDecode, GraphDecode)) and in_the_run is not decode_one_token
 
 
 def test_compile_true_stores_the_step_and_later_runs_of_other_prompts_load_it(stories, tmp_path, capsys):
