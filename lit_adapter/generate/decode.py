@@ -119,8 +119,11 @@ class StoredDecode:
         except NotImplementedError as err:  # a tensor subclass that cannot be stored (torchao's int8 weights)
             return self.unstorable(f"its quantized weights lack an operation that storing needs: "
                                    f"{type(err).__name__}")
-        with atomic_path(path) as tmp:
-            step.save_compiled_function(str(tmp))
+        try:
+            with atomic_path(path) as tmp:
+                step.save_compiled_function(str(tmp))
+        except UserError as err:  # the step still serves this run
+            print(f"note: the compiled decoding step serves this run only: {err} (--compiled_steps)", file=sys.stderr)
         return GraphDecode(step)
 
     def unstorable(self, reason: str) -> DecodeFn:

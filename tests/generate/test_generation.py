@@ -122,6 +122,16 @@ def test_stored_decoding_step_is_compiled_once_and_loaded_by_a_later_start(tmp_p
     assert len(list(tmp_path.iterdir())) == 2
 
 
+def test_a_step_that_cannot_be_written_serves_the_run_with_a_note(tmp_path, capsys):
+    model = random_model(AdapterGPT, TINY, seed=3, gate_scale=1.0)
+    prompt = torch.randint(0, TINY.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+    model.set_kv_cache(batch_size=1, max_seq_length=48)
+    eager = list(generate(model, prompt, 20, temperature=0))
+    (tmp_path / "file").write_text("not a folder")
+    assert list(generate(model, prompt, 20, temperature=0, decode_fn=StoredDecode(tmp_path / "file"))) == eager
+    assert "the compiled decoding step serves this run only: cannot write" in capsys.readouterr().err
+
+
 def test_one_stored_step_serves_every_temperature_top_k_and_top_p(tmp_path):
     """The sampling options are inputs of the stored step, not constants: sampling with top_k 1 at two temperatures
     (and two top_p) answers as greedy decoding from one stored file; sampling without filters is a second kind."""
