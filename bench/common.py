@@ -1,7 +1,9 @@
 """Helpers shared by the benchmarks: random-weight models on the GPU and the machine's two ceilings."""
 
+import bisect
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -83,6 +85,10 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
 
 
+STEP_MARK = "profiled step"
+"""The host call around each profiled step: an idle interval inside it and in no other call is the step's Python."""
+
+
 def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: int = 3, top: int = 12,
                   trace_path: Optional[Path] = None) -> None:
     """The share of wall time the GPU computes over ``steps`` calls of ``step``, and the ``top`` kernels by time;
@@ -93,7 +99,8 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            step()
+            with torch.profiler.record_function(STEP_MARK):
+                step()
         sync()
     wall = time.perf_counter() - started
     if trace_path is not None:
@@ -109,3 +116,50 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     print("host time by call (self):")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
         print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")
+    print_idle_gaps(prof.events(), wall)
+
+
+def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: int = 8) -> None:
+    """Where the GPU waits: its idle intervals of at least ``min_gap_us`` between the first and last device event,
+    by what the host was running in each one's middle (the outermost call > the innermost)."""
+    device = [(e.time_range.start, e.time_range.end) for e in events
+              if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
+                  key=lambda e: e.time_range.start)
+    gaps = idle_gaps(device, min_gap_us)
+    if not gaps:
+        return
+    starts, causes = [e.time_range.start for e in host], Counter()
+    for start, end in gaps:
+        causes[host_calls_at(host, starts, (start + end) / 2)] += end - start
+    total = sum(end - start for start, end in gaps) / 1e6
+    print(f"GPU idle {total:.3f} s ({total / wall:.0%} of wall) in {len(gaps)} gaps of >= {min_gap_us:.0f} us, "
+          "by what the host ran then:")
+    for calls, idle in causes.most_common(top):
+        print(f"{idle / 1e6 / wall:6.1%}  {calls[:120]}")
+
+
+def idle_gaps(busy: list[tuple[float, float]], min_gap: float) -> list[tuple[float, float]]:
+    """The intervals longer than ``min_gap`` that no (start, end) interval of ``busy`` covers, between the first
+    start and the last end."""
+    gaps, reached = [], None
+    for start, end in sorted(busy):
+        if reached is not None and start - reached > min_gap:
+            gaps.append((reached, start))
+        reached = end if reached is None else max(reached, end)
+    return gaps
+
+
+def host_calls_at(host: list, starts: list[float], time_us: float) -> str:
+    """"outermost > innermost" of the host calls (profiler events sorted by their ``starts``) running at
+    ``time_us``."""
+    i = bisect.bisect_right(starts, time_us) - 1
+    while i >= 0 and host[i].time_range.end <= time_us:  # the innermost running call started last
+        i -= 1
+    if i < 0:
+        return "(between the profiled steps)"
+    chain = [host[i]]
+    while chain[-1].cpu_parent is not None:
+        chain.append(chain[-1].cpu_parent)
+    names = [e.name for e in chain if e.name != STEP_MARK] or [f"{STEP_MARK}'s own Python"]
+    return names[0] if len(names) == 1 else f"{names[-1]} > {names[0]}"

@@ -3,7 +3,8 @@
 #   fp8:    fine-tuning with fp8-base on the recipe's real path (dynamic shapes); its fixed shape 4 x 512 is in
 #           quantized_bases.sh's train group
 #   recipe: the recipe's real path in bf16, then with the allocator's expandable segments (varying shapes may make
-#           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape
+#           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape, and
+#           what the host runs while the GPU waits
 #   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
 #           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
 #           again with warm caches (first token)

@@ -1,10 +1,12 @@
 """The training bench's profile output (its speed figures come from GPU runs, never from tests)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from bench import train_throughput
+from bench.common import STEP_MARK, host_calls_at, idle_gaps
 from lit_adapter.errors import UserError
 
 CPU_SMOKE = dict(preset="tiny", accelerator="cpu", compile=False, micro_batch_size=2, seq_length=16, warmup_steps=0,
@@ -23,3 +25,25 @@ def test_a_trace_path_without_profile_is_refused(tmp_path):
     with pytest.raises(UserError, match="--trace_path writes the profiled steps: add --profile true"):
         train_throughput.main(**CPU_SMOKE, trace_path=tmp_path / "steps.json")
     assert not (tmp_path / "steps.json").exists()
+
+
+def test_idle_gaps_are_the_uncovered_intervals_longer_than_the_minimum():
+    busy = [(0, 10), (5, 20), (50, 60), (61, 70), (100, 130), (120, 125)]
+    assert idle_gaps(busy, min_gap=5) == [(20, 50), (70, 100)]
+    assert idle_gaps([], min_gap=5) == []
+
+
+def test_a_gap_is_named_by_the_outermost_and_innermost_host_calls_running_then():
+    def call(name, start, end, parent=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), cpu_parent=parent)
+
+    step = call(STEP_MARK, 0, 100)
+    loader = call("DataLoader.__next__", 10, 40, step)
+    pin = call("aten::pin_memory", 20, 30, loader)
+    done = call("aten::mm", 41, 45, step)
+    host = [step, loader, pin, done]
+    starts = [e.time_range.start for e in host]
+    assert host_calls_at(host, starts, 25) == "DataLoader.__next__ > aten::pin_memory"
+    assert host_calls_at(host, starts, 35) == "DataLoader.__next__"
+    assert host_calls_at(host, starts, 50) == f"{STEP_MARK}'s own Python"
+    assert host_calls_at(host, starts, 150) == "(between the profiled steps)"
