@@ -8,6 +8,8 @@
 #   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
 #           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
 #           again with warm caches (first token)
+#   tuning: fine-tuning at 4 x 512 in bf16: profiled (where the GPU waits), then with Inductor's GEMM autotuning and
+#           with its coordinate-descent tuning of the generated kernels (environment switches, no code change)
 #   cli:    the default decoding step through generate/base.py on a GPU (random TinyLlama-1.1B): new processes that
 #           compile and store the step (greedy, then sampling), then load it
 #   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
@@ -37,6 +39,11 @@ for group in "$@"; do
             TORCHINDUCTOR_CACHE_DIR=$cache run "decode_${name//,/_}" 280 python3 bench/generate_throughput.py \
                 --modes "${run_modes#*:}" --repeats 3
         done ;;
+    tuning)
+        F="python3 bench/train_throughput.py --warmup_steps 4 --steps 4 --runs 3"
+        run train_4x512_bf16_profile 150 $F --runs 1 --profile true
+        TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 run train_4x512_bf16_autotune_gemm 300 $F
+        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 run train_4x512_bf16_coordinate_descent 200 $F ;;
     cli)
         checkpoint=$(mktemp -d)/tinyllama steps=$(mktemp -d)
         python3 bench/random_checkpoint.py --preset tinyllama-1.1b --output_dir "$checkpoint" \
