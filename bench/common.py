@@ -14,7 +14,7 @@ from lit_adapter.checkpoint import build_model
 from lit_adapter.config import Config
 from lit_adapter.model import LLaMA, init_weights
 from lit_adapter.quantize import frozen_linears
-from lit_adapter.quantize.low_bit import INT4_GROUP_SIZE, int4_round_trip
+from lit_adapter.quantize.low_bit import int4_round_trip
 
 
 def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
@@ -31,9 +31,9 @@ def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: tor
     return model
 
 
-def int4_reference(block: torch.nn.Module, group_size: int = INT4_GROUP_SIZE) -> int:
+def int4_reference(block: torch.nn.Module, group_size: Optional[int] = None) -> int:
     """A quantizer that keeps plain weights: the block's frozen weights as int4-base stores them (in groups of
-    ``group_size``), dequantized to the weights' own dtype. It measures int4-base's quality where its kernel cannot
+    ``group_size``, default each weight's own), dequantized to the weights' own dtype. It measures int4-base's quality where its kernel cannot
     run, and the kernel's own error where it can."""
     linears = frozen_linears(block)
     for _, _, linear in linears:

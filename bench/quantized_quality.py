@@ -60,7 +60,7 @@ def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.
         nf4_on_full = loss(checkpoint, data, "32-true", runs["nf4-base"])
         perplexity = {name: math.exp(loss(checkpoint, data, precision, quantize=quantize)) for name, precision, quantize
                       in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
-                          ("int4-base (dequantized)", "32-true", int4_reference),
+                          ("int4-base: groups of 32 here (dequantized)", "32-true", int4_reference),
                           ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
                           ("nf4-base", "nf4-base", None))}
     print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, "

@@ -5,16 +5,17 @@
   values, their scales in 8 bits per 256 blocks); the forward and the input gradient dequantize the weight.
 - ``int8-base`` (generation): int8 with a scale per output row; ``torch.compile`` fuses the dequantization into the
   matrix-vector products.
-- ``int4-base`` (generation, CUDA): int4 in groups of 32 with a scale and zero point per group, run by the
-  tinygemm kernel. Groups of 32 (not gpt-fast's 128) keep a model that was a 4-bit GGUF as it was: on SmolLM2
-  from its Q4_1 file, perplexity -0.11% against +48% with 128 (bench/RESULTS.md).
+- ``int4-base`` (generation, CUDA): int4 in groups with a scale and zero point per group, run by the tinygemm
+  kernel: groups of 128 (gpt-fast's and torchao's choice), or of 32 for a weight that already lies on a 4-bit grid
+  in blocks of 32 (a model that was a 4-bit GGUF): rounding it to another grid costs much more (SmolLM2 from its
+  Q4_1 file: perplexity -0.11% in groups of 32, +48% in groups of 128; bench/RESULTS.md).
 
 The embedding, the norms and the output head stay as they are.
 """
 
 import logging
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ from lit_adapter.quantize import frozen_linears
 
 TORCHAO = "torchao>=0.18"
 TORCHAO_NEEDS_TORCH = "2.11"
-INT4_GROUP_SIZE = 32
+INT4_GROUP_SIZE, INT4_SOURCE_BLOCK = 128, 32
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
 
@@ -77,15 +78,33 @@ def quantize_int8(block: nn.Module) -> int:
 
 
 def quantize_int4(block: nn.Module) -> int:
-    """The frozen linear weights of ``block`` in int4 for the tinygemm kernel (bf16, CUDA); return their count."""
+    """The frozen linear weights of ``block`` in int4 for the tinygemm kernel (bf16, CUDA), each in its
+    ``int4_group_size``; return their count."""
     ao = import_torchao("int4-base")
-    return apply_config(block, ao, ao.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False,
-                                                           int4_packing_format="tile_packed_to_4d"))
+    sizes = {id(linear): int4_group_size(linear.weight) for _, _, linear in frozen_linears(block)}
+    for size in set(sizes.values()):
+        apply_config(block, ao, ao.Int4WeightOnlyConfig(group_size=size, set_inductor_config=False,
+                                                        int4_packing_format="tile_packed_to_4d"),
+                     lambda linear: sizes.get(id(linear)) == size)
+    return len(sizes)
 
 
-def apply_config(block: nn.Module, ao: ModuleType, config: object) -> int:
-    """torchao's ``quantize_`` with ``config`` on the frozen linear layers of ``block`` only."""
-    linears = {id(linear) for _, _, linear in frozen_linears(block)}
+def int4_group_size(weight: torch.Tensor) -> int:
+    """int4-base's group for ``weight``: ``INT4_SOURCE_BLOCK`` (32) where its first rows hold at most 16 distinct
+    values in every block of 32 along the input (the weight was 4-bit already, as GGUF's Q4 types store it),
+    else ``INT4_GROUP_SIZE`` (128). A trained 16- or 32-bit weight has nearly 32 distinct values in a block."""
+    rows = weight.detach()[:64]
+    if rows.size(-1) % INT4_SOURCE_BLOCK:
+        return INT4_GROUP_SIZE
+    blocks = rows.reshape(-1, INT4_SOURCE_BLOCK).sort(dim=-1).values
+    distinct = (blocks[:, 1:] != blocks[:, :-1]).sum(dim=-1) + 1
+    return INT4_SOURCE_BLOCK if bool((distinct <= 16).all()) else INT4_GROUP_SIZE
+
+
+def apply_config(block: nn.Module, ao: ModuleType, config: object,
+                 chosen: Callable[[nn.Linear], bool] = lambda linear: True) -> int:
+    """torchao's ``quantize_`` with ``config`` on the frozen linear layers of ``block`` that are ``chosen``."""
+    linears = {id(linear) for _, _, linear in frozen_linears(block) if chosen(linear)}
     ao.quantize_(block, config, filter_fn=lambda module, _: id(module) in linears)
     return len(linears)
 
@@ -95,11 +114,13 @@ def dequantized_weight(weight: torch.Tensor) -> torch.Tensor:
     return getattr(weight, "get_original_weight", weight.dequantize)().float()
 
 
-def int4_round_trip(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> torch.Tensor:
-    """``weight`` as ``int4-base`` stores it, dequantized to bf16, on any device: torchao's tinygemm quantization
-    (the input width padded to a multiple of 1024, as its int4 tensor pads it). The CPU measures int4-base's quality
-    with it; the GPU bench checks the int4 kernel against it."""
+def int4_round_trip(weight: torch.Tensor, group_size: Optional[int] = None) -> torch.Tensor:
+    """``weight`` as ``int4-base`` stores it (in groups of ``group_size``, default its ``int4_group_size``),
+    dequantized to bf16, on any device: torchao's tinygemm quantization (the input width padded to a multiple of
+    1024, as its int4 tensor pads it). The CPU measures int4-base's quality with it; the GPU bench checks the int4
+    kernel against it."""
     ao = import_torchao("int4-base")
+    group_size = group_size or int4_group_size(weight)
     qp = ao.quant_primitives
     rows, columns = weight.shape
     padded = F.pad(weight.to(torch.bfloat16), (0, -columns % 1024))

@@ -11,10 +11,11 @@ from bench.common import random_model
 from lit_adapter.checkpoint import load_model, save_checkpoint_dir
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.model import Block
+from lit_adapter.model import Block, CausalSelfAttention
 from lit_adapter.precision import PRECISIONS, base_dtype, check_device, check_precision
-from lit_adapter.quantize import frozen_linears
-from lit_adapter.quantize.low_bit import dequantized_weight, import_torchao, nf4_block_sizes
+from lit_adapter.quantize import frozen_linears, low_bit
+from lit_adapter.quantize.low_bit import (dequantized_weight, import_torchao, int4_group_size, int4_round_trip,
+                                          nf4_block_sizes)
 from lit_adapter.train.strategies import FabricFrozenHalfPrecision, fabric_precision
 
 CONFIG = Config.from_name("tiny", n_embd=64, intermediate_size=160)
@@ -100,3 +101,42 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
         check_device("nf4-base", torch.device("cpu"))
     with pytest.raises(UserError, match="int8-base needs torchao"):
         import_torchao("int8-base")
+
+
+def test_int4_groups_are_32_for_a_weight_already_on_a_4_bit_grid_else_128():
+    pytest.importorskip("torchao", reason="int4-base needs torchao")
+    trained = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    assert int4_group_size(trained) == 128
+    # a Q4_1 block of GGUF: 16 levels from the block's minimum (level 0) to its maximum (level 15), 32 values along
+    # the input
+    generator = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, 16, (96, 8, 32), generator=generator).float()
+    levels[..., 0], levels[..., 1] = 0, 15
+    steps, minima = torch.rand(96, 8, 1, generator=generator) / 8, torch.randn(96, 8, 1, generator=generator)
+    four_bit = (minima + levels * steps).reshape(96, 256)
+    assert int4_group_size(four_bit) == 32 and int4_group_size(four_bit.bfloat16()) == 32
+    assert int4_group_size(four_bit[:, :250]) == 128  # no whole blocks of 32 along the input
+    # its groups of 32 find the grid again (up to their bf16 scales), groups of 128 round to another grid
+    error = {size: (int4_round_trip(four_bit, size).float() - four_bit).abs().mean() for size in (32, 128)}
+    assert (int4_round_trip(four_bit).float() == int4_round_trip(four_bit, 32).float()).all()
+    assert error[32] < error[128] / 10, error
+
+
+def test_int4_base_quantizes_each_linear_once_in_its_own_group(monkeypatch):
+    """torchao's int4 packing needs a GPU: here its ``quantize_`` records which layers each call chose."""
+    calls = []
+
+    class FakeTorchao:
+        Int4WeightOnlyConfig = staticmethod(lambda group_size, **options: group_size)
+
+        @staticmethod
+        def quantize_(block, group_size, filter_fn):
+            calls.append((group_size, {name for name, module in block.named_modules() if filter_fn(module, name)}))
+
+    monkeypatch.setattr(low_bit, "import_torchao", lambda precision: FakeTorchao)
+    block = Block(CONFIG, CausalSelfAttention(CONFIG))
+    with torch.no_grad():  # the MLP's input projection already on a 4-bit grid in blocks of 32
+        levels = torch.arange(32).remainder(16).float().repeat(block.mlp.gate_up.weight.numel() // 32)
+        block.mlp.gate_up.weight.copy_(levels.view_as(block.mlp.gate_up.weight) / 100)
+    assert low_bit.quantize_int4(block) == 4
+    assert sorted(calls) == [(32, {"mlp.gate_up"}), (128, {"attn.qkv", "attn.proj", "mlp.down"})]
