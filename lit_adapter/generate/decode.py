@@ -116,14 +116,14 @@ class StoredDecode:
             with torch._dynamo.config.patch(settings):
                 compiled = torch.compile(decode_one_token, fullgraph=True, options=STORED_OPTIONS)
                 step = compiled.aot_compile(((model, *args), {}))
-        except NotImplementedError as err:  # a tensor subclass that cannot be stored (torchao's int8 weights)
-            return self.unstorable(f"its quantized weights lack an operation that storing needs: "
-                                   f"{type(err).__name__}")
+        except Exception as err:  # e.g. torchao's int8 weights lack empty_like, which storing the guards needs
+            return self.unstorable(f"compiling it to store failed: {first_line(err)}")
         try:
             with atomic_path(path) as tmp:
                 step.save_compiled_function(str(tmp))
-        except UserError as err:  # the step still serves this run
-            print(f"note: the compiled decoding step serves this run only: {err} (--compiled_steps)", file=sys.stderr)
+        except Exception as err:  # an unwritable folder, a step that does not serialize: it still serves this run
+            print(f"note: the compiled decoding step serves this run only: {first_line(err)} (--compiled_steps)",
+                  file=sys.stderr)
         return GraphDecode(step)
 
     def unstorable(self, reason: str) -> DecodeFn:
@@ -143,9 +143,14 @@ def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[
             return step
         reason = "its guards do not hold"
     except Exception as err:  # a damaged file, or one another PyTorch wrote
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        reason = first_line(err)
     print(f"note: the stored decoding step {path} does not fit ({reason})", file=sys.stderr)
     return None
+
+
+def first_line(err: Exception) -> str:
+    """An exception in one line: its type and its message's first line (a ``UserError`` says enough alone)."""
+    return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def sampling_as_rows(token: torch.Tensor, input_pos: torch.Tensor, temperature: Option, top_k: Optional[Option],
