@@ -65,11 +65,12 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
             model shape or kind of call compiles for a minute or more, later runs load it within seconds. null (the
             default): on a GPU for --prompt and --interactive (--requests_path replays the CUDA graph: its buckets
             of rows and positions would each compile a step), not on the CPU. false: the eager step, on a GPU in a
-            CUDA graph.
-            A step that cannot be stored (int8-base's) is compiled in the run with true, not by default.
+            CUDA graph. A step that cannot be stored (int8-base's) is compiled in each run with true, not at all by
+            default.
         compiled_steps: The folder of stored compiled decoding steps, one file per model shape, precision and kind
-            of call (greedy, sampling, sampling with top_k/top_p). null: compile in every run, storing nothing (a
-            minute or more each time; Inductor's tuning then makes the step about 6% faster).
+            of call (greedy, sampling, sampling with top_k/top_p). null: nothing stored; by default the CUDA graph,
+            with --compile true a step compiled in every run (a minute or more each time; Inductor's tuning then
+            makes it about 6% faster than a stored one).
         cuda_graph: On a GPU, replay the eager decoding step as a CUDA graph (ready within seconds).
         prompt_style: How prompts are written (a style of lit_adapter/prompts.py; default: each adapter's own, plain
             text for the base). Given, it applies to every prompt (e.g. the chat style to an instruct base model).
@@ -104,7 +105,7 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
 def decode_step(compile: Optional[bool], compiled_steps: Optional[Path], cuda_graph: bool, device: torch.device,
                 batches: bool) -> DecodeFn:
     """The decoding step the options ask for (see main's --compile and --compiled_steps)."""
-    by_default = compile is None and device.type == "cuda" and cuda_graph and not batches
+    by_default = compile is None and compiled_steps is not None and device.type == "cuda" and cuda_graph and not batches
     if not (compile or by_default):
         return GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
     if compiled_steps is None:

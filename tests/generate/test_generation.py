@@ -584,6 +584,7 @@ def test_the_default_decoding_step_is_the_stored_one_on_a_gpu_for_a_prompt_or_a_
     assert serving.decode_step(None, tmp_path, True, cpu, batches=False) is decode_one_token
     asked = serving.decode_step(True, tmp_path, True, cpu, batches=True)
     assert isinstance(asked, StoredDecode) and asked.compile_unstorable
+    assert type(serving.decode_step(None, None, True, gpu, batches=False)) is GraphDecode  # nothing to store in
     in_the_run = serving.decode_step(True, None, True, gpu, batches=False)  # nothing stored: compiled in the run
     assert not isinstance(in_the_run, (StoredDecode, GraphDecode)) and in_the_run is not decode_one_token
 
