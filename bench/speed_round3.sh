@@ -10,6 +10,8 @@
 #           again with warm caches (first token)
 #   tuning: fine-tuning at 4 x 512 in bf16: profiled (where the GPU waits), then with Inductor's GEMM autotuning and
 #           with its coordinate-descent tuning of the generated kernels (environment switches, no code change)
+#   gptfast: compiled batch-1 decoding beside gpt-fast's (carry its model.py, generate.py and tokenizer.py in
+#           GPT_FAST, default .gptfast, and a tiktoken wheel)
 #   cli:    the default decoding step through generate/base.py on a GPU (random TinyLlama-1.1B): new processes that
 #           compile and store the step (greedy, then sampling), then load it
 #   fused:  Liger-Kernel against Inductor and eager, op by op (bench/fused_kernels.py; pip install liger-kernel)
@@ -44,6 +46,9 @@ for group in "$@"; do
         run train_4x512_bf16_profile 150 $F --runs 1 --profile true
         TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1 run train_4x512_bf16_autotune_gemm 300 $F
         TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 run train_4x512_bf16_coordinate_descent 200 $F ;;
+    gptfast)
+        run decode_gpt_fast 300 python3 bench/decode_compile_options.py --variants tuned,gpt-fast \
+            --gpt_fast_dir "${GPT_FAST:-.gptfast}" ;;
     cli)
         checkpoint=$(mktemp -d)/tinyllama steps=$(mktemp -d)
         python3 bench/random_checkpoint.py --preset tinyllama-1.1b --output_dir "$checkpoint" \
