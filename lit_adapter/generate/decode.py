@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Optional, Sequence, TextIO
 
@@ -107,6 +108,7 @@ class StoredDecode:
     def compile_and_store(self, path: Path, model: LLaMA, args: Sequence[Any]) -> DecodeFn:
         print(f"Compiling the decoding step for this model and kind of call (a minute or more, once; --compile false "
               f"skips it); it will be stored as {path}", file=sys.stderr)
+        started = time.perf_counter()
         # PyTorch 2.11 offers aot_compile only with this setting on, later versions always; a symbolic float (top_p
         # 1.0) would make Dynamo restart its analysis, which aot_compile cannot
         settings = {"specialize_float": True}
@@ -121,6 +123,7 @@ class StoredDecode:
         try:
             with atomic_path(path) as tmp:
                 step.save_compiled_function(str(tmp))
+            print(f"Compiled in {time.perf_counter() - started:.0f} s and stored: later runs load it", file=sys.stderr)
         except Exception as err:  # an unwritable folder, a step that does not serialize: it still serves this run
             print(f"note: the compiled decoding step serves this run only: {first_line(err)} (--compiled_steps)",
                   file=sys.stderr)
