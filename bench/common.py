@@ -90,17 +90,20 @@ STEP_MARK = "profiled step"
 
 
 def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: int = 3, top: int = 12,
-                  trace_path: Optional[Path] = None) -> None:
+                  trace_path: Optional[Path] = None, tokens_of: Optional[Callable[[object], int]] = None) -> None:
     """The share of wall time the GPU computes over ``steps`` calls of ``step``, and the ``top`` kernels by time;
-    with ``trace_path``, the profiled calls are also written there as a Chrome trace (Perfetto, chrome://tracing)."""
+    with ``tokens_of`` (the tokens of a step's result), the GPU's time per token, which compares shapes without the
+    idle time; with ``trace_path``, the profiled calls are also written there as a Chrome trace (Perfetto,
+    chrome://tracing)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync()
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        results = []
         for _ in range(steps):
             with torch.profiler.record_function(STEP_MARK):
-                step()
+                results.append(step())
         sync()
     wall = time.perf_counter() - started
     if trace_path is not None:
@@ -109,6 +112,9 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
+    if tokens_of is not None:
+        tokens = sum(map(tokens_of, results))
+        print(f"GPU time per token {busy / tokens * 1e6:.1f} us over {tokens:,} tokens")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         mean_us = e.self_device_time_total / e.count
         print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x {mean_us:8.1f} us  {e.key[:100]}")

@@ -162,7 +162,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
             torch.cuda.reset_peak_memory_stats()
         rates, real_rates, warmup = timed(step, warmup_steps, steps, runs, sync)
         if profile:
-            print_profile(step, sync, top=24, trace_path=trace_path)
+            print_profile(step, sync, top=24, trace_path=trace_path, tokens_of=lambda counts: counts[0])
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     # each retry freed the allocator's cached blocks (cudaFree: the host waits for the GPU)
     retries = f", {torch.cuda.memory_stats()['num_alloc_retries']} allocator retries" if cuda else ""

@@ -18,7 +18,8 @@ def test_profile_writes_the_profiled_steps_as_a_chrome_trace(tmp_path, capsys):
     train_throughput.main(**CPU_SMOKE, profile=True, trace_path=trace)
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::scaled_dot_product_attention" for e in events)
-    assert "| fixed 2 x 16 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| fixed 2 x 16 |" in out and "GPU time per token 0.0 us over 96 tokens" in out  # 3 steps of 2 x 16
 
 
 def test_a_trace_path_without_profile_is_refused(tmp_path):
