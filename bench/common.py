@@ -33,8 +33,8 @@ def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: tor
 
 def int4_reference(block: torch.nn.Module, group_size: Optional[int] = None) -> int:
     """A quantizer that keeps plain weights: the block's frozen weights as int4-base stores them (in groups of
-    ``group_size``, default each weight's own), dequantized to the weights' own dtype. It measures int4-base's quality where its kernel cannot
-    run, and the kernel's own error where it can."""
+    ``group_size``, default each weight's own), dequantized to the weights' own dtype. It measures int4-base's
+    quality where its kernel cannot run, and the kernel's own error where it can."""
     linears = frozen_linears(block)
     for _, _, linear in linears:
         weight = linear.weight

@@ -105,12 +105,13 @@ def main(checkpoint_dir: Path = QUICK_START_CHECKPOINT, prompt: str = "Once upon
 def decode_step(compile: Optional[bool], compiled_steps: Optional[Path], cuda_graph: bool, device: torch.device,
                 batches: bool) -> DecodeFn:
     """The decoding step the options ask for (see main's --compile and --compiled_steps)."""
-    by_default = compile is None and compiled_steps is not None and device.type == "cuda" and cuda_graph and not batches
-    if not (compile or by_default):
-        return GraphDecode() if cuda_graph and device.type == "cuda" else decode_one_token
+    graph = cuda_graph and device.type == "cuda"
+    compiled = compile if compile is not None else graph and compiled_steps is not None and not batches
+    if not compiled:
+        return GraphDecode() if graph else decode_one_token
     if compiled_steps is None:
         return compile_decode()
-    return StoredDecode(compiled_steps, compile_unstorable=bool(compile))
+    return StoredDecode(compiled_steps, compile_unstorable=compile is True)
 
 
 @dataclass(frozen=True)
