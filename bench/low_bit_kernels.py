@@ -9,14 +9,15 @@ and down projections) runs one row, 100 calls captured in one CUDA graph, as the
 - bf16: ``F.linear`` (cuBLAS), the bf16 base;
 - torchao int8 (a scale per output row), compiled by Inductor as the compiled decode step runs it;
 - torchao int4, tinygemm kernel, groups of 128 and 32 (int4-base's two groups);
-- GemLite's Triton kernels (A16W8 with a scale per row; A16W4 in groups of 128, asymmetric), eagerly.
+- GemLite's Triton kernels (A16W8 with a scale per row; A16W4 in groups of 128, asymmetric), eagerly, called
+  directly and through torchao's ``UIntxWeightOnlyConfig`` (its tensor subclass on the ``nn.Linear``).
 
 It prints microseconds per call, the weight bytes read per second, and the output's error against bf16.
 """
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -76,6 +77,11 @@ def variants(weight: torch.Tensor) -> dict[str, Callable[[], tuple[Layer, int]]]
         return ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
                                        set_inductor_config=False)
 
+    def uintx(bits: int, group_size: Optional[int]) -> object:
+        from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
+
+        return UIntxWeightOnlyConfig(group_size=group_size, bit_width=bits, set_inductor_config=False)
+
     return {
         "bf16 (cuBLAS)": lambda: ((lambda x: F.linear(x, weight)), weight.numel() * 2),
         "torchao int8, Inductor": lambda: torchao_layer(weight, ao.Int8WeightOnlyConfig(set_inductor_config=False),
@@ -84,6 +90,8 @@ def variants(weight: torch.Tensor) -> dict[str, Callable[[], tuple[Layer, int]]]
         "torchao int4 g32, tinygemm": lambda: torchao_layer(weight, int4(32), compile=False),
         "GemLite int8": lambda: gemlite_int8(weight),
         "GemLite int4 g128": lambda: gemlite_int4(weight),
+        "torchao UIntx int8 (GemLite)": lambda: torchao_layer(weight, uintx(8, None), compile=False),
+        "torchao UIntx int4 g128 (GemLite)": lambda: torchao_layer(weight, uintx(4, 128), compile=False),
     }
 
 
