@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Optional
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, one_line
 
 MAX_OUTPUT = 16 * 2**20
 """Characters a rendering may write (a conversation's text, far beyond any context)."""
@@ -51,8 +51,7 @@ class ChatTemplate:
         except (RecursionError, MemoryError):
             raise UserError(f"the chat template of {budget.what} recurses or grows without bound") from None
         except Exception as err:  # the template is code from the checkpoint: whatever it raises is its fault
-            raise UserError(f"the chat template of {budget.what} cannot be rendered: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}") from None
+            raise UserError(f"the chat template of {budget.what} cannot be rendered: {one_line(err)}") from None
         return "".join(written)
 
 

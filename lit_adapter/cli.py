@@ -15,7 +15,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, get_loader, set_loader, set_parsing_settings
 from tqdm import tqdm
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.files import NESTED_TOO_DEEPLY
 
 # the strings under dataclass fields become their --help
@@ -172,7 +172,7 @@ def gather_values(args: list[str], option: str) -> list[str]:
 
 def out_of_memory_message(err: BaseException, hint: str) -> str:
     """One line for a device out-of-memory error: what ran out, and ``hint`` on what to change."""
-    detail = str(err).strip().splitlines()[0].split(". Of the allocated")[0] if str(err).strip() else ""
+    detail = message_line(err).split(". Of the allocated")[0]
     return f"out of GPU memory ({detail}): {hint}"
 
 

@@ -23,7 +23,7 @@ from sentencepiece import SentencePieceProcessor
 from sentencepiece.sentencepiece_pb2 import SentencePieceText
 
 from lit_adapter.chat_template import ChatTemplate
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.files import BAD_JSON, json_problem, read_text
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -274,7 +274,7 @@ class _HFBackend:
         try:
             self.tokenizer = HFTokenizer.from_str(content)
         except Exception as err:  # tokenizers raises plain Exceptions for content it cannot read
-            raise UserError(f"{what} is not a Hugging Face tokenizer file ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{what} is not a Hugging Face tokenizer file ({message_line(err)})") from None
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         leading = self._post_processor_bos()
         self.bos_token = _token_content(config.get("bos_token")) or leading

@@ -13,7 +13,7 @@ from lit_adapter.files import read_safetensors, torch_load
 from lit_adapter.config import Config
 from lit_adapter.convert.common import (StateDict, check_meta_weights, check_vocab_size, check_weight_dtypes,
                                         make_config, meta_to_lit, read_json, require, tensor_dict)
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 
 HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
             "lm_head.weight": "output.weight"}
@@ -158,5 +158,5 @@ def download_hf(repo_id: str, output_dir: Path, revision: Optional[str] = None, 
     except RepositoryNotFoundError:
         raise UserError(f"no Hub repository {repo_id} (or it is private: pass --token)") from None
     except (HfHubHTTPError, OSError) as err:
-        raise UserError(f"could not download {repo_id} ({str(err).splitlines()[0]}); without network, copy the "
+        raise UserError(f"could not download {repo_id} ({message_line(err)}); without network, copy the "
                         "model's folder here and pass it to scripts/convert_checkpoint.py") from None

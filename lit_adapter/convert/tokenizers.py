@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from lit_adapter.convert.common import read_json
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, TokenizerFiles
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -32,7 +32,7 @@ def byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre_tok
     try:
         model = models.BPE(vocab, merges, ignore_merges=ignore_merges)
     except Exception as err:  # tokenizers raises plain Exceptions, e.g. for a merge of tokens not in the vocabulary
-        raise UserError(f"the BPE merges do not fit the vocabulary ({str(err).splitlines()[0]})") from None
+        raise UserError(f"the BPE merges do not fit the vocabulary ({message_line(err)})") from None
     tokenizer = HFTokenizer(model)
     if pre_tokenizer == "llama-bpe":
         split = [pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),

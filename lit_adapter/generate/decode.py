@@ -18,7 +18,7 @@ from typing import Any, Callable, Collection, Iterator, Optional, Sequence, Text
 
 import torch
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, one_line
 from lit_adapter.files import atomic_path
 from lit_adapter.generate.sampling import TINY, Option, check_token, sample, seeded_noise
 from lit_adapter.model import CacheView, LLaMA
@@ -119,13 +119,13 @@ class StoredDecode:
                 compiled = torch.compile(decode_one_token, fullgraph=True, options=STORED_OPTIONS)
                 step = compiled.aot_compile(((model, *args), {}))
         except Exception as err:  # e.g. torchao's int8 weights lack empty_like, which storing the guards needs
-            return self.unstorable(f"compiling it to store failed: {first_line(err)}")
+            return self.unstorable(f"compiling it to store failed: {one_line(err)}")
         try:
             with atomic_path(path) as tmp:
                 step.save_compiled_function(str(tmp))
             print(f"Compiled in {time.perf_counter() - started:.0f} s and stored: later runs load it", file=sys.stderr)
         except Exception as err:  # an unwritable folder, a step that does not serialize: it still serves this run
-            print(f"note: the compiled decoding step serves this run only: {first_line(err)} (--compiled_steps)",
+            print(f"note: the compiled decoding step serves this run only: {one_line(err)} (--compiled_steps)",
                   file=sys.stderr)
         return GraphDecode(step)
 
@@ -146,14 +146,9 @@ def load_stored_step(path: Path, model: LLaMA, args: Sequence[Any]) -> Optional[
             return step
         reason = "its guards do not hold"
     except Exception as err:  # a damaged file, or one another PyTorch wrote
-        reason = first_line(err)
+        reason = one_line(err)
     print(f"note: the stored decoding step {path} does not fit ({reason})", file=sys.stderr)
     return None
-
-
-def first_line(err: Exception) -> str:
-    """An exception in one line: its type and its message's first line (a ``UserError`` says enough alone)."""
-    return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def sampling_as_rows(token: torch.Tensor, input_pos: torch.Tensor, temperature: Option, top_k: Optional[Option],

@@ -23,7 +23,7 @@ from lit_adapter.checkpoint import (ADAPTER_FILE, QUICK_START_CHECKPOINT, BaseCh
 from lit_adapter.cli import StopRequest, check_seed, progress
 from lit_adapter.data.batching import padding_fraction
 from lit_adapter.data.module import InstructionDataModule
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.files import atomic_path, check_can_create
 from lit_adapter.model import LLaMA
 from lit_adapter.precision import (PRECISIONS, TrainingPrecision, base_dtype, check_device, check_precision,
@@ -239,7 +239,7 @@ def launch_fabric(accelerator: str, devices: int, strategy: StrategyName, precis
                                            else "cpu"))
     except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than --devices
         raise UserError(f"cannot run with --accelerator {accelerator} --devices {devices} --strategy {strategy} "
-                        f"--precision {precision}: {str(err).strip().splitlines()[0]}") from None
+                        f"--precision {precision}: {message_line(err)}") from None
     fabric.launch()
     return fabric
 

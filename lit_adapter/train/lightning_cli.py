@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_adapter.cli import EXIT_INTERRUPTED, check_seed, exit_on_user_error, out_of_memory_hint
 from lit_adapter.data.module import InstructionDataModule
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.files import atomic_path, check_can_create, torch_load
 from lit_adapter.precision import PRECISIONS, default_precision
 from lit_adapter.train.args import accumulation_steps, check_eval_args, check_train_args, with_defaults
@@ -154,8 +154,7 @@ class AdapterCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**overrides)
         except (RuntimeError, ValueError, MisconfigurationException) as err:  # e.g. no GPU, or fewer than devices
-            detail = str(err).strip().splitlines()[0]
-            raise UserError(f"cannot build the Trainer from the --trainer options: {detail}") from None
+            raise UserError(f"cannot build the Trainer from the --trainer options: {message_line(err)}") from None
         world_size = trainer.num_devices * trainer.num_nodes
         if fsdp_size not in (None, world_size):
             raise UserError(f"--trainer.devices {config.get('devices')} means {trainer.num_devices} devices here; "

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from lit_adapter.adapter import AdapterConfig, AdapterLLaMA, is_adapter_param
 from lit_adapter.checkpoint import ADAPTER_FILE, check_state_dict, save_adapter
 from lit_adapter.cli import process_rank
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, message_line
 from lit_adapter.files import (atomic_path, check_not_an_input, preview_keys, read_yaml_mapping, shapes_of,
                                torch_load, write_yaml)
 from lit_adapter.prompts import get_style
@@ -88,7 +88,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         keys = set_model_state_dict(model, state["adapter"], options=options)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
     except (KeyError, RuntimeError, ValueError) as err:
-        raise UserError(f"{path} does not fit this model and optimizer: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{path} does not fit this model and optimizer: {message_line(err)}") from None
     missing = [key for key in keys.missing_keys if is_adapter_param(key)]
     if missing or keys.unexpected_keys:
         raise UserError(f"{path} does not fit this model's adapter: missing {missing[:3]}, "
