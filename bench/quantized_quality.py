@@ -6,8 +6,8 @@ from its GGUF) and the real Alpaca records prepared for it (35 validation record
 For 32-true and nf4-base: the validation loss at step 0 and after ``steps`` steps of finetune/adapter.py's recipe
 (the tests' SmolLM2 run: global batch 8, learning rate 0.03, warm-up 4, the top 16 layers); the nf4-trained adapter
 on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized: its kernel needs
-a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 64, the largest that
-divides all of this model's input widths, as another grid than its own) and nf4-base. The tables come last.
+a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 128, gpt-fast's size) and
+nf4-base. The tables come last.
 """
 
 import math
@@ -61,7 +61,7 @@ def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.
         perplexity = {name: math.exp(loss(checkpoint, data, precision, quantize=quantize)) for name, precision, quantize
                       in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
                           ("int4-base: groups of 32 here (dequantized)", "32-true", int4_reference),
-                          ("int4 in groups of 64 (dequantized)", "32-true", partial(int4_reference, group_size=64)),
+                          ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
                           ("nf4-base", "nf4-base", None))}
     print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, "
           f"torch {torch.__version__}")
