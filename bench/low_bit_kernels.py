@@ -37,7 +37,7 @@ Layer = Callable[[torch.Tensor], torch.Tensor]
 def shapes(config: Config) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear layer of a block."""
     C, I = config.n_embd, config.intermediate_size
-    kv = config.n_query_groups * config.head_size
+    kv = config.n_kv_head * config.head_dim
     return {"qkv": (C, C + 2 * kv), "proj": (C, C), "gate_up": (C, 2 * I), "down": (I, C)}
 
 
