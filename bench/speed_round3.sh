@@ -5,6 +5,9 @@
 #   recipe: the recipe's real path in bf16, then with the allocator's expandable segments (varying shapes may make
 #           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape, and
 #           what the host runs while the GPU waits
+#   shapes: the real path in bf16 with smaller micro-batches (at most 4,096 and 2,048 tokens, as 4 x 512): whether
+#           its gap to the fixed shape follows the micro-batches' size (the default's average 8,191 tokens a step, in
+#           one micro-batch of 64 rows or two of about 32); each run logs the GPU's clock and power (logged_run.sh)
 #   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
 #           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
 #           again with warm caches (first token)
@@ -34,6 +37,8 @@ for group in "$@"; do
         run recipe_bf16 170 $T $R
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run recipe_bf16_expandable 170 $T $R
         run recipe_bf16_profile 200 $T $R --runs 1 --profile true ;;
+    shapes)
+        for tokens in 4096 2048; do run "recipe_bf16_${tokens}" 170 $T $R --micro_batch_tokens $tokens; done ;;
     warm)
         cache=$(mktemp -d)
         for run_modes in cold:compiled,stored warm:stored warm:compiled; do  # each start in a new process

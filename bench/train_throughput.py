@@ -5,7 +5,8 @@
     python bench/train_throughput.py --alpaca true --global_batch_size 64 --micro_batch_tokens 8192          # recipe
     python bench/train_throughput.py --quality true --preset stories15M                  # FP8 vs bf16 val loss
     python bench/train_throughput.py --preset llama-7b --profile true --trace_path steps.json   # where time goes
-    CPU smoke: add --accelerator cpu --preset tiny --compile false (and small --steps/--runs/--dataset_size).
+    CPU smoke: add --accelerator cpu --preset tiny --seq_length 128 --compile false (and small --steps/--runs/
+    --dataset_size).
 
 The Alpaca mode writes a prepared data set of ``dataset_size`` samples drawn from the real records (their length
 distribution) and trains on it through ``InstructionDataModule.train_steps`` and ``fabric_loop.training_step``:
@@ -132,6 +133,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
     if trace_path is not None and not profile:
         raise UserError("--trace_path writes the profiled steps: add --profile true")
     config = Config.from_name(preset)
+    if seq_length > config.block_size:
+        raise UserError(f"--seq_length {seq_length} exceeds {preset}'s block_size {config.block_size}")
     cuda = accelerator == "cuda"
     fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision, "cuda" if cuda else "cpu"))
     device = str(fabric.device)
