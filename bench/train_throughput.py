@@ -43,11 +43,12 @@ ALPACA_SAMPLES = 52_002
 Step = tuple[list[tuple[torch.Tensor, torch.Tensor]], int]
 
 
-def random_steps(vocab_size: int, micro_batch_size: int, seq_length: int) -> Iterator[Step]:
-    """Endless one-micro-batch steps of random tokens, every position learned."""
+def random_steps(vocab_size: int, micro_batch_size: int, seq_length: int, pin: bool) -> Iterator[Step]:
+    """Endless one-micro-batch steps of random tokens, every position learned; in pinned memory where ``pin``, as
+    the training data loader hands them to a GPU (a copy from pageable memory waits for the device)."""
     while True:
-        yield [tuple(torch.randint(0, vocab_size, (micro_batch_size, seq_length)) for _ in range(2))], \
-            micro_batch_size * seq_length
+        batch = [torch.randint(0, vocab_size, (micro_batch_size, seq_length)) for _ in range(2)]
+        yield [tuple(t.pin_memory() if pin else t for t in batch)], micro_batch_size * seq_length
 
 
 def alpaca_data(directory: Path, data_file: Path, tokenizer_path: Path, max_seq_length: int, dataset_size: int,
@@ -151,7 +152,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
             return quality_run(fabric, config, data, train, compile, device, quality_steps, eval_interval)
         model = build(config, precision, device)
         model, optimizer, loss = setup_training(fabric, model, train, compile, activation_checkpointing)
-        steps_source = iter(data.train_steps()) if data else random_steps(config.vocab_size, micro_batch_size, seq_length)
+        steps_source = iter(data.train_steps()) if data else random_steps(config.vocab_size, micro_batch_size,
+                                                                           seq_length, pin=cuda)
 
         def step() -> tuple[int, int]:
             batches, step_tokens = next(steps_source)
