@@ -45,7 +45,7 @@ Step = tuple[list[tuple[torch.Tensor, torch.Tensor]], int]
 
 def random_steps(vocab_size: int, micro_batch_size: int, seq_length: int, pin: bool) -> Iterator[Step]:
     """Endless one-micro-batch steps of random tokens, every position learned; in pinned memory where ``pin``, as
-    the training data loader hands them to a GPU (a copy from pageable memory waits for the device)."""
+    the training data loader hands them to a GPU (a copy from pageable memory may wait for the device)."""
     while True:
         batch = [torch.randint(0, vocab_size, (micro_batch_size, seq_length)) for _ in range(2)]
         yield [tuple(t.pin_memory() if pin else t for t in batch)], micro_batch_size * seq_length
