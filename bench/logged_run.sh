@@ -11,7 +11,7 @@ run() {
     fi
     timeout "$seconds" "$@" > "$log/$name.log" 2>&1; echo "exit $?" >> "$log/$name.log"
     if [[ -n $sampler ]]; then
-        kill "$sampler"; wait "$sampler" 2> /dev/null
+        kill "$sampler" 2> /dev/null; wait "$sampler" 2> /dev/null
         gpu_medians "$log/$name.gpu.csv" >> "$log/$name.log"
     fi
     grep -v "^W[0-9]\|Failed to load\|warn" "$log/$name.log" | tail -15 | tee "$log/$name.txt"

@@ -1,6 +1,8 @@
 """The training bench's profile output (its speed figures come from GPU runs, never from tests)."""
 
 import json
+import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +28,20 @@ def test_a_trace_path_without_profile_is_refused(tmp_path):
     with pytest.raises(UserError, match="--trace_path writes the profiled steps: add --profile true"):
         train_throughput.main(**CPU_SMOKE, trace_path=tmp_path / "steps.json")
     assert not (tmp_path / "steps.json").exists()
+
+
+def test_a_seq_length_beyond_the_block_size_is_refused():
+    with pytest.raises(UserError, match="--seq_length 129 exceeds tiny's block_size 128"):
+        train_throughput.main(**{**CPU_SMOKE, "seq_length": 129})
+
+
+def test_logged_runs_end_with_the_gpus_median_clock_and_power(tmp_path):
+    samples = tmp_path / "run.gpu.csv"
+    samples.write_text("1980, 650.5\n1755, 699.0\n[N/A], [N/A]\n1830, 640.0\n")
+    script = Path(__file__).resolve().parents[1] / "bench" / "logged_run.sh"
+    line = subprocess.run(["bash", "-c", f"source {script}; gpu_medians {samples}"], capture_output=True, text=True,
+                          check=True).stdout
+    assert line == "GPU while it ran: SM clock median 1830 MHz (min 1755), power median 650 W, 3 samples\n"
 
 
 def test_idle_gaps_are_the_uncovered_intervals_longer_than_the_minimum():

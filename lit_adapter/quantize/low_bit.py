@@ -83,9 +83,9 @@ def quantize_int4(block: nn.Module) -> int:
     ao = import_torchao("int4-base")
     sizes = {id(linear): int4_group_size(linear.weight) for _, _, linear in frozen_linears(block)}
     for size in set(sizes.values()):
-        apply_config(block, ao, ao.Int4WeightOnlyConfig(group_size=size, set_inductor_config=False,
-                                                        int4_packing_format="tile_packed_to_4d"),
-                     lambda linear: sizes.get(id(linear)) == size)
+        ao.quantize_(block, ao.Int4WeightOnlyConfig(group_size=size, set_inductor_config=False,
+                                                    int4_packing_format="tile_packed_to_4d"),
+                     filter_fn=lambda module, _: sizes.get(id(module)) == size)
     return len(sizes)
 
 
@@ -101,10 +101,9 @@ def int4_group_size(weight: torch.Tensor) -> int:
     return INT4_SOURCE_BLOCK if bool((distinct <= 16).all()) else INT4_GROUP_SIZE
 
 
-def apply_config(block: nn.Module, ao: ModuleType, config: object,
-                 chosen: Callable[[nn.Linear], bool] = lambda linear: True) -> int:
-    """torchao's ``quantize_`` with ``config`` on the frozen linear layers of ``block`` that are ``chosen``."""
-    linears = {id(linear) for _, _, linear in frozen_linears(block) if chosen(linear)}
+def apply_config(block: nn.Module, ao: ModuleType, config: object) -> int:
+    """torchao's ``quantize_`` with ``config`` on the frozen linear layers of ``block`` only."""
+    linears = {id(linear) for _, _, linear in frozen_linears(block)}
     ao.quantize_(block, config, filter_fn=lambda module, _: id(module) in linears)
     return len(linears)
 
