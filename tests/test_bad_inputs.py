@@ -38,6 +38,7 @@ from lit_adapter.checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_model, open_
                                     save_adapter)
 from lit_adapter.cli import run_cli
 from lit_adapter.config import Config
+from lit_adapter.errors import UserError, message_line, one_line
 from lit_adapter.train.lightning_cli import AdapterCLI
 from lit_adapter.train.lightning_cli import main as trainer_main
 
@@ -907,3 +908,11 @@ def test_an_option_mistake_is_one_line_and_exit_1(script, capfd):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
         assert args[0] in lines[0] and lines[0].endswith("see --help"), lines
+
+
+def test_an_exception_is_told_in_one_line_even_without_a_message():
+    assert message_line(RuntimeError("first\nsecond")) == "first"
+    assert message_line(RuntimeError()) == "" and message_line(OSError("  \n")) == ""
+    assert one_line(KeyError()) == "KeyError: "
+    assert one_line(RuntimeError("CUDA error\n  at step 3")) == "RuntimeError: CUDA error"
+    assert one_line(UserError("a bad option")) == "a bad option"
