@@ -9,6 +9,8 @@ and down projections) runs one row, 100 calls captured in one CUDA graph, as the
 - bf16: ``F.linear`` (cuBLAS), the bf16 base;
 - torchao int8 (a scale per output row), compiled by Inductor as the compiled decode step runs it;
 - torchao int4, tinygemm kernel, groups of 128 and 32 (int4-base's two groups);
+- torchao int4 in groups of 128 through MSLK's (FBGEMM GenAI's) CUTLASS kernels for Hopper, preshuffled and plain
+  (``pip install mslk-cuda``);
 - GemLite's Triton kernels (A16W8 with a scale per row; A16W4 in groups of 128, asymmetric), eagerly, called
   directly and through torchao's ``UIntxWeightOnlyConfig`` (its tensor subclass on the ``nn.Linear``).
 
@@ -29,6 +31,7 @@ from bench.common import stored_bytes  # noqa: E402
 from bench.fused_kernels import graph_ms  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
+from lit_adapter.errors import message_line  # noqa: E402
 from lit_adapter.quantize.low_bit import import_torchao  # noqa: E402
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -73,9 +76,8 @@ def gemlite_int4(weight: torch.Tensor, group_size: int = 128) -> tuple[Layer, in
 def variants(weight: torch.Tensor) -> dict[str, Callable[[], tuple[Layer, int]]]:
     ao = import_torchao("int4-base")
 
-    def int4(group_size: int) -> object:
-        return ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
-                                       set_inductor_config=False)
+    def int4(group_size: int, packing: str = "tile_packed_to_4d") -> object:
+        return ao.Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=packing, set_inductor_config=False)
 
     def uintx(bits: int, group_size: Optional[int]) -> object:
         from torchao.prototype.quantization.quant_api import UIntxWeightOnlyConfig
@@ -88,6 +90,8 @@ def variants(weight: torch.Tensor) -> dict[str, Callable[[], tuple[Layer, int]]]
                                                         compile=True),
         "torchao int4 g128, tinygemm": lambda: torchao_layer(weight, int4(128), compile=False),
         "torchao int4 g32, tinygemm": lambda: torchao_layer(weight, int4(32), compile=False),
+        "torchao int4 g128, MSLK preshuffled": lambda: torchao_layer(weight, int4(128, "preshuffled"), compile=False),
+        "torchao int4 g128, MSLK plain": lambda: torchao_layer(weight, int4(128, "plain"), compile=False),
         "GemLite int8": lambda: gemlite_int8(weight),
         "GemLite int4 g128": lambda: gemlite_int4(weight),
         "torchao UIntx int8 (GemLite)": lambda: torchao_layer(weight, uintx(8, None), compile=False),
@@ -118,7 +122,7 @@ def main(preset: str = "llama-7b", repeats: int = 20) -> None:
                     err = ((layer(x).float() - expected).norm() / expected.norm()).item()
                     us = graph_ms(layer, (x,), repeats) * 1e3
             except Exception as failure:  # a missing library or a kernel this GPU lacks: say so, go on
-                print(f"| {name} ({n_in} -> {n_out}) | {kernel} | failed: {str(failure).splitlines()[0][:120]} | | |")
+                print(f"| {name} ({n_in} -> {n_out}) | {kernel} | failed: {message_line(failure)[:120]} | | |")
                 continue
             totals[kernel] = totals.get(kernel, 0.0) + us
             print(f"| {name} ({n_in} -> {n_out}) | {kernel} | {us:.1f} | {nbytes / us / 1e3:,.0f} | {err:.4f} |")
