@@ -1,6 +1,7 @@
 """Write a checkpoint directory with random weights of a preset (for GPU tests of the real scripts).
 
-    python bench/random_checkpoint.py --preset llama-7b --tokenizer_path tokenizer.model --output_dir checkpoints/random-7b
+    python bench/random_checkpoint.py --preset llama-7b --tokenizer_path tokenizer.model \
+        --output_dir checkpoints/random-7b
 """
 
 import sys

@@ -8,6 +8,7 @@ from lit_adapter.cli import run_cli
 from lit_adapter.generate.cli import main
 
 if __name__ == "__main__":
-    run_cli(main, list_options=("--adapter_path",), defaults={"adapter_path": ["out/adapter/alpaca/adapter.safetensors"]},
+    run_cli(main, list_options=("--adapter_path",),
+            defaults={"adapter_path": ["out/adapter/alpaca/adapter.safetensors"]},
             description="Answer instructions with adapters, each prompt in its adapter's prompt style; prints only "
             "the answers (load time, speed and memory go to stderr).")

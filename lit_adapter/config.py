@@ -1,4 +1,5 @@
-"""Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories, tiny)."""
+"""Model hyperparameters and the named presets (LLaMA, Llama 2 and 3.x, CodeLlama, TinyLlama, SmolLM2, TinyStories,
+tiny)."""
 
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -146,9 +147,12 @@ PRESETS = {
         Config("llama-30b", n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920),
         Config("llama-65b", n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016),
         # Llama 2: 4k context, eps 1e-5, grouped-query attention for 70B
-        Config("llama-2-7b", block_size=4096, norm_eps=1e-5, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
-        Config("llama-2-13b", block_size=4096, norm_eps=1e-5, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
-        Config("llama-2-70b", block_size=4096, norm_eps=1e-5, n_layer=80, n_head=64, n_kv_head=8, n_embd=8192, intermediate_size=28672),
+        Config("llama-2-7b", block_size=4096, norm_eps=1e-5, n_layer=32, n_head=32, n_embd=4096,
+               intermediate_size=11008),
+        Config("llama-2-13b", block_size=4096, norm_eps=1e-5, n_layer=40, n_head=40, n_embd=5120,
+               intermediate_size=13824),
+        Config("llama-2-70b", block_size=4096, norm_eps=1e-5, n_layer=80, n_head=64, n_kv_head=8, n_embd=8192,
+               intermediate_size=28672),
         # Llama 3 / 3.1 / 3.2: Meta's params.json (dim, layers, heads, multiple_of 1024 / 4096 with ffn_dim_multiplier
         # 1.3 -> 14336 / 28672) and the Hugging Face config.json of meta-llama/Llama-3.x (rope_scaling "llama3")
         *llama3_presets(),
@@ -174,12 +178,12 @@ PRESETS = {
                intermediate_size=172, norm_eps=1e-5, tie_embeddings=True),
         Config("stories15M", block_size=256, n_layer=6, n_head=6, n_embd=288, intermediate_size=swiglu_hidden_size(288),
                norm_eps=1e-5, tie_embeddings=True),
-        Config("stories42M", block_size=1024, n_layer=8, n_head=8, n_embd=512, intermediate_size=swiglu_hidden_size(512),
-               norm_eps=1e-5, tie_embeddings=True),
-        Config("stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768, intermediate_size=swiglu_hidden_size(768),
-               norm_eps=1e-5, tie_embeddings=True),
+        Config("stories42M", block_size=1024, n_layer=8, n_head=8, n_embd=512,
+               intermediate_size=swiglu_hidden_size(512), norm_eps=1e-5, tie_embeddings=True),
+        Config("stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768,
+               intermediate_size=swiglu_hidden_size(768), norm_eps=1e-5, tie_embeddings=True),
         # a few-thousand-parameter model for tests
-        Config("tiny", block_size=128, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
-               norm_eps=1e-5),
+        Config("tiny", block_size=128, vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
+               intermediate_size=64, norm_eps=1e-5),
     ]
 }

@@ -206,7 +206,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def open_safetensors(path: Path) -> Iterator[Any]:
-    """A lazy reader of a safetensors file (``keys()``, ``get_slice(k).get_shape()``, ``get_tensor(k)``, ``metadata()``)."""
+    """A lazy reader of a safetensors file (``keys()``, ``get_slice(k).get_shape()``, ``get_tensor(k)``,
+    ``metadata()``)."""
     path = Path(path)
     require_file(path)
     try:

@@ -77,7 +77,8 @@ class Tokenizer:
         """The special tokens by spelling: what a prompt style's markers may write, and what text never encodes as."""
         spellings = sorted(self.special_tokens, key=len, reverse=True)
         self._spellings = re.compile("|".join(map(re.escape, spellings))) if spellings else None
-        self._placeholders = {s: chr(PLACEHOLDER + n) + PLACEHOLDER_FILL * (len(s) - 1) for n, s in enumerate(spellings)}
+        self._placeholders = {s: chr(PLACEHOLDER + n) + PLACEHOLDER_FILL * (len(s) - 1)
+                              for n, s in enumerate(spellings)}
         self._spelling_of = {chr(PLACEHOLDER + n): s for n, s in enumerate(spellings)}
 
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> torch.Tensor:

@@ -181,8 +181,8 @@ class EpochMicroBatchSampler(Sampler[Step]):
     def __iter__(self) -> Iterator[Step]:
         resume_epoch, skip = self._resume_at
         skip = skip if self.epoch == resume_epoch else 0
-        items = (([batch], tokens) for step in range(self.plan.first_step(self.epoch), self.plan.first_step(self.epoch + 1))
-                 for batches, tokens in [self.plan.step(step)] for batch in batches)
+        steps = range(self.plan.first_step(self.epoch), self.plan.first_step(self.epoch + 1))
+        items = (([batch], tokens) for step in steps for batches, tokens in [self.plan.step(step)] for batch in batches)
         return itertools.islice(items, skip, None)
 
 

@@ -114,7 +114,8 @@ class InstructionDataModule(L.LightningDataModule):
         return self._loader(StepSampler(self.plan(), start_step))
 
     def resume_at(self, epoch: int, batches_done: int) -> None:
-        """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done`` micro-batches."""
+        """Make the next ``train_dataloader()`` start ``epoch`` after this rank's first ``batches_done``
+        micro-batches."""
         self._resume_at = (epoch, batches_done)
 
     def train_dataloader(self) -> DataLoader:

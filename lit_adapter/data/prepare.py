@@ -171,7 +171,8 @@ def read_prepared_set(data_dir: Path) -> tuple[dict[str, list[Sample]], dict[str
     data_dir = Path(data_dir)
     for path in [data_dir / f"{name}.pt" for name in SPLITS] + [data_dir / PREP_CONFIG_FILE]:
         if not path.is_file():
-            raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first (with --destination_dir {data_dir})")
+            raise UserError(f"{path} not found: run scripts/prepare_alpaca.py first "
+                            f"(with --destination_dir {data_dir})")
     prep_config = read_yaml_mapping(data_dir / PREP_CONFIG_FILE)
     check_prepared_set(data_dir, prep_config)
     try:

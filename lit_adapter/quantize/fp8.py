@@ -1,7 +1,8 @@
-"""An FP8 frozen base (``--precision fp8-base``): ``Fp8Linear`` quantizes a frozen weight once to float8 (e4m3) with a float32 scale per output
-row, keeps it in the two layouts the matmuls need (2 bytes a parameter in all, as in bf16), and runs the forward
-and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales (activations and gradients
-are scaled per token), accumulating in Hopper's fast mode. There is no weight gradient: the base is frozen.
+"""An FP8 frozen base (``--precision fp8-base``): ``Fp8Linear`` quantizes a frozen weight once to float8 (e4m3)
+with a float32 scale per output row, keeps it in the two layouts the matmuls need (2 bytes a parameter in all, as in
+bf16), and runs the forward and the input-gradient matmuls in FP8 through ``torch._scaled_mm`` with row-wise scales
+(activations and gradients are scaled per token), accumulating in Hopper's fast mode. There is no weight gradient:
+the base is frozen.
 """
 
 import torch

@@ -183,8 +183,9 @@ class AdapterCLI(LightningCLI):
         check_eval_args(eval, prefix="model.eval.")
         check_train_args(train, prefix="model.train.")
         if train.micro_batch_tokens is not None:
-            raise UserError("the Trainer accumulates a fixed number of micro-batches: use --model.train.micro_batch_size "
-                            "without --model.train.micro_batch_tokens (finetune/adapter.py takes both)")
+            raise UserError("the Trainer accumulates a fixed number of micro-batches: use "
+                            "--model.train.micro_batch_size without --model.train.micro_batch_tokens "
+                            "(finetune/adapter.py takes both)")
         accumulation_steps(train, 1)  # a bad batch size fails before any process starts
         check_trains_something(config)
         root_dir = config.get("default_root_dir") or "."
@@ -219,7 +220,8 @@ class AdapterCLI(LightningCLI):
         if quantized_base is not None:
             if precision not in (None, PRECISIONS[quantized_base].lightning):
                 raise UserError(f"--model.quantized_base {quantized_base} runs under --trainer.precision "
-                                f"{PRECISIONS[quantized_base].lightning}, not {precision}: leave --trainer.precision out")
+                                f"{PRECISIONS[quantized_base].lightning}, not {precision}: "
+                                "leave --trainer.precision out")
             return quantized_base
         if precision is None:
             precision = default_precision(on_gpu(config))

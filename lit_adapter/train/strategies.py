@@ -90,7 +90,8 @@ def fabric_precision(name: str, device_type: str) -> dict:
 
 def trainer_strategy(name: StrategyName, devices: int = 1) -> Union[str, TrainerModelParallel]:
     if name == "fsdp":
-        return TrainerModelParallel(data_parallel_size=devices, tensor_parallel_size=1, save_distributed_checkpoint=False)
+        return TrainerModelParallel(data_parallel_size=devices, tensor_parallel_size=1,
+                                    save_distributed_checkpoint=False)
     return name
 
 
