@@ -109,7 +109,7 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in events if on_device(e)]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     print(f"GPU busy {busy:.2f} s of {wall:.2f} s wall ({busy / wall:.0%}) over {steps} steps (profiled)")
     if tokens_of is not None:
@@ -128,8 +128,7 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
 def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: int = 8) -> None:
     """Where the GPU waits: its idle intervals of at least ``min_gap_us`` between the first and last device event,
     by what the host was running in each one's middle (the outermost call > the innermost)."""
-    device = [(e.time_range.start, e.time_range.end) for e in events
-              if e.device_type == torch.autograd.DeviceType.CUDA]
+    device = [(e.time_range.start, e.time_range.end) for e in events if on_device(e)]
     host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
                   key=lambda e: e.time_range.start)
     gaps = idle_gaps(device, min_gap_us)
@@ -143,6 +142,12 @@ def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: in
           "by what the host ran then:")
     for calls, idle in causes.most_common(top):
         print(f"{idle / 1e6 / wall:6.1%}  {calls[:120]}")
+
+
+def on_device(event: object) -> bool:
+    """Whether a profiler event is the GPU's work (a kernel, copy or set), not a host annotation such as
+    ``STEP_MARK`` that the profiler also draws on the GPU's timeline (over everything the step ran)."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
 def idle_gaps(busy: list[tuple[float, float]], min_gap: float) -> list[tuple[float, float]]:

@@ -12,6 +12,7 @@ one process reuses its kernels: faster to compile, slower to run) and reports th
 generations of 200 tokens after a prompt of 32.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -118,10 +119,13 @@ def gpt_fast_generation(gpt_fast_dir: Path, name: str) -> tuple[int, float, Call
     gpt_fast.decode_one_token = torch.compile(gpt_fast.decode_one_token, mode="reduce-overhead", fullgraph=True)
     prompt = torch.randint(0, model.config.vocab_size, (PROMPT_LENGTH,), device="cuda", dtype=torch.int)
 
+    rows = {"batch_size": 1} if "batch_size" in inspect.signature(gpt_fast.generate).parameters else {}  # newer
+
     def generation() -> float:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        gpt_fast.generate(model, prompt, NEW_TOKENS, interactive=False, draft_model=None, temperature=0.8, top_k=200)
+        gpt_fast.generate(model, prompt, NEW_TOKENS, interactive=False, draft_model=None, temperature=0.8, top_k=200,
+                          **rows)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 

@@ -6,9 +6,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from bench import train_throughput
-from bench.common import STEP_MARK, host_calls_at, idle_gaps
+from bench.common import STEP_MARK, host_calls_at, idle_gaps, on_device
 from lit_adapter.errors import UserError
 
 CPU_SMOKE = dict(preset="tiny", accelerator="cpu", compile=False, micro_batch_size=2, seq_length=16, warmup_steps=0,
@@ -48,6 +49,14 @@ def test_idle_gaps_are_the_uncovered_intervals_longer_than_the_minimum():
     busy = [(0, 10), (5, 20), (50, 60), (61, 70), (100, 130), (120, 125)]
     assert idle_gaps(busy, min_gap=5) == [(20, 50), (70, 100)]
     assert idle_gaps([], min_gap=5) == []
+
+
+def test_the_gpu_timeline_holds_kernels_not_the_step_annotation_drawn_over_them():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    kernel = SimpleNamespace(device_type=cuda, is_user_annotation=False)
+    annotation = SimpleNamespace(device_type=cuda, is_user_annotation=True)  # STEP_MARK as the GPU's timeline shows it
+    host = SimpleNamespace(device_type=cpu, is_user_annotation=False)
+    assert [on_device(e) for e in (kernel, annotation, host)] == [True, False, False]
 
 
 def test_a_gap_is_named_by_the_outermost_and_innermost_host_calls_running_then():
