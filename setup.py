@@ -28,9 +28,8 @@ setup(
         "uvicorn>=0.29",
     ],
     extras_require={
-        # the 4- and 8-bit frozen bases (--precision nf4-base, int8-base, int4-base): torchao's formats and kernels,
-        # GemLite's int8 kernels on a GPU
-        "quant": ["torchao>=0.18", "gemlite>=0.6"],
+        # the 4- and 8-bit frozen bases (--precision nf4-base, int8-base, int4-base)
+        "quant": ["torchao>=0.18"],
         "test": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "accelerate", "openai>=1.30", "httpx2",
                  "torchao>=0.18"],
     },

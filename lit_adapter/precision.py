@@ -50,7 +50,7 @@ PRECISIONS = {p.name: p for p in (
     Precision("nf4-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_nf4,
               check_device=low_bit.check_torchao("nf4-base"), shardable=False),
     Precision("int8-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_int8,
-              check_device=low_bit.check_int8_device, training=False),
+              check_device=low_bit.check_torchao("int8-base"), training=False),
     Precision("int4-base", torch.bfloat16, "bf16-true", quantize=low_bit.quantize_int4,
               check_device=low_bit.check_int4_device, training=False),
 )}

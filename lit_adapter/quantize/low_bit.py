@@ -3,9 +3,8 @@
 
 - ``nf4-base`` (training and generation): 4-bit NormalFloat with double-quantised scales (QLoRA: blocks of 64
   values, their scales in 8 bits per 256 blocks); the forward and the input gradient dequantize the weight.
-- ``int8-base`` (generation): int8 with a scale per output row. On a GPU each frozen linear layer becomes
-  GemLite's (its Triton matrix-vector kernels read the weights at near the bandwidth limit; torchao's int8 weight,
-  compiled by Inductor, read them at a third of it: bench/RESULTS.md); elsewhere torchao's int8 weight.
+- ``int8-base`` (generation): int8 with a scale per output row; ``torch.compile`` fuses the dequantization into the
+  matrix-vector products.
 - ``int4-base`` (generation, CUDA): int4 in groups with a scale and zero point per group, run by the tinygemm
   kernel: groups of 128 (gpt-fast's and torchao's choice), or of 32 for a weight that already lies on a 4-bit grid
   in blocks of 32 (a model that was a 4-bit GGUF): rounding it to another grid costs much more (SmolLM2 from its
@@ -14,7 +13,6 @@
 The embedding, the norms and the output head stay as they are.
 """
 
-import importlib
 import logging
 from types import ModuleType
 from typing import Callable, Optional
@@ -28,7 +26,6 @@ from lit_adapter.quantize import frozen_linears
 
 TORCHAO = "torchao>=0.18"
 TORCHAO_NEEDS_TORCH = "2.11"
-GEMLITE = "gemlite>=0.6"
 INT4_GROUP_SIZE, INT4_SOURCE_BLOCK = 128, 32
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
@@ -39,30 +36,18 @@ def import_torchao(precision: str) -> ModuleType:
     if torch.__version__ < TORCHAO_NEEDS_TORCH:
         raise UserError(f"--precision {precision} needs PyTorch {TORCHAO_NEEDS_TORCH} or newer (for torchao); this "
                         f"is {torch.__version__}")
-    return quiet_import("torchao.quantization", precision, TORCHAO, ("torchao", "torch.utils._pytree"))
-
-
-def import_gemlite(precision: str) -> ModuleType:
-    """``gemlite.helper`` (GemLite's low-bit Triton kernels, for a GPU), imported without its start-up note; a
-    one-line refusal where it is not installed."""
-    return quiet_import("gemlite.helper", precision, GEMLITE, ("gemlite",))
-
-
-def quiet_import(module: str, precision: str, requirement: str, loggers: tuple[str, ...]) -> ModuleType:
-    """``module`` imported with ``loggers`` quiet below errors; a ``UserError`` naming ``requirement`` where it is
-    not installed."""
-    chatty = [logging.getLogger(name) for name in loggers]
+    chatty = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in chatty]
     for logger in chatty:
         logger.setLevel(logging.ERROR)
     try:
-        return importlib.import_module(module)
+        import torchao.quantization
     except ImportError:
-        raise UserError(f"--precision {precision} needs {requirement.split('>')[0]}: pip install '{requirement}'") \
-            from None
+        raise UserError(f"--precision {precision} needs torchao: pip install '{TORCHAO}'") from None
     finally:
         for logger, level in zip(chatty, levels):
             logger.setLevel(level)
+    return torchao.quantization
 
 
 def quantize_nf4(block: nn.Module) -> int:
@@ -87,12 +72,7 @@ def largest_divisor(n: int, limit: int) -> int:
 
 
 def quantize_int8(block: nn.Module) -> int:
-    """The frozen linear weights of ``block`` in int8, a scale per output row (GemLite's layers on a GPU, torchao's
-    weights elsewhere); return their count."""
-    if block_device(block).type == "cuda":
-        helper = import_gemlite("int8-base")
-        return replace_linears(block, lambda weight: helper.A16W8_INT8(device=weight.device, dtype=weight.dtype)
-                               .from_weights(weight))
+    """The frozen linear weights of ``block`` in int8, a scale per output row; return their count."""
     ao = import_torchao("int8-base")
     return apply_config(block, ao, ao.Int8WeightOnlyConfig(set_inductor_config=False))
 
@@ -119,18 +99,6 @@ def int4_group_size(weight: torch.Tensor) -> int:
     blocks = rows.reshape(-1, INT4_SOURCE_BLOCK).sort(dim=-1).values
     distinct = (blocks[:, 1:] != blocks[:, :-1]).sum(dim=-1) + 1
     return INT4_SOURCE_BLOCK if bool((distinct <= 16).all()) else INT4_GROUP_SIZE
-
-
-def replace_linears(block: nn.Module, make: Callable[[torch.Tensor], nn.Module]) -> int:
-    """Replace each frozen linear layer of ``block`` by ``make(its weight)``; return their count."""
-    linears = frozen_linears(block)
-    for parent, name, linear in linears:
-        setattr(parent, name, make(linear.weight.detach()))
-    return len(linears)
-
-
-def block_device(block: nn.Module) -> torch.device:
-    return next(block.parameters()).device
 
 
 def apply_config(block: nn.Module, ao: ModuleType, config: object) -> int:
@@ -168,11 +136,6 @@ def check_torchao(precision: str) -> Callable[[torch.device], None]:
     def check(device: torch.device) -> None:
         import_torchao(precision)
     return check
-
-
-def check_int8_device(device: torch.device) -> None:
-    """Refuse in one line where int8-base's library is missing: GemLite on a GPU, torchao elsewhere."""
-    import_gemlite("int8-base") if device.type == "cuda" else import_torchao("int8-base")
 
 
 def check_int4_device(device: torch.device) -> None:

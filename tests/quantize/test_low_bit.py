@@ -14,7 +14,7 @@ from lit_adapter.errors import UserError
 from lit_adapter.model import Block, CausalSelfAttention
 from lit_adapter.precision import PRECISIONS, base_dtype, check_device, check_precision
 from lit_adapter.quantize import frozen_linears, low_bit
-from lit_adapter.quantize.low_bit import (check_int8_device, dequantized_weight, int4_group_size, int4_round_trip,
+from lit_adapter.quantize.low_bit import (dequantized_weight, import_torchao, int4_group_size, int4_round_trip,
                                           nf4_block_sizes)
 from lit_adapter.train.strategies import FabricFrozenHalfPrecision, fabric_precision
 
@@ -100,11 +100,7 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"--precision nf4-base needs torchao: pip install 'torchao>=0\.18'"):
         check_device("nf4-base", torch.device("cpu"))
     with pytest.raises(UserError, match="int8-base needs torchao"):
-        check_int8_device(torch.device("cpu"))
-    monkeypatch.setitem(sys.modules, "gemlite", None)
-    monkeypatch.setitem(sys.modules, "gemlite.helper", None)
-    with pytest.raises(UserError, match=r"--precision int8-base needs gemlite: pip install 'gemlite>=0\.6'"):
-        check_int8_device(torch.device("cuda"))
+        import_torchao("int8-base")
 
 
 def test_int4_groups_are_32_for_a_weight_already_on_a_4_bit_grid_else_128():
@@ -144,24 +140,3 @@ def test_int4_base_quantizes_each_linear_once_in_its_own_group(monkeypatch):
         block.mlp.gate_up.weight.copy_(levels.view_as(block.mlp.gate_up.weight) / 100)
     assert low_bit.quantize_int4(block) == 4
     assert sorted(calls) == [(32, {"mlp.gate_up"}), (128, {"attn.qkv", "attn.proj", "mlp.down"})]
-
-
-def test_a_gpu_base_in_int8_gets_gemlites_layers_made_from_its_weights(monkeypatch):
-    """GemLite's kernels need a GPU: here a stand-in records what each of its layers was made from."""
-    made = []
-
-    class FakeLayer(torch.nn.Module):
-        def __init__(self, weight: torch.Tensor) -> None:
-            super().__init__()
-            made.append(weight)
-
-    class FakeGemlite:
-        A16W8_INT8 = staticmethod(lambda device, dtype: type("Processor", (), {"from_weights": staticmethod(FakeLayer)}))
-
-    monkeypatch.setattr(low_bit, "import_gemlite", lambda precision: FakeGemlite)
-    monkeypatch.setattr(low_bit, "block_device", lambda block: torch.device("cuda"))
-    block = Block(CONFIG, CausalSelfAttention(CONFIG))
-    weights = [linear.weight.detach().clone() for _, _, linear in frozen_linears(block)]
-    assert PRECISIONS["int8-base"].quantize(block) == 4
-    assert not frozen_linears(block) and all(isinstance(m, FakeLayer) for m in (block.attn.qkv, block.mlp.down))
-    assert len(made) == 4 and all(torch.equal(given, weight) for given, weight in zip(made, weights))
