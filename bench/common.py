@@ -2,7 +2,6 @@
 
 import bisect
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -98,14 +97,13 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     from torch.profiler import ProfilerActivity, profile
 
     sync()
-    started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         results = []
         for _ in range(steps):
             with torch.profiler.record_function(STEP_MARK):
                 results.append(step())
         sync()
-    wall = time.perf_counter() - started
+    wall = steps_span(prof.events())
     if trace_path is not None:
         prof.export_chrome_trace(str(trace_path))
     events = prof.key_averages()
@@ -142,6 +140,14 @@ def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: in
           "by what the host ran then:")
     for calls, idle in causes.most_common(top):
         print(f"{idle / 1e6 / wall:6.1%}  {calls[:120]}")
+
+
+def steps_span(events: list) -> float:
+    """The profiled steps' wall time in seconds, without the profiler's own start and stop: from the first
+    ``STEP_MARK``'s start on the host to the end of the last GPU event (of the last mark where the GPU ran none)."""
+    marks = [e for e in events if e.name == STEP_MARK and e.device_type == torch.autograd.DeviceType.CPU]
+    ends = [e.time_range.end for e in events if on_device(e)] or [e.time_range.end for e in marks]
+    return (max(ends) - min(e.time_range.start for e in marks)) / 1e6
 
 
 def on_device(event: object) -> bool:

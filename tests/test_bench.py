@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench import train_throughput
-from bench.common import STEP_MARK, host_calls_at, idle_gaps, on_device
+from bench.common import STEP_MARK, host_calls_at, idle_gaps, on_device, steps_span
 from lit_adapter.errors import UserError
 
 CPU_SMOKE = dict(preset="tiny", accelerator="cpu", compile=False, micro_batch_size=2, seq_length=16, warmup_steps=0,
@@ -57,6 +57,18 @@ def test_the_gpu_timeline_holds_kernels_not_the_step_annotation_drawn_over_them(
     annotation = SimpleNamespace(device_type=cuda, is_user_annotation=True)  # STEP_MARK as the GPU's timeline shows it
     host = SimpleNamespace(device_type=cpu, is_user_annotation=False)
     assert [on_device(e) for e in (kernel, annotation, host)] == [True, False, False]
+
+
+def test_the_profiled_wall_runs_from_the_first_step_to_the_last_gpu_event_without_the_profilers_start_and_stop():
+    def event(name, start, end, device=torch.autograd.DeviceType.CPU, annotation=False):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                               is_user_annotation=annotation)
+
+    cuda = torch.autograd.DeviceType.CUDA
+    steps = [event(STEP_MARK, 1_000, 2_000), event(STEP_MARK, 2_000, 3_000), event("profiler start", 0, 900)]
+    gpu = [event("kernel", 1_500, 4_500, cuda), event(STEP_MARK, 1_400, 9_000, cuda, annotation=True)]
+    assert steps_span(steps + gpu) == 3_500 / 1e6  # the kernel's end, not the annotation's on the GPU's timeline
+    assert steps_span(steps) == 2_000 / 1e6  # no GPU: the steps themselves
 
 
 def test_a_gap_is_named_by_the_outermost_and_innermost_host_calls_running_then():
