@@ -8,6 +8,9 @@
 #   shapes: the real path in bf16 with smaller micro-batches (at most 4,096 and 2,048 tokens, as 4 x 512): whether
 #           its gap to the fixed shape follows the micro-batches' size (the default's average 8,191 tokens a step, in
 #           one micro-batch of 64 rows or two of about 32); each run logs the GPU's clock and power (logged_run.sh)
+#   newshapes: the real path in bf16 after 200 warm-up steps instead of 20 (its 30 timed steps otherwise meet about
+#           18 micro-batch shapes not seen before: whether what each new shape costs the host, such as cuDNN's plan
+#           for the attention, is the gap to the fixed shape), then with cuDNN's attention off (flash attention)
 #   warm:   compiled batch-1 decoding with one inductor cache, in this process and stored on disk (StoredDecode):
 #           a cold start that compiles both, then new processes: one that loads the stored step, one that compiles
 #           again with warm caches (first token)
@@ -39,6 +42,9 @@ for group in "$@"; do
         run recipe_bf16_profile 200 $T $R --runs 1 --profile true ;;
     shapes)
         for tokens in 4096 2048; do run "recipe_bf16_${tokens}" 170 $T $R --micro_batch_tokens $tokens; done ;;
+    newshapes)
+        run recipe_bf16_long_warmup 300 $T $R --warmup_steps 200
+        run recipe_bf16_flash_attention 170 $T $R --cudnn_attention false ;;
     warm)
         cache=$(mktemp -d)
         for run_modes in cold:compiled,stored warm:stored warm:compiled; do  # each start in a new process

@@ -100,7 +100,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
          tokenizer_path: Path = SHARED / "llama_tokenizer" / "tokenizer.model", dataset_size: int = ALPACA_SAMPLES,
          warmup_steps: int = 10, steps: int = 10, runs: int = 5, quality_steps: int = 200,
          eval_interval: int = 25, pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, profile: bool = False,
-         trace_path: Optional[Path] = None) -> None:
+         trace_path: Optional[Path] = None, cudnn_attention: bool = True) -> None:
     """Measure adapter training tokens/s on one device (random weights, AdamW), or FP8-vs-bf16 quality.
 
     Args:
@@ -128,6 +128,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         pad_to_multiple_of: Round each micro-batch's length up to a multiple of this (Alpaca and quality modes).
         profile: After the timed runs, profile 3 more steps and print the GPU's busy share and its top kernels.
         trace_path: With profile, also write the 3 profiled steps as a Chrome trace to this file (.json).
+        cudnn_attention: Let PyTorch's attention use cuDNN's kernels (its choice on Hopper GPUs; cuDNN prepares a plan
+            for each new shape); false leaves flash attention.
     """
     from lightning.fabric import Fabric
 
@@ -137,6 +139,7 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
     if seq_length > config.block_size:
         raise UserError(f"--seq_length {seq_length} exceeds {preset}'s block_size {config.block_size}")
     cuda = accelerator == "cuda"
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     fabric = Fabric(accelerator=accelerator, devices=1, **fabric_precision(precision, "cuda" if cuda else "cpu"))
     device = str(fabric.device)
     train = TrainArgs(global_batch_size=global_batch_size if alpaca or quality else micro_batch_size,
@@ -155,8 +158,11 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         steps_source = iter(data.train_steps()) if data else random_steps(config.vocab_size, micro_batch_size,
                                                                            seq_length, pin=cuda)
 
+        shapes: list[set[tuple[int, ...]]] = []  # each step's micro-batch shapes, in order
+
         def step() -> tuple[int, int]:
             batches, step_tokens = next(steps_source)
+            shapes.append({tuple(x.shape) for x, _ in batches})
             real = round(sum(x.numel() for x, _ in batches) * (1 - padding_fraction(batches)))  # on the host
             batches = fabric.to_device(batches)
             training_step(fabric, model, optimizer, batches, step_tokens, loss, train.max_grad_norm)
@@ -166,6 +172,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rates, real_rates, warmup = timed(step, warmup_steps, steps, runs, sync)
+        seen_in_warmup = set().union(*shapes[:warmup_steps])
+        new_shapes = len(set().union(*shapes[warmup_steps:]) - seen_in_warmup)
         if profile:
             print_profile(step, sync, top=24, trace_path=trace_path, tokens_of=lambda counts: counts[0])
     memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
@@ -177,7 +185,8 @@ def main(preset: str = "llama-7b", precision: TrainingPrecision = "bf16-true", m
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"\n{device_name}, torch {torch.__version__}, {preset}, {precision}, compile={compile}, "
           f"median of {runs} runs x {steps} steps (warm-up {warmup:.0f} s), {compiled_graphs()} compiled graphs"
-          f"{retries}")
+          f"{retries}; micro-batch shapes: {len(seen_in_warmup) + new_shapes} ({new_shapes} first seen in the timed "
+          "steps)")
     print("| setting | tokens/s (padded) | non-padding tokens/s | padding | peak GiB |\n|---|---|---|---|---|")
     print(f"| {shape} | {median(rates):,.0f} | {median(real_rates):,.0f} | "
           f"{1 - median(real_rates) / median(rates):.1%} | {memory:.2f} |")

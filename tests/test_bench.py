@@ -25,6 +25,24 @@ def test_profile_writes_the_profiled_steps_as_a_chrome_trace(tmp_path, capsys):
     assert "| fixed 2 x 16 |" in out and "GPU time per token 0.0 us over 96 tokens" in out  # 3 steps of 2 x 16
 
 
+def test_the_bench_counts_the_micro_batch_shapes_and_those_new_after_the_warm_up(tmp_path, capsys, alpaca_json,
+                                                                                llama_tokenizer):
+    train_throughput.main(**{**CPU_SMOKE, "warmup_steps": 1})
+    assert "micro-batch shapes: 1 (0 first seen in the timed steps)" in capsys.readouterr().out  # one fixed shape
+    recipe = dict(alpaca=True, global_batch_size=8, micro_batch_size=None, micro_batch_tokens=256, seq_length=128,
+                  dataset_size=200, warmup_steps=3, steps=2, runs=2, data_file=alpaca_json,
+                  tokenizer_path=llama_tokenizer)
+    train_throughput.main(**{**CPU_SMOKE, **recipe})
+    out = capsys.readouterr().out
+    # the same steps through the data pipeline alone
+    prepared = train_throughput.alpaca_data(tmp_path, alpaca_json, llama_tokenizer, 128, 200, vocab_size=512)
+    steps = iter(train_throughput.InstructionDataModule(prepared, 8, None, 256).train_steps())
+    shapes = [{tuple(x.shape) for x, _ in next(steps)[0]} for _ in range(3 + 2 * 2)]
+    warm, later = set().union(*shapes[:3]), set().union(*shapes[3:])
+    assert len(warm | later) > 1
+    assert f"micro-batch shapes: {len(warm | later)} ({len(later - warm)} first seen in the timed steps)" in out
+
+
 def test_a_trace_path_without_profile_is_refused(tmp_path):
     with pytest.raises(UserError, match="--trace_path writes the profiled steps: add --profile true"):
         train_throughput.main(**CPU_SMOKE, trace_path=tmp_path / "steps.json")
