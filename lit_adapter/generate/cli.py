@@ -215,16 +215,33 @@ def stream_samples(model: LLaMA, tokenizer: Tokenizer, request: Request, adapter
     select_row(model, adapter)
     texts = []
     for _ in range(num_samples):
-        start = time.perf_counter()
+        start, arrivals = time.perf_counter(), []
         tokens = generate(model, prompt_ids, request.max_new_tokens, request.temperature, request.top_k,
                           request.top_p, tokenizer.stop_ids, decode_fn)
-        ids = stream_text(tokenizer, tokens)
-        elapsed = time.perf_counter() - start
+        ids = stream_text(tokenizer, clocked(tokens, arrivals))
         texts.append(tokenizer.decode(ids))
-        print(f"{len(ids)} tokens in {elapsed:.2f} s: {len(ids) / elapsed:.1f} tokens/s", file=sys.stderr)
+        print(speed_line(len(ids), start, arrivals, time.perf_counter()), file=sys.stderr)
         if not ids:
             print(empty_answer_note(tokenizer, [style]), file=sys.stderr)
     return texts
+
+
+def clocked(tokens: Iterator[int], arrivals: list[float]) -> Iterator[int]:
+    """``tokens``, the time each one arrives appended to ``arrivals``."""
+    for token in tokens:
+        arrivals.append(time.perf_counter())
+        yield token
+
+
+def speed_line(n_tokens: int, start: float, arrivals: list[float], end: float) -> str:
+    """An answer's timing: its ``n_tokens`` in all, the first token's wait (prefill, and a first call's compiling
+    or loading of the decoding step) and the decoding speed after it."""
+    line = f"{n_tokens} token{'s' * (n_tokens != 1)} in {end - start:.2f} s"
+    if n_tokens:
+        line += f": the first after {arrivals[0] - start:.2f} s"
+    if n_tokens > 1:
+        line += f", then {(n_tokens - 1) / max(arrivals[n_tokens - 1] - arrivals[0], 1e-9):.1f} tokens/s"
+    return line
 
 
 def empty_answer_note(tokenizer: Tokenizer, styles: list[str]) -> str:

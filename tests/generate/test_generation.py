@@ -550,7 +550,7 @@ def reference_text(stories: dict, prompt: str, max_new_tokens: int) -> tuple[str
 
 
 LOADED = re.compile(r"Loaded \S+ in \d+\.\d\d s")
-SPEED = re.compile(r"(\d+) tokens in \d+\.\d\d s: \d+\.\d tokens/s")
+SPEED = re.compile(r"(\d+) tokens in \d+\.\d\d s: the first after \d+\.\d\d s, then \d+\.\d tokens/s")
 
 
 def test_generate_base_prints_the_reference_continuation(stories):
@@ -565,6 +565,17 @@ def test_generate_base_prints_the_reference_continuation(stories):
     speeds = [m for line in lines if (m := SPEED.fullmatch(line))]
     assert len(speeds) == 1 and int(speeds[0][1]) == n_tokens, result.stderr
     assert "Peak memory" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_speed_line_separates_the_first_tokens_wait_from_the_decoding_speed():
+    arrivals = [12.0, 12.5, 13.0, 13.5, 14.0]  # a stored step loaded before the first token, then 2 tokens a second
+    after = "the first after 2.00 s, then 2.0 tokens/s"
+    assert serving.speed_line(5, 10.0, arrivals, 14.2) == f"5 tokens in 4.20 s: {after}"
+    assert serving.speed_line(4, 10.0, arrivals, 14.2) == f"4 tokens in 4.20 s: {after}"  # a stop token came fifth
+    assert serving.speed_line(1, 10.0, arrivals[:2], 12.1) == "1 token in 2.10 s: the first after 2.00 s"
+    assert serving.speed_line(0, 10.0, [12.0], 12.1) == "0 tokens in 2.10 s"  # the stop token came first
+    arrived = []
+    assert list(serving.clocked(iter([7, 8]), arrived)) == [7, 8] and len(arrived) == 2 and arrived[0] <= arrived[1]
 
 
 def test_main_with_num_samples_reuses_the_cache(stories, capsys):
