@@ -15,6 +15,14 @@ from lit_adapter.errors import UserError
 CPU_SMOKE = dict(preset="tiny", accelerator="cpu", compile=False, micro_batch_size=2, seq_length=16, warmup_steps=0,
                  steps=1, runs=1)
 
+CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+
+def event(name, start, end, device=CPU, annotation=False, parent=None):
+    """A stand-in for a profiler event: what bench.common reads of one."""
+    return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
+                           is_user_annotation=annotation, cpu_parent=parent)
+
 
 def test_profile_writes_the_profiled_steps_as_a_chrome_trace(tmp_path, capsys):
     trace = tmp_path / "steps.json"
@@ -70,33 +78,24 @@ def test_idle_gaps_are_the_uncovered_intervals_longer_than_the_minimum():
 
 
 def test_the_gpu_timeline_holds_kernels_not_the_step_annotation_drawn_over_them():
-    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
-    kernel = SimpleNamespace(device_type=cuda, is_user_annotation=False)
-    annotation = SimpleNamespace(device_type=cuda, is_user_annotation=True)  # STEP_MARK as the GPU's timeline shows it
-    host = SimpleNamespace(device_type=cpu, is_user_annotation=False)
+    kernel = event("kernel", 0, 1, CUDA)
+    annotation = event(STEP_MARK, 0, 1, CUDA, annotation=True)  # STEP_MARK as the GPU's timeline shows it
+    host = event("aten::mm", 0, 1)
     assert [on_device(e) for e in (kernel, annotation, host)] == [True, False, False]
 
 
 def test_the_profiled_wall_runs_from_the_first_step_to_the_last_gpu_event_without_the_profilers_start_and_stop():
-    def event(name, start, end, device=torch.autograd.DeviceType.CPU, annotation=False):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device,
-                               is_user_annotation=annotation)
-
-    cuda = torch.autograd.DeviceType.CUDA
     steps = [event(STEP_MARK, 1_000, 2_000), event(STEP_MARK, 2_000, 3_000), event("profiler start", 0, 900)]
-    gpu = [event("kernel", 1_500, 4_500, cuda), event(STEP_MARK, 1_400, 9_000, cuda, annotation=True)]
+    gpu = [event("kernel", 1_500, 4_500, CUDA), event(STEP_MARK, 1_400, 9_000, CUDA, annotation=True)]
     assert steps_span(steps + gpu) == 3_500 / 1e6  # the kernel's end, not the annotation's on the GPU's timeline
     assert steps_span(steps) == 2_000 / 1e6  # no GPU: the steps themselves
 
 
 def test_a_gap_is_named_by_the_outermost_and_innermost_host_calls_running_then():
-    def call(name, start, end, parent=None):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), cpu_parent=parent)
-
-    step = call(STEP_MARK, 0, 100)
-    loader = call("DataLoader.__next__", 10, 40, step)
-    pin = call("aten::pin_memory", 20, 30, loader)
-    done = call("aten::mm", 41, 45, step)
+    step = event(STEP_MARK, 0, 100)
+    loader = event("DataLoader.__next__", 10, 40, parent=step)
+    pin = event("aten::pin_memory", 20, 30, parent=loader)
+    done = event("aten::mm", 41, 45, parent=step)
     host = [step, loader, pin, done]
     starts = [e.time_range.start for e in host]
     assert host_calls_at(host, starts, 25) == "DataLoader.__next__ > aten::pin_memory"
