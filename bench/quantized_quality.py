@@ -1,13 +1,16 @@
-"""What a quantized frozen base costs in quality on a real model, on the CPU: SmolLM2-135M-Instruct (converted
-from its GGUF) and the real Alpaca records prepared for it (35 validation records, answers cut at 96 tokens).
+"""What a quantized frozen base costs in quality on a real model, on the CPU: a converted checkpoint (by default
+SmolLM2-135M-Instruct from its GGUF) and the real Alpaca records prepared for it (35 validation records, answers cut
+at ``max_seq_length`` tokens).
 
-    python bench/quantized_quality.py                 # the files of ../shared/data; about 4 minutes on 2 cores
+    python bench/quantized_quality.py                 # SmolLM2 from ../shared/data; about 4 minutes on 2 cores
+    python bench/quantized_quality.py --format llama2c \
+        --checkpoint_path ../shared/data/stories260K/stories260K.bin      # a model trained in float32
 
 For 32-true and nf4-base: the validation loss at step 0 and after ``steps`` steps of finetune/adapter.py's recipe
-(the tests' SmolLM2 run: global batch 8, learning rate 0.03, warm-up 4, the top 16 layers); the nf4-trained adapter
-on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized: its kernel needs
-a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 128, gpt-fast's size) and
-nf4-base. The tables come last.
+(global batch 8, learning rate 0.03, warm-up 4, the recipe's adapted layers unless ``start_layer`` is given); the
+nf4-trained adapter on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized:
+its kernel needs a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 128,
+gpt-fast's size) and nf4-base. The tables come last.
 """
 
 import math
@@ -16,7 +19,7 @@ import runpy
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -37,52 +40,62 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def main(gguf: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf",
-         data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json", steps: int = 16) -> None:
-    """Measure the validation loss and perplexity of SmolLM2 with quantized bases.
+def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+         format: Literal["meta", "hf", "llama2c", "gguf"] = "gguf",
+         data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json", steps: int = 16,
+         max_seq_length: int = 96, start_layer: Optional[int] = None) -> None:
+    """Measure the validation loss and perplexity of a real model with quantized bases.
 
     Args:
-        gguf: The SmolLM2-135M-Instruct GGUF file.
+        checkpoint_path: The model to convert (scripts/convert_checkpoint.py's ``--checkpoint_path``).
+        format: Its layout (scripts/convert_checkpoint.py's ``--format``).
         data_file: Alpaca records (JSON).
         steps: Fine-tuning steps of each run.
+        max_seq_length: Tokens a record keeps (prompt and answer).
+        start_layer: The first adapted layer; None: the recipe's default for the model.
     """
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, data = Path(tmp) / "checkpoint", Path(tmp) / "data"
         convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
-        run_cli(convert, ["--format", "gguf", "--checkpoint_path", str(gguf), "--output_dir", str(checkpoint)])
+        run_cli(convert, ["--format", format, "--checkpoint_path", str(checkpoint_path),
+                          "--output_dir", str(checkpoint)])
         records, _ = load_records(data_file, skip_bad_records=True)
-        prepare_dataset(records, Tokenizer(checkpoint), data, val_size=35, max_seq_length=96, style="alpaca")
-        runs = {precision: fine_tune(checkpoint, data, Path(tmp) / precision, precision, steps)
+        prepare_dataset(records, Tokenizer(checkpoint), data, val_size=35, max_seq_length=max_seq_length,
+                        style="alpaca")
+        runs = {precision: fine_tune(checkpoint, data, Path(tmp) / precision, precision, steps, start_layer)
                 for precision in ("32-true", "nf4-base")}
         losses = {precision: (loss(checkpoint, data, precision), loss(checkpoint, data, precision, adapter))
                   for precision, adapter in runs.items()}
         nf4_on_full = loss(checkpoint, data, "32-true", runs["nf4-base"])
         perplexity = {name: math.exp(loss(checkpoint, data, precision, quantize=quantize)) for name, precision, quantize
                       in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
-                          ("int4-base: groups of 32 here (dequantized)", "32-true", int4_reference),
+                          ("int4-base in its own groups (dequantized)", "32-true", int4_reference),
                           ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
                           ("nf4-base", "nf4-base", None))}
-    print(f"\nSmolLM2-135M-Instruct ({gguf.name}), 35 Alpaca validation records, {steps} steps, "
+    print(f"\n{checkpoint_path.name}, 35 Alpaca validation records of at most {max_seq_length} tokens, {steps} steps, "
           f"torch {torch.__version__}")
     print("| base | val loss, step 0 | after the steps | drop | of 32-true's drop |\n|---|---|---|---|---|")
     full_drop = losses["32-true"][0] - losses["32-true"][1]
     for precision, (start, end) in losses.items():
         print(f"| {precision} | {start:.4f} | {end:.4f} | {start - end:.4f} | {(start - end) / full_drop:.1%} |")
     print(f"| nf4-base's adapter on the 32-true base | | {nf4_on_full:.4f} | | "
-          f"{nf4_on_full / losses['nf4-base'][1] - 1:+.2%} against its own base |")
+          f"{nf4_on_full / losses['nf4-base'][1] - 1:+.2%} against its own base, "
+          f"{nf4_on_full / losses['32-true'][1] - 1:+.2%} against 32-true's adapter |")
     print("\n| base | perplexity | against 32-true |\n|---|---|---|")
     for name, value in perplexity.items():
         print(f"| {name} | {value:.3f} | {value / perplexity['32-true'] - 1:+.2%} |")
 
 
-def fine_tune(checkpoint: Path, data: Path, out_dir: Path, precision: str, steps: int) -> Path:
+def fine_tune(checkpoint: Path, data: Path, out_dir: Path, precision: str, steps: int,
+              start_layer: Optional[int]) -> Path:
     """finetune/adapter.py's command line in this process; the adapter file it wrote."""
     options = {"checkpoint_dir": checkpoint, "data_dir": data, "out_dir": out_dir, "precision": precision,
-               "accelerator": "cpu", "adapter.start_layer": 14, "train.max_steps": steps,
+               "accelerator": "cpu", "adapter.start_layer": start_layer, "train.max_steps": steps,
                "train.global_batch_size": 8, "train.micro_batch_size": 8, "train.learning_rate": 0.03,
                "train.warmup_steps": 4, "eval.interval": steps, "eval.max_batches": 1, "eval.max_new_tokens": 0}
-    run_cli(fabric_loop.main, [item for key, value in options.items() for item in (f"--{key}", str(value))])
+    run_cli(fabric_loop.main, [item for key, value in options.items() if value is not None
+                               for item in (f"--{key}", str(value))])
     return out_dir / "adapter.safetensors"
 
 
