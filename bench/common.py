@@ -116,7 +116,7 @@ def print_profile(step: Callable[[], object], sync: Callable[[], None], steps: i
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         mean_us = e.self_device_time_total / e.count
         print(f"{e.self_device_time_total / 1e6 / busy:6.1%} {e.count:6d}x {mean_us:8.1f} us  {e.key[:100]}")
-    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    host = [e for e in events if on_host(e)]
     print("host time by call (self):")
     for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:10]:
         print(f"{e.self_cpu_time_total / 1e6 / wall:6.1%} {e.count:6d}x  {e.key[:110]}")
@@ -127,8 +127,7 @@ def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: in
     """Where the GPU waits: its idle intervals of at least ``min_gap_us`` between the first and last device event,
     by what the host was running in each one's middle (the outermost call > the innermost)."""
     device = [(e.time_range.start, e.time_range.end) for e in events if on_device(e)]
-    host = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CPU),
-                  key=lambda e: e.time_range.start)
+    host = sorted(filter(on_host, events), key=lambda e: e.time_range.start)
     gaps = idle_gaps(device, min_gap_us)
     if not gaps:
         return
@@ -145,9 +144,14 @@ def print_idle_gaps(events: list, wall: float, min_gap_us: float = 20.0, top: in
 def steps_span(events: list) -> float:
     """The profiled steps' wall time in seconds, without the profiler's own start and stop: from the first
     ``STEP_MARK``'s start on the host to the end of the last GPU event (of the last mark where the GPU ran none)."""
-    marks = [e for e in events if e.name == STEP_MARK and e.device_type == torch.autograd.DeviceType.CPU]
+    marks = [e for e in events if e.name == STEP_MARK and on_host(e)]
     ends = [e.time_range.end for e in events if on_device(e)] or [e.time_range.end for e in marks]
     return (max(ends) - min(e.time_range.start for e in marks)) / 1e6
+
+
+def on_host(event: object) -> bool:
+    """Whether a profiler event is the host's (a call on the CPU, or an annotation as the host recorded it)."""
+    return event.device_type == torch.autograd.DeviceType.CPU
 
 
 def on_device(event: object) -> bool:
