@@ -3,18 +3,20 @@ SmolLM2-135M-Instruct from its GGUF) and the real Alpaca records prepared for it
 at ``max_seq_length`` tokens).
 
     python bench/quantized_quality.py                 # SmolLM2 from ../shared/data; about 4 minutes on 2 cores
-    python bench/quantized_quality.py --format llama2c \
-        --checkpoint_path ../shared/data/stories260K/stories260K.bin      # a model trained in float32
+    python bench/quantized_quality.py --format llama2c --max_seq_length 512 \
+        --checkpoint_path ../shared/data/stories260K/stories260K.bin      # trained in float32; 20 seconds
 
 For 32-true and nf4-base: the validation loss at step 0 and after ``steps`` steps of finetune/adapter.py's recipe
 (global batch 8, learning rate 0.03, warm-up 4, the recipe's adapted layers unless ``start_layer`` is given); the
 nf4-trained adapter on the unquantised base; the base's perplexity with int8-base, int4-base's weights (dequantized:
 its kernel needs a GPU, and bench/generate_throughput.py checks it against them there; also in groups of 128,
-gpt-fast's size) and nf4-base. The tables come last.
+gpt-fast's size), nf4-base and, where bitsandbytes is installed, its NF4 (dequantized: the other library nf4-base
+could use; bench/nf4_libraries.py compares their speed). The tables come last.
 """
 
 import math
 from functools import partial
+from importlib.util import find_spec
 import runpy
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import int4_reference  # noqa: E402
+from bench.nf4_libraries import bitsandbytes_nf4_reference  # noqa: E402
 from lit_adapter.checkpoint import adapter_config, load_adapter, load_config, load_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.data.module import InstructionDataModule  # noqa: E402
@@ -72,7 +75,9 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
                       in (("32-true", "32-true", None), ("int8-base", "int8-base", None),
                           ("int4-base in its own groups (dequantized)", "32-true", int4_reference),
                           ("int4 in groups of 128 (dequantized)", "32-true", partial(int4_reference, group_size=128)),
-                          ("nf4-base", "nf4-base", None))}
+                          ("nf4-base", "nf4-base", None),
+                          *([("nf4 through bitsandbytes (dequantized)", "32-true", bitsandbytes_nf4_reference)]
+                            if find_spec("bitsandbytes") else []))}
     print(f"\n{checkpoint_path.name}, 35 Alpaca validation records of at most {max_seq_length} tokens, {steps} steps, "
           f"torch {torch.__version__}")
     print("| base | val loss, step 0 | after the steps | drop | of 32-true's drop |\n|---|---|---|---|---|")

@@ -1,0 +1,134 @@
+"""nf4-base's library: torchao's NF4 tensor against bitsandbytes' 4-bit layer, layer by layer (issue 25).
+
+    python bench/nf4_libraries.py          # needs a GPU, torchao and bitsandbytes (pip install bitsandbytes)
+
+Both store QLoRA's format (NF4 in blocks of 64, the blocks' scales in 8 bits per 256), and their quality is the same
+(bench/RESULTS.md: SmolLM2's and TinyStories 260K's perplexities through either differ by at most 0.2%); what
+decides is speed, memory and what runs under ``torch.compile``. For each of the preset's four linear shapes (random
+bf16 weights) and each layer (bf16; torchao's NF4 as nf4-base stores it, eager and compiled; bitsandbytes'
+``Linear4bit``, eager and compiled):
+
+- training: the forward and the input's gradient for ``tokens`` rows (the base is frozen: no weight gradient);
+- decoding: the forward of one row, 100 calls captured in one CUDA graph, as the decode paths replay them.
+
+It prints milliseconds per call, the bytes each layer stores, and the output's error against bf16 (the error of the
+4-bit format, the same for both libraries but for rounding).
+"""
+
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cuda_time, median, stored_bytes  # noqa: E402
+from bench.fused_kernels import graph_ms  # noqa: E402
+from bench.low_bit_kernels import shapes  # noqa: E402
+from lit_adapter.cli import run_cli  # noqa: E402
+from lit_adapter.config import Config  # noqa: E402
+from lit_adapter.errors import message_line  # noqa: E402
+from lit_adapter.quantize import frozen_linears  # noqa: E402
+from lit_adapter.quantize.low_bit import NF4_BLOCK, NF4_SCALER_BLOCK, quantize_nf4  # noqa: E402
+
+
+def frozen_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    return linear
+
+
+def torchao_nf4(weight: torch.Tensor) -> nn.Module:
+    """The layer as nf4-base stores it (``quantize_nf4``: torchao's NF4 tensor as the ``nn.Linear``'s weight)."""
+    linear = frozen_linear(weight)
+    quantize_nf4(nn.Sequential(linear))
+    return linear
+
+
+def bitsandbytes_nf4(weight: torch.Tensor) -> nn.Module:
+    """bitsandbytes' QLoRA layer: NF4 in blocks of 64 with compressed (double-quantised) statistics."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(weight.size(1), weight.size(0), bias=False, compute_dtype=weight.dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.clone(), blocksize=NF4_BLOCK, compress_statistics=True,
+                                     quant_type="nf4", module=layer).to(weight.device)  # quantizes it
+    return layer
+
+
+def bitsandbytes_nf4_reference(block: nn.Module) -> int:
+    """A quantizer that keeps plain weights: the block's frozen weights through bitsandbytes' NF4 (as
+    ``bitsandbytes_nf4`` stores them) and back, to compare its quality with nf4-base's (bench/quantized_quality.py)."""
+    import bitsandbytes.functional as bnb
+
+    linears = frozen_linears(block)
+    for _, _, linear in linears:
+        weight = linear.weight.detach()
+        packed, state = bnb.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
+        linear.weight = nn.Parameter(bnb.dequantize_4bit(packed, state).to(weight.dtype), requires_grad=False)
+    return len(linears)
+
+
+LAYERS: dict[str, Callable[[torch.Tensor], nn.Module]] = {
+    "bf16": frozen_linear,
+    "torchao NF4": torchao_nf4,
+    "torchao NF4, compiled": lambda weight: torch.compile(torchao_nf4(weight)),
+    "bitsandbytes NF4": bitsandbytes_nf4,
+    "bitsandbytes NF4, compiled": lambda weight: torch.compile(bitsandbytes_nf4(weight)),
+}
+
+
+def training_ms(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Milliseconds of the forward and the input's gradient (the weight is frozen)."""
+    return median(cuda_time(lambda: layer(x).sum().backward(), repeats, warmup=3)) * 1e3
+
+
+def relative_error(layer: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
+    with torch.no_grad():
+        return ((layer(x).float() - expected).norm() / expected.norm()).item()
+
+
+def main(preset: str = "llama-7b", tokens: int = 2048, repeats: int = 20) -> None:
+    """Time each library's NF4 layer on each of the preset's linear shapes; print one table and the block's totals.
+
+    Args:
+        preset: Model preset whose linear shapes are timed (lit_adapter.config.PRESETS).
+        tokens: Rows of a training micro-batch (4 x 512 by default).
+        repeats: Timings of each figure (the median is reported).
+    """
+    config = Config.from_name(preset)
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {preset}, NF4 blocks of {NF4_BLOCK} "
+          f"(scales per {NF4_SCALER_BLOCK}), median of {repeats}")
+    print(f"| layer (in -> out) | library | training, {tokens} rows (ms) | decoding, 1 row (us) | MB stored | "
+          "error against bf16 |\n|---|---|---|---|---|---|")
+    totals: dict[str, list[float]] = {}
+    for name, (n_in, n_out) in shapes(config).items():
+        weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
+        x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        row = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
+        expected = F.linear(row, weight).float()
+        for library, build in LAYERS.items():
+            try:
+                layer = build(weight)
+                train = training_ms(layer, x, repeats)
+                with torch.no_grad():
+                    decode = graph_ms(layer, (row,), repeats) * 1e3
+                err, mb = relative_error(layer, row, expected), stored_bytes(layer) / 1e6
+            except Exception as failure:  # a missing library, or what one cannot run: say so, go on
+                print(f"| {name} ({n_in} -> {n_out}) | {library} | failed: {message_line(failure)[:140]} | | | |")
+                continue
+            total = totals.setdefault(library, [0.0, 0.0, 0.0])
+            total[0], total[1], total[2] = total[0] + train, total[1] + decode, total[2] + mb
+            print(f"| {name} ({n_in} -> {n_out}) | {library} | {train:.3f} | {decode:.1f} | {mb:.1f} | {err:.4f} |")
+    print("\nall four layers of a block")
+    print(f"| library | training, {tokens} rows (ms) | decoding, 1 row (us) | MB stored |\n|---|---|---|---|")
+    for library, (train, decode, mb) in totals.items():
+        print(f"| {library} | {train:.2f} | {decode:.1f} | {mb:.1f} |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
