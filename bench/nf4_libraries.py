@@ -17,7 +17,7 @@ It prints milliseconds per call, the bytes each layer stores, and the output's e
 
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,12 @@ def training_ms(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
     return median(cuda_time(lambda: layer(x).sum().backward(), repeats, warmup=3)) * 1e3
 
 
+def decoding_us(layer: nn.Module, row: torch.Tensor, repeats: int) -> float:
+    """Microseconds of one row's forward, replayed from a CUDA graph."""
+    with torch.no_grad():
+        return graph_ms(layer, (row,), repeats) * 1e3
+
+
 def relative_error(layer: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
     with torch.no_grad():
         return ((layer(x).float() - expected).norm() / expected.norm()).item()
@@ -105,30 +111,43 @@ def main(preset: str = "llama-7b", tokens: int = 2048, repeats: int = 20) -> Non
           f"(scales per {NF4_SCALER_BLOCK}), median of {repeats}")
     print(f"| layer (in -> out) | library | training, {tokens} rows (ms) | decoding, 1 row (us) | MB stored | "
           "error against bf16 |\n|---|---|---|---|---|---|")
-    totals: dict[str, list[float]] = {}
+    totals: dict[str, dict[str, float]] = {}
     for name, (n_in, n_out) in shapes(config).items():
         weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
         x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         row = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
         expected = F.linear(row, weight).float()
         for library, build in LAYERS.items():
-            try:
-                layer = build(weight)
-                train = training_ms(layer, x, repeats)
-                with torch.no_grad():
-                    decode = graph_ms(layer, (row,), repeats) * 1e3
-                err, mb = relative_error(layer, row, expected), stored_bytes(layer) / 1e6
-            except Exception as failure:  # a missing library, or what one cannot run: say so, go on
-                print(f"| {name} ({n_in} -> {n_out}) | {library} | failed: {message_line(failure)[:140]} | | | |")
+            layer = attempt(lambda: build(weight))
+            if isinstance(layer, str):
+                print(f"| {name} ({n_in} -> {n_out}) | {library} | {layer} | | | |")
                 continue
-            total = totals.setdefault(library, [0.0, 0.0, 0.0])
-            total[0], total[1], total[2] = total[0] + train, total[1] + decode, total[2] + mb
-            print(f"| {name} ({n_in} -> {n_out}) | {library} | {train:.3f} | {decode:.1f} | {mb:.1f} | {err:.4f} |")
-    print("\nall four layers of a block")
+            cells = {"training": attempt(lambda: training_ms(layer, x, repeats)),
+                     "decoding": attempt(lambda: decoding_us(layer, row, repeats)),
+                     "MB": stored_bytes(layer) / 1e6}
+            for column, value in cells.items():
+                if not isinstance(value, str):
+                    totals.setdefault(library, {}).setdefault(column, 0.0)
+                    totals[library][column] += value
+            print(f"| {name} ({n_in} -> {n_out}) | {library} | {cell(cells['training'], 3)} | "
+                  f"{cell(cells['decoding'], 1)} | {cells['MB']:.1f} | {relative_error(layer, row, expected):.4f} |")
+    print("\nall four layers of a block (a sum over the layers that ran)")
     print(f"| library | training, {tokens} rows (ms) | decoding, 1 row (us) | MB stored |\n|---|---|---|---|")
-    for library, (train, decode, mb) in totals.items():
-        print(f"| {library} | {train:.2f} | {decode:.1f} | {mb:.1f} |")
+    for library, sums in totals.items():
+        print(f"| {library} | " + " | ".join(cell(sums.get(c, "failed"), 2) for c in ("training", "decoding", "MB"))
+              + " |")
 
+
+def attempt(measure: Callable[[], Any]) -> Any:
+    """``measure()``, or where it fails (a missing library, what a layer cannot run) a one-line "failed: ..."."""
+    try:
+        return measure()
+    except Exception as failure:
+        return f"failed: {message_line(failure)[:100]}"
+
+
+def cell(value: Union[float, str], digits: int) -> str:
+    return value if isinstance(value, str) else f"{value:.{digits}f}"
 
 if __name__ == "__main__":
     run_cli(main)
