@@ -10,7 +10,8 @@
 #           coordinate descent searching all directions (torchao's recommended Inductor setting; int8-base read its
 #           weights at 37% of the bandwidth limit without)
 #   libraries: nf4-base's layers through torchao and through bitsandbytes, training and decoding (bench/nf4_libraries.py;
-#           the bitsandbytes wheel, 43 MB, travels in place of MSLK's: see bench/RESULTS.md)
+#           the bitsandbytes wheel, 43 MB, travels in place of MSLK's: see bench/RESULTS.md), then 7B batch-1
+#           decoding with nf4-base compiled (the CUDA graph's eager NF4 ran 8.1 tokens/s)
 #   smoke:  TinyLlama-1.1B, one short run of every precision's training and generation paths (no timing)
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
@@ -39,7 +40,8 @@ for group in "$@"; do
         run decode_bf16_all_directions 240 $G --precision bf16-true --modes compiled
         unset TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS ;;
     libraries)
-        run nf4_libraries 300 python3 bench/nf4_libraries.py ;;
+        run nf4_libraries 300 python3 bench/nf4_libraries.py
+        run decode_nf4_compiled 200 $G --precision nf4-base --modes compiled ;;
     smoke)
         for precision in nf4-base fp8-base; do
             run "smoke_train_$precision" 60 $T --preset tinyllama-1.1b --precision $precision --warmup_steps 1 --steps 1 --runs 1
