@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Speed round 3 (issue 29) on one GPU, random LLaMA-7B, in groups that fit one device call:
-#   fp8:    fine-tuning with fp8-base on the recipe's real path (dynamic shapes); its fixed shape 4 x 512 is in
-#           quantized_bases.sh's train group
+#   fp8:    fine-tuning with fp8-base on the recipe's real path (dynamic shapes), then after 200 warm-up steps (as
+#           newshapes does for bf16); its fixed shape 4 x 512 is in quantized_bases.sh's train group
 #   recipe: the recipe's real path in bf16, then with the allocator's expandable segments (varying shapes may make
 #           it free its cache and wait for the GPU), then profiled: where its time goes against the fixed shape, and
 #           what the host runs while the GPU waits
@@ -35,7 +35,8 @@ R="--alpaca true --global_batch_size 64 --micro_batch_size null --micro_batch_to
 for group in "$@"; do
     case $group in
     fp8)
-        run recipe_fp8 170 $T $R --precision fp8-base ;;
+        run recipe_fp8 170 $T $R --precision fp8-base
+        run recipe_fp8_long_warmup 300 $T $R --precision fp8-base --warmup_steps 200 ;;
     recipe)
         run recipe_bf16 170 $T $R
         PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True run recipe_bf16_expandable 170 $T $R
