@@ -81,6 +81,10 @@ LAYERS: dict[str, Callable[[torch.Tensor], nn.Module]] = {
 }
 
 
+SUMMED = ("training", "decoding", "MB")
+"""The columns that add up over a block's four layers."""
+
+
 def training_ms(layer: nn.Module, x: torch.Tensor, repeats: int) -> float:
     """Milliseconds of the forward and the input's gradient (the weight is frozen)."""
     return median(cuda_time(lambda: layer(x).sum().backward(), repeats, warmup=3)) * 1e3
@@ -124,18 +128,18 @@ def main(preset: str = "llama-7b", tokens: int = 2048, repeats: int = 20) -> Non
                 continue
             cells = {"training": attempt(lambda: training_ms(layer, x, repeats)),
                      "decoding": attempt(lambda: decoding_us(layer, row, repeats)),
-                     "MB": stored_bytes(layer) / 1e6}
-            for column, value in cells.items():
-                if not isinstance(value, str):
+                     "MB": stored_bytes(layer) / 1e6,
+                     "error": attempt(lambda: relative_error(layer, row, expected))}
+            for column in SUMMED:
+                if not isinstance(cells[column], str):
                     totals.setdefault(library, {}).setdefault(column, 0.0)
-                    totals[library][column] += value
+                    totals[library][column] += cells[column]
             print(f"| {name} ({n_in} -> {n_out}) | {library} | {cell(cells['training'], 3)} | "
-                  f"{cell(cells['decoding'], 1)} | {cells['MB']:.1f} | {relative_error(layer, row, expected):.4f} |")
+                  f"{cell(cells['decoding'], 1)} | {cells['MB']:.1f} | {cell(cells['error'], 4)} |")
     print("\nall four layers of a block (a sum over the layers that ran)")
     print(f"| library | training, {tokens} rows (ms) | decoding, 1 row (us) | MB stored |\n|---|---|---|---|")
     for library, sums in totals.items():
-        print(f"| {library} | " + " | ".join(cell(sums.get(c, "failed"), 2) for c in ("training", "decoding", "MB"))
-              + " |")
+        print(f"| {library} | " + " | ".join(cell(sums.get(column, "failed"), 2) for column in SUMMED) + " |")
 
 
 def attempt(measure: Callable[[], Any]) -> Any:
