@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: random-weight models on the GPU and the machine's two ceilings."""
+"""Helpers shared by the benchmarks: random-weight models on the GPU, timing, the memory ceiling and profiles."""
 
 import bisect
 import statistics
@@ -69,12 +69,6 @@ def cuda_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> list[f
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-def matmul_tflops(n: int = 8192) -> float:
-    """Measured bf16 matrix-multiply rate (TFLOP/s) on random data: the compute ceiling."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / median(cuda_time(lambda: a @ b, repeats=10, warmup=3)) / 1e12
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
