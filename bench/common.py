@@ -4,13 +4,14 @@ import bisect
 import statistics
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from lit_adapter.adapter import mark_only_adapter_trainable
 from lit_adapter.checkpoint import build_model
 from lit_adapter.config import Config
+from lit_adapter.errors import message_line
 from lit_adapter.model import LLaMA, init_weights
 from lit_adapter.quantize import frozen_linears
 from lit_adapter.quantize.low_bit import int4_round_trip
@@ -76,6 +77,19 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     return 2 * src.numel() / median(cuda_time(lambda: dst.copy_(src), repeats=10, warmup=3))
+
+
+def attempt(measure: Callable[[], Any]) -> Any:
+    """``measure()``, or where it fails (a missing library, what a layer cannot run) a one-line "failed: ..."."""
+    try:
+        return measure()
+    except Exception as failure:
+        return f"failed: {message_line(failure)[:100]}"
+
+
+def cell(value: Union[float, str], digits: int) -> str:
+    """A figure with ``digits`` decimals, or the failure that ``attempt`` returned in its place."""
+    return value if isinstance(value, str) else f"{value:.{digits}f}"
 
 
 STEP_MARK = "profiled step"

@@ -17,7 +17,7 @@ It prints milliseconds per call, the bytes each layer stores, and the output's e
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,12 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cuda_time, median, stored_bytes  # noqa: E402
+from bench.common import attempt, cell, cuda_time, median, stored_bytes  # noqa: E402
 from bench.fused_kernels import graph_ms  # noqa: E402
 from bench.low_bit_kernels import shapes  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.errors import message_line  # noqa: E402
 from lit_adapter.quantize import frozen_linears  # noqa: E402
 from lit_adapter.quantize.low_bit import NF4_BLOCK, NF4_SCALER_BLOCK, quantize_nf4  # noqa: E402
 
@@ -141,17 +140,6 @@ def main(preset: str = "llama-7b", tokens: int = 2048, repeats: int = 20) -> Non
     for library, sums in totals.items():
         print(f"| {library} | " + " | ".join(cell(sums.get(column, "failed"), 2) for column in SUMMED) + " |")
 
-
-def attempt(measure: Callable[[], Any]) -> Any:
-    """``measure()``, or where it fails (a missing library, what a layer cannot run) a one-line "failed: ..."."""
-    try:
-        return measure()
-    except Exception as failure:
-        return f"failed: {message_line(failure)[:100]}"
-
-
-def cell(value: Union[float, str], digits: int) -> str:
-    return value if isinstance(value, str) else f"{value:.{digits}f}"
 
 if __name__ == "__main__":
     run_cli(main)

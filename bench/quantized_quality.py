@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import int4_reference  # noqa: E402
+from bench.common import attempt, cell, int4_reference  # noqa: E402
 from bench.nf4_libraries import bitsandbytes_nf4_reference  # noqa: E402
 from lit_adapter.checkpoint import adapter_config, load_adapter, load_config, load_model  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
@@ -77,7 +77,7 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
                 for precision in (full, "nf4-base")}
         losses = {precision: (val_loss(precision), val_loss(precision, adapter)) for precision, adapter in runs.items()}
         nf4_on_full = val_loss(full, runs["nf4-base"])
-        perplexity = {name: math.exp(val_loss(precision, quantize=quantize))
+        perplexity = {name: attempt(lambda: math.exp(val_loss(precision, quantize=quantize)))  # a row may fail alone
                       for name, precision, quantize in perplexity_rows(full, device)}
     print(f"\n{checkpoint_path.name} on {accelerator}, 35 Alpaca validation records of at most {max_seq_length} "
           f"tokens, {steps} steps, torch {torch.__version__}")
@@ -90,7 +90,8 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
           f"{nf4_on_full / losses[full][1] - 1:+.2%} against {full}'s adapter |")
     print(f"\n| base | perplexity | against {full} |\n|---|---|---|")
     for name, value in perplexity.items():
-        print(f"| {name} | {value:.3f} | {value / perplexity[full] - 1:+.2%} |")
+        against = "" if isinstance(value, str) else f"{value / perplexity[full] - 1:+.2%}"
+        print(f"| {name} | {cell(value, 3)} | {against} |")
 
 
 def perplexity_rows(full: str, device: torch.device) -> list[tuple[str, str, Optional[Callable]]]:
