@@ -84,7 +84,7 @@ def attempt(measure: Callable[[], Any]) -> Any:
     try:
         return measure()
     except Exception as failure:
-        return f"failed: {message_line(failure)[:100]}"
+        return f"failed: {message_line(failure)[:200]}"
 
 
 def cell(value: Union[float, str], digits: int) -> str:

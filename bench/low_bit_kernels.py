@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import stored_bytes  # noqa: E402
+from bench.common import attempt, stored_bytes  # noqa: E402
 from bench.fused_kernels import graph_ms  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.errors import message_line  # noqa: E402
 from lit_adapter.quantize.low_bit import import_torchao  # noqa: E402
 
 Layer = Callable[[torch.Tensor], torch.Tensor]
@@ -99,6 +98,15 @@ def variants(weight: torch.Tensor) -> dict[str, Callable[[], tuple[Layer, int]]]
     }
 
 
+def measure(build: Callable[[], tuple[Layer, int]], x: torch.Tensor, expected: torch.Tensor,
+            repeats: int) -> tuple[float, int, float]:
+    """The layer ``build`` makes: its microseconds per call at ``x``, its weight bytes, its error against bf16."""
+    layer, nbytes = build()
+    with torch.no_grad():
+        err = ((layer(x).float() - expected).norm() / expected.norm()).item()
+        return graph_ms(layer, (x,), repeats) * 1e3, nbytes, err
+
+
 def main(preset: str = "llama-7b", repeats: int = 20) -> None:
     """Time each kernel on each of the preset's linear shapes at one row; print one table.
 
@@ -116,14 +124,11 @@ def main(preset: str = "llama-7b", repeats: int = 20) -> None:
         x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
         expected = F.linear(x, weight).float()
         for kernel, build in variants(weight).items():
-            try:
-                layer, nbytes = build()
-                with torch.no_grad():
-                    err = ((layer(x).float() - expected).norm() / expected.norm()).item()
-                    us = graph_ms(layer, (x,), repeats) * 1e3
-            except Exception as failure:  # a missing library or a kernel this GPU lacks: say so, go on
-                print(f"| {name} ({n_in} -> {n_out}) | {kernel} | failed: {message_line(failure)[:120]} | | |")
+            measured = attempt(lambda: measure(build, x, expected, repeats))  # a missing library, a kernel missing
+            if isinstance(measured, str):
+                print(f"| {name} ({n_in} -> {n_out}) | {kernel} | {measured} | | |")
                 continue
+            us, nbytes, err = measured
             totals[kernel] = totals.get(kernel, 0.0) + us
             print(f"| {name} ({n_in} -> {n_out}) | {kernel} | {us:.1f} | {nbytes / us / 1e3:,.0f} | {err:.4f} |")
     print("\nall four layers of a block, one row (us), and against bf16")

@@ -6,9 +6,10 @@
 - ``int8-base`` (generation): int8 with a scale per output row; ``torch.compile`` fuses the dequantization into the
   matrix-vector products.
 - ``int4-base`` (generation, CUDA): int4 in groups with a scale and zero point per group, run by the tinygemm
-  kernel: groups of 128 (gpt-fast's and torchao's choice), or of 32 for a weight that already lies on a 4-bit grid
-  in blocks of 32 (a model that was a 4-bit GGUF): rounding it to another grid costs much more (SmolLM2 from its
-  Q4_1 file: perplexity -0.11% in groups of 32, +48% in groups of 128; bench/RESULTS.md).
+  kernel: groups of 128 (gpt-fast's and torchao's choice; 64 or 32 where 128 does not divide a layer's input), or of
+  32 for a weight that already lies on a 4-bit grid in blocks of 32 (a model that was a 4-bit GGUF): rounding it to
+  another grid costs much more (SmolLM2 from its Q4_1 file: perplexity -0.11% in groups of 32, +48% in groups of
+  128; bench/RESULTS.md).
 
 The embedding, the norms and the output head stay as they are.
 """
@@ -91,14 +92,22 @@ def quantize_int4(block: nn.Module) -> int:
 
 def int4_group_size(weight: torch.Tensor) -> int:
     """int4-base's group for ``weight``: ``INT4_SOURCE_BLOCK`` (32) where its first rows hold at most 16 distinct
-    values in every block of 32 along the input (the weight was 4-bit already, as GGUF's Q4 types store it),
-    else ``INT4_GROUP_SIZE`` (128). A trained 16- or 32-bit weight has nearly 32 distinct values in a block."""
+    values in every block of 32 along the input (the weight was 4-bit already, as GGUF's Q4 types store it), else
+    ``INT4_GROUP_SIZE`` (128) or, where that does not divide the input width, the largest of the kernel's smaller
+    groups that does (SmolLM2-135M's width of 576: 64); torchao leaves a weight whose width its group does not
+    divide unquantized. A trained 16- or 32-bit weight has nearly 32 distinct values in a block. A ``UserError``
+    where no group divides the width."""
     rows = weight.detach()[:64]
-    if rows.size(-1) % INT4_SOURCE_BLOCK:
-        return INT4_GROUP_SIZE
+    columns = rows.size(-1)
+    if columns % INT4_SOURCE_BLOCK:
+        raise UserError(f"--precision int4-base needs linear layers whose input width is a multiple of "
+                        f"{INT4_SOURCE_BLOCK} (its kernel's smallest group); this model has one of {columns}: use "
+                        "int8-base or nf4-base")
     blocks = rows.reshape(-1, INT4_SOURCE_BLOCK).sort(dim=-1).values
     distinct = (blocks[:, 1:] != blocks[:, :-1]).sum(dim=-1) + 1
-    return INT4_SOURCE_BLOCK if bool((distinct <= 16).all()) else INT4_GROUP_SIZE
+    if bool((distinct <= 16).all()):
+        return INT4_SOURCE_BLOCK
+    return next(size for size in (INT4_GROUP_SIZE, 64, INT4_SOURCE_BLOCK) if columns % size == 0)
 
 
 def apply_config(block: nn.Module, ao: ModuleType, config: object) -> int:

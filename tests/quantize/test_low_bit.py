@@ -103,10 +103,14 @@ def test_what_cannot_run_is_refused_in_one_line(monkeypatch):
         import_torchao("int8-base")
 
 
-def test_int4_groups_are_32_for_a_weight_already_on_a_4_bit_grid_else_128():
+def test_int4_groups_are_32_for_a_weight_already_on_a_4_bit_grid_else_the_largest_that_divides_its_width():
     pytest.importorskip("torchao", reason="int4-base needs torchao")
-    trained = torch.randn(96, 256, generator=torch.Generator().manual_seed(0))
+    trained = torch.randn(96, 1024, generator=torch.Generator().manual_seed(0))
     assert int4_group_size(trained) == 128
+    assert int4_group_size(trained[:, :576]) == 64 and int4_group_size(trained[:, :288]) == 32  # SmolLM2, stories15M
+    with pytest.raises(UserError, match="^--precision int4-base needs linear layers whose input width is a multiple "
+                                        "of 32 .*; this model has one of 172: use int8-base or nf4-base$"):
+        int4_group_size(trained[:, :172])  # stories260K's MLP
     # a Q4_1 block of GGUF: 16 levels from the block's minimum (level 0) to its maximum (level 15), 32 values along
     # the input
     generator = torch.Generator().manual_seed(1)
@@ -115,7 +119,6 @@ def test_int4_groups_are_32_for_a_weight_already_on_a_4_bit_grid_else_128():
     steps, minima = torch.rand(96, 8, 1, generator=generator) / 8, torch.randn(96, 8, 1, generator=generator)
     four_bit = (minima + levels * steps).reshape(96, 256)
     assert int4_group_size(four_bit) == 32 and int4_group_size(four_bit.bfloat16()) == 32
-    assert int4_group_size(four_bit[:, :250]) == 128  # no whole blocks of 32 along the input
     # its groups of 32 find the grid again (up to their bf16 scales), groups of 128 round to another grid
     error = {size: (int4_round_trip(four_bit, size).float() - four_bit).abs().mean() for size in (32, 128)}
     assert (int4_round_trip(four_bit).float() == int4_round_trip(four_bit, 32).float()).all()
@@ -139,4 +142,5 @@ def test_int4_base_quantizes_each_linear_once_in_its_own_group(monkeypatch):
         levels = torch.arange(32).remainder(16).float().repeat(block.mlp.gate_up.weight.numel() // 32)
         block.mlp.gate_up.weight.copy_(levels.view_as(block.mlp.gate_up.weight) / 100)
     assert low_bit.quantize_int4(block) == 4
-    assert sorted(calls) == [(32, {"mlp.gate_up"}), (128, {"attn.qkv", "attn.proj", "mlp.down"})]
+    # the attention's width of 64 takes groups of 64; the MLP's output projection, 160 wide, groups of 32
+    assert sorted(calls) == [(32, {"mlp.down", "mlp.gate_up"}), (64, {"attn.qkv", "attn.proj"})]
