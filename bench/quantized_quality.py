@@ -5,6 +5,9 @@ at ``max_seq_length`` tokens), on the CPU or on a GPU.
     python bench/quantized_quality.py                 # SmolLM2 from ../shared/data; about 4 minutes on 2 cores
     python bench/quantized_quality.py --format llama2c --max_seq_length 512 \
         --checkpoint_path ../shared/data/stories260K/stories260K.bin      # trained in float32; 20 seconds
+    python bench/quantized_quality.py --format llama2c --max_seq_length 256 \
+        --checkpoint_path ../shared/data/tinystories_llama2c_500iter/model.bin \
+        --tokenizer_path ../shared/data/stories260K/tok512.model          # trained in float32, 500 iterations
     python bench/quantized_quality.py --accelerator cuda                  # in bf16, int4-base through its kernel
 
 For the unquantised base (32-true on the CPU, bf16-true on a GPU) and nf4-base: the validation loss at step 0 and
@@ -48,7 +51,7 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
          format: Literal["meta", "hf", "llama2c", "gguf"] = "gguf",
          data_file: Path = SHARED / "alpaca" / "alpaca_data_first335.json", steps: int = 16,
          max_seq_length: int = 96, start_layer: Optional[int] = None,
-         accelerator: Literal["cpu", "cuda"] = "cpu") -> None:
+         accelerator: Literal["cpu", "cuda"] = "cpu", tokenizer_path: Optional[Path] = None) -> None:
     """Measure the validation loss and perplexity of a real model with quantized bases.
 
     Args:
@@ -60,6 +63,8 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
         start_layer: The first adapted layer; None: the recipe's default for the model.
         accelerator: "cpu" (every base computes in float32; the unquantised base is 32-true) or "cuda" (in bf16,
             against bf16-true; int4-base through its kernel, beside its weights dequantized).
+        tokenizer_path: The model's tokenizer (scripts/convert_checkpoint.py's ``--tokenizer_path``); by default
+            the one the converter finds inside or beside ``checkpoint_path``.
     """
     device = torch.device(accelerator)
     full = "32-true" if device.type == "cpu" else "bf16-true"
@@ -67,8 +72,8 @@ def main(checkpoint_path: Path = SHARED / "smollm2_135m_instruct" / "SmolLM2-135
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint, data = Path(tmp) / "checkpoint", Path(tmp) / "data"
         convert = runpy.run_path(str(ROOT / "scripts" / "convert_checkpoint.py"))["convert_checkpoint"]
-        run_cli(convert, ["--format", format, "--checkpoint_path", str(checkpoint_path),
-                          "--output_dir", str(checkpoint)])
+        run_cli(convert, ["--format", format, "--checkpoint_path", str(checkpoint_path), "--output_dir",
+                          str(checkpoint), *(["--tokenizer_path", str(tokenizer_path)] if tokenizer_path else [])])
         records, _ = load_records(data_file, skip_bad_records=True)
         prepare_dataset(records, Tokenizer(checkpoint), data, val_size=35, max_seq_length=max_seq_length,
                         style="alpaca")
