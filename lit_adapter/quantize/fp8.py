@@ -13,6 +13,8 @@ from lit_adapter.quantize import frozen_linears
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+FP8_WIDTH_MULTIPLE = 16
+"""FP8 matmuls (``torch._scaled_mm`` on a GPU) need both widths of a weight to be multiples of 16."""
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +88,14 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_fp8(block: nn.Module) -> int:
-    """Replace every frozen linear layer of ``block`` by an ``Fp8Linear``; return their count."""
+    """Replace every frozen linear layer of ``block`` by an ``Fp8Linear``; return their count. A one-line
+    ``UserError`` for a layer that FP8 matmuls cannot run (a width not a multiple of 16)."""
     linears = frozen_linears(block)
     for parent, name, linear in linears:
+        if linear.in_features % FP8_WIDTH_MULTIPLE or linear.out_features % FP8_WIDTH_MULTIPLE:
+            raise UserError(f"--precision fp8-base needs linear layers whose widths are multiples of "
+                            f"{FP8_WIDTH_MULTIPLE} (FP8 matmuls); this model has one of {linear.in_features} -> "
+                            f"{linear.out_features}: use bf16-true")
         setattr(parent, name, Fp8Linear(linear.weight))
     return len(linears)
 

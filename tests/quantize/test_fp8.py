@@ -68,6 +68,14 @@ def test_fp8_base_model_follows_the_bf16_one_and_keeps_training_the_adapter():
     assert all(g.abs().sum() > 0 for g in grads.values())
 
 
+def test_a_model_whose_widths_fp8_matmuls_cannot_take_is_refused_in_one_line():
+    config = Config.from_name("tiny", n_embd=64, intermediate_size=172)  # stories260K's MLP
+    model = random_model(config, adapter=False, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(UserError, match=r"^--precision fp8-base needs linear layers whose widths are multiples of 16 "
+                                        r"\(FP8 matmuls\); this model has one of 64 -> 344: use bf16-true$"):
+        quantize_fp8(model.blocks[0])
+
+
 def test_fp8_is_refused_off_hopper_gpus():
     with pytest.raises(UserError, match="needs a Hopper .* this is cpu: use bf16-true"):
         check_fp8_device(torch.device("cpu"))
