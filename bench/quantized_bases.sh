@@ -42,15 +42,15 @@ for group in "$@"; do
         run decode_bf16_all_directions 240 $G --precision bf16-true --modes compiled
         unset TORCHINDUCTOR_COORDINATE_DESCENT_CHECK_ALL_DIRECTIONS ;;
     libraries)
-        run nf4_libraries 300 python3 bench/nf4_libraries.py
+        run nf4_libraries 380 python3 bench/nf4_libraries.py
         run decode_nf4_compiled 200 $G --precision nf4-base --modes compiled ;;
     quality)
         data=${DATA:-../shared/data} stories=${DATA:-../shared/data}/stories260K
         Q="python3 bench/quantized_quality.py --accelerator cuda --format llama2c
            --data_file $(ls "$data"/alpaca*.json "$data"/alpaca/*.json 2>/dev/null | head -1)"
-        run quality_tinystories_500iter 200 $Q --max_seq_length 256 --tokenizer_path "$stories/tok512.model" \
+        run quality_tinystories_500iter 90 $Q --max_seq_length 256 --tokenizer_path "$stories/tok512.model" \
             --checkpoint_path "$data/tinystories_llama2c_500iter/model.bin"
-        run quality_stories260K 200 $Q --max_seq_length 512 --checkpoint_path "$stories/stories260K.bin" ;;
+        run quality_stories260K 90 $Q --max_seq_length 512 --checkpoint_path "$stories/stories260K.bin" ;;
     smoke)
         for precision in nf4-base fp8-base; do
             run "smoke_train_$precision" 60 $T --preset tinyllama-1.1b --precision $precision --warmup_steps 1 --steps 1 --runs 1
