@@ -12,8 +12,8 @@
 #   libraries: nf4-base's layers through torchao and through bitsandbytes, training and decoding (bench/nf4_libraries.py;
 #           the bitsandbytes wheel, 43 MB, travels in place of MSLK's: see bench/RESULTS.md), then 7B batch-1
 #           decoding with nf4-base compiled (the CUDA graph's eager NF4 ran 8.1 tokens/s)
-#   quality: bench/quantized_quality.py on the GPU (bf16; int4-base through its kernel) with the real models that
-#           travel: llama2.c's TinyStories model of 500 iterations and stories260K, from DATA (default ../shared/data)
+#   quality: bench/quantized_quality.py on the GPU (bf16; int4-base through its kernel) with a real model that
+#           travels: llama2.c's TinyStories model of 500 iterations, from DATA (default ../shared/data)
 #   smoke:  TinyLlama-1.1B, one short run of every precision's training and generation paths (no timing)
 # Usage: bash bench/quantized_bases.sh LOG_DIR GROUP...  (each run's last lines go to LOG_DIR/NAME.txt)
 set -uo pipefail
@@ -45,12 +45,11 @@ for group in "$@"; do
         run nf4_libraries 380 python3 bench/nf4_libraries.py
         run decode_nf4_compiled 200 $G --precision nf4-base --modes compiled ;;
     quality)
-        data=${DATA:-../shared/data} stories=${DATA:-../shared/data}/stories260K
-        Q="python3 bench/quantized_quality.py --accelerator cuda --format llama2c
-           --data_file $(ls "$data"/alpaca*.json "$data"/alpaca/*.json 2>/dev/null | head -1)"
-        run quality_tinystories_500iter 90 $Q --max_seq_length 256 --tokenizer_path "$stories/tok512.model" \
-            --checkpoint_path "$data/tinystories_llama2c_500iter/model.bin"
-        run quality_stories260K 90 $Q --max_seq_length 512 --checkpoint_path "$stories/stories260K.bin" ;;
+        data=${DATA:-../shared/data}
+        run quality_tinystories_500iter 90 python3 bench/quantized_quality.py --accelerator cuda --format llama2c \
+            --checkpoint_path "$data/tinystories_llama2c_500iter/model.bin" --max_seq_length 256 \
+            --tokenizer_path "$data/stories260K/tok512.model" \
+            --data_file "$(ls "$data"/alpaca*.json "$data"/alpaca/*.json 2>/dev/null | head -1)" ;;
     smoke)
         for precision in nf4-base fp8-base; do
             run "smoke_train_$precision" 60 $T --preset tinyllama-1.1b --precision $precision --warmup_steps 1 --steps 1 --runs 1
