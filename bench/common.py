@@ -33,13 +33,32 @@ def random_model(config: Config, adapter: bool, device: str = "cuda", dtype: tor
 
 def int4_reference(block: torch.nn.Module, group_size: Optional[int] = None) -> int:
     """A quantizer that keeps plain weights: the block's frozen weights as int4-base stores them (in groups of
-    ``group_size``, default each weight's own), dequantized to the weights' own dtype. It measures int4-base's
-    quality where its kernel cannot run, and the kernel's own error where it can."""
+    ``group_size``, default each weight's own), dequantized. It measures int4-base's quality where its kernel cannot
+    run, and the kernel's own error where it can."""
+    return replace_weights(block, lambda weight: int4_round_trip(weight, group_size))
+
+
+def replace_weights(block: torch.nn.Module, values: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Each frozen linear weight of ``block`` replaced by ``values(weight)``, a plain tensor in the weight's dtype;
+    return their count."""
     linears = frozen_linears(block)
     for _, _, linear in linears:
-        weight = linear.weight
-        linear.weight = torch.nn.Parameter(int4_round_trip(weight, group_size).to(weight.dtype), requires_grad=False)
+        weight = linear.weight.detach()
+        linear.weight = torch.nn.Parameter(values(weight).to(weight.dtype), requires_grad=False)
     return len(linears)
+
+
+def frozen_linear(weight: torch.Tensor) -> torch.nn.Linear:
+    """A bias-free linear layer with a copy of ``weight``, frozen."""
+    linear = torch.nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device, dtype=weight.dtype)
+    linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    return linear
+
+
+def relative_error(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, expected: torch.Tensor) -> float:
+    """The norm of ``layer(x)``'s difference from ``expected`` (float32), relative to ``expected``'s."""
+    with torch.no_grad():
+        return ((layer(x).float() - expected).norm() / expected.norm()).item()
 
 
 def stored_bytes(model: torch.nn.Module) -> int:

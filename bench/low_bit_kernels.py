@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import attempt, stored_bytes  # noqa: E402
+from bench.common import attempt, frozen_linear, relative_error, stored_bytes  # noqa: E402
 from bench.fused_kernels import graph_ms  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
@@ -44,8 +43,7 @@ def shapes(config: Config) -> dict[str, tuple[int, int]]:
 
 
 def torchao_layer(weight: torch.Tensor, config: object, compile: bool) -> tuple[Layer, int]:
-    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device="cuda", dtype=torch.bfloat16)
-    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    linear = frozen_linear(weight)
     import_torchao("int4-base").quantize_(linear, config)
     return (torch.compile(linear) if compile else linear), stored_bytes(linear)
 
@@ -103,8 +101,7 @@ def measure(build: Callable[[], tuple[Layer, int]], x: torch.Tensor, expected: t
     """The layer ``build`` makes: its microseconds per call at ``x``, its weight bytes, its error against bf16."""
     layer, nbytes = build()
     with torch.no_grad():
-        err = ((layer(x).float() - expected).norm() / expected.norm()).item()
-        return graph_ms(layer, (x,), repeats) * 1e3, nbytes, err
+        return graph_ms(layer, (x,), repeats) * 1e3, nbytes, relative_error(layer, x, expected)
 
 
 def main(preset: str = "llama-7b", repeats: int = 20) -> None:

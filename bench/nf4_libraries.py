@@ -25,19 +25,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import attempt, cell, cuda_time, median, stored_bytes  # noqa: E402
+from bench.common import (attempt, cell, cuda_time, frozen_linear, median, relative_error,  # noqa: E402
+                          replace_weights, stored_bytes)
 from bench.fused_kernels import graph_ms  # noqa: E402
 from bench.low_bit_kernels import shapes  # noqa: E402
 from lit_adapter.cli import run_cli  # noqa: E402
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.quantize import frozen_linears  # noqa: E402
 from lit_adapter.quantize.low_bit import NF4_BLOCK, NF4_SCALER_BLOCK, quantize_nf4  # noqa: E402
-
-
-def frozen_linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.size(1), weight.size(0), bias=False, device=weight.device, dtype=weight.dtype)
-    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    return linear
 
 
 def torchao_nf4(weight: torch.Tensor) -> nn.Module:
@@ -63,12 +57,10 @@ def bitsandbytes_nf4_reference(block: nn.Module) -> int:
     ``bitsandbytes_nf4`` stores them) and back, to compare its quality with nf4-base's (bench/quantized_quality.py)."""
     import bitsandbytes.functional as bnb
 
-    linears = frozen_linears(block)
-    for _, _, linear in linears:
-        weight = linear.weight.detach()
-        packed, state = bnb.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True, quant_type="nf4")
-        linear.weight = nn.Parameter(bnb.dequantize_4bit(packed, state).to(weight.dtype), requires_grad=False)
-    return len(linears)
+    def round_trip(weight: torch.Tensor) -> torch.Tensor:
+        return bnb.dequantize_4bit(*bnb.quantize_4bit(weight, blocksize=NF4_BLOCK, compress_statistics=True,
+                                                      quant_type="nf4"))
+    return replace_weights(block, round_trip)
 
 
 LAYERS: dict[str, Callable[[torch.Tensor], nn.Module]] = {
@@ -93,11 +85,6 @@ def decoding_us(layer: nn.Module, row: torch.Tensor, repeats: int) -> float:
     """Microseconds of one row's forward, replayed from a CUDA graph."""
     with torch.no_grad():
         return graph_ms(layer, (row,), repeats) * 1e3
-
-
-def relative_error(layer: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> float:
-    with torch.no_grad():
-        return ((layer(x).float() - expected).norm() / expected.norm()).item()
 
 
 def main(preset: str = "llama-7b", tokens: int = 2048, repeats: int = 20) -> None:
