@@ -21,9 +21,10 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def tinystories(tmp_path_factory) -> dict:
-    """The converted model, the Alpaca records prepared for it (35 for validation, at most its 256 positions), and
-    the adapters of 16 steps on its float32 and its NF4 base."""
+def losses(tmp_path_factory) -> dict[tuple[str, str], float]:
+    """The validation loss of each (base, adapter trained on that base or "" for none) that the bounds compare: the
+    converted model, the Alpaca records prepared for it (35 for validation, at most its 256 positions), 16 steps on
+    its float32 and its NF4 base."""
     pytest.importorskip("torchao", reason="nf4-base needs torchao")
     root = tmp_path_factory.mktemp("tinystories_500iter")
     checkpoint, data = root / "checkpoint", root / "data"
@@ -34,27 +35,23 @@ def tinystories(tmp_path_factory) -> dict:
     prepare_dataset(records, Tokenizer(checkpoint), data, val_size=35, max_seq_length=256, style="alpaca")
     adapters = {precision: fine_tune(checkpoint, data, root / precision, precision, STEPS, None, torch.device("cpu"))
                 for precision in ("32-true", "nf4-base")}
-    return {"checkpoint": checkpoint, "data": data, "adapters": adapters}
+    pairs = [("32-true", ""), ("nf4-base", ""), ("32-true", "32-true"), ("nf4-base", "nf4-base"),
+             ("32-true", "nf4-base")]
+    return {(base, trained_on): loss(checkpoint, data, base, adapters.get(trained_on)) for base, trained_on in pairs}
 
 
-def val_loss(tinystories: dict, precision: str, adapter_of: str = "") -> float:
-    """The validation loss of the base in ``precision``, with the adapter trained on ``adapter_of``'s base if given."""
-    return loss(tinystories["checkpoint"], tinystories["data"], precision, tinystories["adapters"].get(adapter_of))
+def test_the_tokenizer_is_the_models(losses):
+    assert losses["32-true", ""] < math.log(512) - 1  # another vocabulary would predict about as chance
 
 
-def test_the_tokenizer_is_the_models(tinystories):
-    assert val_loss(tinystories, "32-true") < math.log(512) - 1  # another vocabulary would predict about as chance
-
-
-def test_an_nf4_base_starts_within_2_percent_of_the_float32_base(tinystories):
-    full, nf4 = val_loss(tinystories, "32-true"), val_loss(tinystories, "nf4-base")
+def test_an_nf4_base_starts_within_2_percent_of_the_float32_base(losses):
+    full, nf4 = losses["32-true", ""], losses["nf4-base", ""]
     assert abs(nf4 / full - 1) < 0.02, (full, nf4)
 
 
-def test_on_an_nf4_base_16_steps_learn_90_percent_and_the_adapter_carries_over_within_2_percent(tinystories):
-    full_drop = val_loss(tinystories, "32-true") - val_loss(tinystories, "32-true", adapter_of="32-true")
-    trained_on_nf4 = val_loss(tinystories, "nf4-base", adapter_of="nf4-base")
-    nf4_drop = val_loss(tinystories, "nf4-base") - trained_on_nf4
+def test_on_an_nf4_base_16_steps_learn_90_percent_and_the_adapter_carries_over_within_2_percent(losses):
+    full_drop = losses["32-true", ""] - losses["32-true", "32-true"]
+    nf4_drop = losses["nf4-base", ""] - losses["nf4-base", "nf4-base"]
     assert full_drop > 0 and nf4_drop >= 0.9 * full_drop, (full_drop, nf4_drop)
-    on_full = val_loss(tinystories, "32-true", adapter_of="nf4-base")
+    on_full, trained_on_nf4 = losses["32-true", "nf4-base"], losses["nf4-base", "nf4-base"]
     assert abs(on_full / trained_on_nf4 - 1) < 0.02, (on_full, trained_on_nf4)
